@@ -1,0 +1,5 @@
+import sys
+
+from twinlm.cli import main
+
+sys.exit(main())
