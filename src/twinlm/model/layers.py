@@ -1,0 +1,148 @@
+"""Normalisation layers and feed-forward networks, each picked from a table by a config string.
+
+Every norm takes `(hidden_states, token_mask)` so that the layer code is the same for all of them;
+only batch norm uses the mask (its statistics must not count padding).
+"""
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .configuration_twinlm import TwinLMConfig
+
+# ---------------------------------------------------------------------------------------------------
+# Norms
+
+
+class TwinLMLayerNorm(nn.LayerNorm):
+    def __init__(self, config: TwinLMConfig):
+        super().__init__(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return super().forward(hidden_states)
+
+
+class TwinLMRMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019): no centring, no bias; computed in float32."""
+
+    def __init__(self, config: TwinLMConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(config.hidden_size))
+        self.eps = config.layer_norm_eps
+
+    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = hidden_states.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * x).to(hidden_states.dtype)
+
+
+class TwinLMBatchNorm(nn.Module):
+    """Batch norm over the feature dimension, with statistics taken over real tokens only.
+
+    nn.BatchNorm1d would count padding positions, so that a batch's padding changed every output. Here
+    training statistics come from the tokens where `token_mask` is True; running statistics (momentum
+    0.1, unbiased variance, as in PyTorch) are used in eval mode. Note for causal models: training-time
+    batch statistics mix in future tokens of the batch, a leak that the running statistics of eval mode
+    do not have. That is part of what an experiment with this switch measures.
+    """
+
+    def __init__(self, config: TwinLMConfig, momentum: float = 0.1):
+        super().__init__()
+        size = config.hidden_size
+        self.eps = config.layer_norm_eps
+        self.momentum = momentum
+        self.weight = nn.Parameter(torch.ones(size))
+        self.bias = nn.Parameter(torch.zeros(size))
+        self.register_buffer("running_mean", torch.zeros(size))
+        self.register_buffer("running_var", torch.ones(size))
+
+    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = hidden_states.float()
+        if self.training:
+            tokens = x.reshape(-1, x.shape[-1])
+            if token_mask is not None:
+                tokens = tokens[token_mask.reshape(-1).bool()]
+            mean = tokens.mean(0)
+            var = tokens.var(0, unbiased=False)
+            with torch.no_grad():
+                count = tokens.shape[0]
+                unbiased = var * count / max(count - 1, 1)
+                self.running_mean.lerp_(mean.detach(), self.momentum)
+                self.running_var.lerp_(unbiased.detach(), self.momentum)
+        else:
+            mean, var = self.running_mean, self.running_var
+        x = (x - mean) * torch.rsqrt(var + self.eps)
+        return (x * self.weight + self.bias).to(hidden_states.dtype)
+
+
+class NoNorm(nn.Module):
+    """Identity with the norm interface (e.g. no embedding norm in pre-norm models)."""
+
+    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return hidden_states
+
+
+NORMS: dict[str, type[nn.Module]] = {
+    "layernorm": TwinLMLayerNorm,
+    "rmsnorm": TwinLMRMSNorm,
+    "batchnorm": TwinLMBatchNorm,
+}
+
+
+def build_norm(config: TwinLMConfig, enabled: bool = True) -> nn.Module:
+    return NORMS[config.norm_type](config) if enabled else NoNorm()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Feed-forward networks
+
+
+class TwinLMMLP(nn.Module):
+    """down(act(up(x))): the 2017/BERT/GPT-2 feed-forward block."""
+
+    def __init__(self, config: TwinLMConfig, activation: nn.Module):
+        super().__init__()
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.act = activation
+        self.dropout = nn.Dropout(config.activation_dropout_prob)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.dropout(self.act(self.up_proj(x))))
+
+
+class TwinLMGatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)): the GLU variants of Shazeer 2020 (SwiGLU, GeGLU)."""
+
+    def __init__(self, config: TwinLMConfig, activation: nn.Module):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.act = activation
+        self.dropout = nn.Dropout(config.activation_dropout_prob)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.dropout(self.act(self.gate_proj(x)) * self.up_proj(x)))
+
+
+class GELUTanh(nn.Module):
+    """GPT-2's tanh approximation of GELU ('gelu_new')."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x, approximate="tanh")
+
+
+# hidden_act -> (feed-forward class, activation)
+FEED_FORWARDS: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
+    "relu": (TwinLMMLP, nn.ReLU),
+    "gelu": (TwinLMMLP, nn.GELU),
+    "gelu_new": (TwinLMMLP, GELUTanh),
+    "swiglu": (TwinLMGatedMLP, nn.SiLU),
+    "geglu": (TwinLMGatedMLP, nn.GELU),
+}
+
+
+def build_feed_forward(config: TwinLMConfig) -> nn.Module:
+    mlp_class, activation = FEED_FORWARDS[config.hidden_act]
+    return mlp_class(config, activation())

@@ -1,0 +1,158 @@
+"""Position encodings: one small class per `position_embedding_type`, one shared interface.
+
+Each encoding contributes through at most one of three hooks, and the base class makes the other two
+no-ops, so the model calls all three and never branches on the config:
+  absolute(position_ids)            -> added to the token embeddings (learned, sinusoidal)
+  rotary(position_ids)              -> (cos, sin) applied to queries and keys (rope)
+  attention_bias(q_len, k_len, ...) -> added to the attention scores (relative, alibi)
+
+Attention biases are computed from token *indices*, not position ids: within one document of a packed
+batch and among the real tokens of a left-padded batch the two differ by a constant, so distances are
+the same, and index distances stay valid when a sliding-window cache drops old keys.
+No buffers are registered: frequencies and slopes are recomputed on the fly (cheap), which keeps
+`from_pretrained` (meta-device init) and device moves trivially correct.
+"""
+
+import math
+
+import torch
+from torch import nn
+
+from .configuration_twinlm import TwinLMConfig
+
+
+class PositionEncoding(nn.Module):
+    """No positional information (position_embedding_type='none'); also the base of the others."""
+
+    def __init__(self, config: TwinLMConfig):
+        super().__init__()
+        self.config = config
+
+    def absolute(self, position_ids: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def rotary(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None
+
+    def attention_bias(self, q_len: int, k_len: int, device: torch.device) -> torch.Tensor | None:
+        return None
+
+
+def index_distances(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+    """key index - query index, (q_len, k_len); the queries are the last q_len of the k_len tokens."""
+    q_idx = torch.arange(k_len - q_len, k_len, device=device)[:, None]
+    k_idx = torch.arange(k_len, device=device)[None, :]
+    return k_idx - q_idx
+
+
+class LearnedPositions(PositionEncoding):
+    """A trained vector per position (BERT, GPT-2)."""
+
+    def __init__(self, config: TwinLMConfig):
+        super().__init__(config)
+        self.embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+
+    def absolute(self, position_ids: torch.Tensor) -> torch.Tensor:
+        return self.embeddings(position_ids)
+
+
+class SinusoidalPositions(PositionEncoding):
+    """The 2017 paper's fixed sines and cosines, interleaved: PE[p, 2i] = sin(p / 10000^(2i/d))."""
+
+    def absolute(self, position_ids: torch.Tensor) -> torch.Tensor:
+        dim = self.config.hidden_size
+        inv_freq = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, device=position_ids.device).float() / dim))
+        angles = position_ids.float()[..., None] * inv_freq  # (..., dim/2)
+        table = torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)
+        return table[..., :dim]
+
+
+class RotaryPositions(PositionEncoding):
+    """RoPE (Su et al. 2021), in the rotate-half layout of GPT-NeoX and Llama."""
+
+    def rotary(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dim = self.config.head_dim
+        inv_freq = 1.0 / (
+            self.config.rope_theta ** (torch.arange(0, dim, 2, device=position_ids.device).float() / dim)
+        )
+        angles = position_ids.float()[..., None] * inv_freq  # (batch, seq, dim/2)
+        emb = torch.cat((angles, angles), dim=-1)[:, None]  # (batch, 1, seq, dim): broadcast over heads
+        return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x_i, x_{i+d/2}) of a (batch, heads, seq, head_dim) tensor by their position's angle."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class RelativePositions(PositionEncoding):
+    """T5-style: a learned scalar per head and per bucket of relative distance (log-spaced buckets)."""
+
+    def __init__(self, config: TwinLMConfig):
+        super().__init__(config)
+        self.bias = nn.Embedding(config.relative_attention_num_buckets, config.num_attention_heads)
+
+    def attention_bias(self, q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+        buckets = relative_position_bucket(
+            index_distances(q_len, k_len, device),
+            bidirectional=not self.config.is_causal,
+            num_buckets=self.config.relative_attention_num_buckets,
+            max_distance=self.config.relative_attention_max_distance,
+        )
+        return self.bias(buckets).permute(2, 0, 1)[None]  # (1, heads, q, k)
+
+
+def relative_position_bucket(
+    relative_position: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int
+) -> torch.Tensor:
+    """T5's bucketing: exact buckets for small distances, logarithmic ones up to max_distance."""
+    buckets = torch.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets += (relative_position > 0).long() * num_buckets
+        distance = relative_position.abs()
+    else:
+        distance = -torch.clamp(relative_position, max=0)
+    max_exact = max(num_buckets // 2, 1)
+    is_small = distance < max_exact
+    log_ratio = torch.log(distance.float().clamp(min=1) / max_exact) / math.log(
+        max(max_distance / max_exact, 1.0 + 1e-6)
+    )
+    large = max_exact + (log_ratio * (num_buckets - max_exact)).long()
+    large = torch.clamp(large, max=num_buckets - 1)
+    return buckets + torch.where(is_small, distance, large)
+
+
+class AlibiPositions(PositionEncoding):
+    """ALiBi (Press et al. 2022): a fixed, per-head linear penalty on distance; no parameters."""
+
+    def attention_bias(self, q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+        slopes = alibi_slopes(self.config.num_attention_heads, device)
+        distance = index_distances(q_len, k_len, device).abs().float()  # causal masking hides the future
+        return -(slopes[:, None, None] * distance)[None]  # (1, heads, q, k)
+
+
+def alibi_slopes(num_heads: int, device: torch.device) -> torch.Tensor:
+    """Geometric slopes 2^(-8/n), ...; for a head count that is not a power of two, the paper's interleave."""
+
+    def power_of_two_slopes(n: int) -> list[float]:
+        start = 2 ** (-8.0 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    closest = 2 ** math.floor(math.log2(num_heads))
+    slopes = power_of_two_slopes(closest)
+    if closest < num_heads:
+        slopes += power_of_two_slopes(2 * closest)[0::2][: num_heads - closest]
+    return torch.tensor(slopes, device=device)
+
+
+POSITION_ENCODINGS: dict[str, type[PositionEncoding]] = {
+    "learned": LearnedPositions,
+    "sinusoidal": SinusoidalPositions,
+    "rope": RotaryPositions,
+    "relative": RelativePositions,
+    "alibi": AlibiPositions,
+    "none": PositionEncoding,
+}

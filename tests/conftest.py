@@ -1,0 +1,43 @@
+"""Shared test helpers: tiny model configs and the location of ../shared/data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# Keep torch from oversubscribing the 2 CI cores when tests start subprocesses.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+def tiny_config(**overrides):
+    """A TwinLMConfig small enough that a forward/backward pass takes milliseconds."""
+    from twinlm import TwinLMConfig
+
+    values = dict(
+        vocab_size=97,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        type_vocab_size=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        embedding_dropout_prob=0.0,
+        pad_token_id=0,
+    )
+    values.update(overrides)
+    return TwinLMConfig(**values)
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """../shared/data, or a skip that says why."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA} (the tests read real text from ../shared/data)")
+    return SHARED_DATA

@@ -1,0 +1,458 @@
+"""The model: every switch in both variants, masking semantics, caching, saving and Auto classes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import tiny_config
+from huggingface_hub.errors import StrictDataclassFieldValidationError
+
+import twinlm
+from twinlm import (
+    TwinLMConfig,
+    TwinLMForCausalLM,
+    TwinLMForMaskedLM,
+    TwinLMForSequenceClassification,
+    TwinLMForTokenClassification,
+    TwinLMModel,
+)
+from twinlm.model.configuration_twinlm import CHOICES
+
+# Every value of every switch. Each case builds a tiny model in both variants.
+# (classifier_pooling is a head switch: the classification-head tests cover each of its values.)
+SWITCH_VALUES: list[tuple[str, object]] = [
+    (field, value) for field, values in CHOICES.items() if field != "classifier_pooling" for value in values
+]
+SWITCH_VALUES += [
+    ("sliding_window", 3),
+    ("share_qk", True),
+    ("scale_embeddings", True),
+    ("embedding_norm", True),
+    ("embedding_norm", False),
+    ("num_key_value_heads", 2),
+    ("num_key_value_heads", 1),
+    ("tie_word_embeddings", False),
+    ("type_vocab_size", 0),
+    ("attention_bias", False),
+    ("mlp_bias", False),
+    ("activation_dropout_prob", 0.1),
+    ("sparse_prediction", True),
+]
+POSITIONS = CHOICES["position_embedding_type"]
+
+
+def lm_class(causal: bool):
+    return TwinLMForCausalLM if causal else TwinLMForMaskedLM
+
+
+def seeded_model(causal: bool, **overrides):
+    torch.manual_seed(0)
+    config = tiny_config(is_causal=causal, **overrides)
+    return lm_class(causal)(config)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["mlm", "clm"])
+@pytest.mark.parametrize("field,value", SWITCH_VALUES, ids=[f"{f}={v}" for f, v in SWITCH_VALUES])
+def test_every_switch_trains(field, value, causal):
+    """Forward and backward: a finite loss and a gradient on every trainable parameter."""
+    overrides = {field: value}
+    model = seeded_model(causal, **overrides).train()
+    torch.manual_seed(1)
+    ids = torch.randint(5, 97, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[0, 9:] = 0  # some padding
+    labels = ids.clone()
+    if not causal:
+        labels[torch.rand(labels.shape) > 0.3] = -100
+        labels[:, 0] = ids[:, 0]  # at least one target per row
+    labels[mask == 0] = -100
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert torch.isfinite(out.loss), out.loss
+    out.loss.backward()
+    missing = [
+        n
+        for n, p in model.named_parameters()
+        if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)
+    ]
+    assert not missing, f"no gradient for {missing}"
+    if field == "sparse_prediction" and not causal:
+        assert out.logits.shape == (int((labels != -100).sum()), 97)
+
+
+def test_sparse_prediction_matches_dense_loss():
+    dense = seeded_model(False).train()
+    sparse = seeded_model(False, sparse_prediction=True).train()
+    sparse.load_state_dict(dense.state_dict())
+    ids = torch.randint(5, 97, (2, 10))
+    labels = torch.full_like(ids, -100)
+    labels[:, ::3] = ids[:, ::3]
+    torch.testing.assert_close(dense(ids, labels=labels).loss, sparse(ids, labels=labels).loss)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Masking semantics (eval mode; batch norm then uses its running statistics)
+
+
+@pytest.mark.parametrize("norm_type", ["layernorm", "batchnorm"])
+@pytest.mark.parametrize("position", POSITIONS)
+@pytest.mark.parametrize("causal", [False, True], ids=["mlm", "clm"])
+def test_padding_does_not_change_real_positions(causal, position, norm_type):
+    model = seeded_model(causal, position_embedding_type=position, norm_type=norm_type).eval()
+    ids = torch.randint(5, 97, (1, 8))
+    alone = model(ids).logits
+    pad = torch.zeros(1, 5, dtype=torch.long)
+    # causal models are padded on the left (as for generation), encoders on the right
+    padded = torch.cat([pad, ids], 1) if causal else torch.cat([ids, pad], 1)
+    mask = (padded != 0).long()
+    logits = model(padded, attention_mask=mask).logits
+    real = logits[:, 5:] if causal else logits[:, :8]
+    torch.testing.assert_close(real, alone, atol=1e-5, rtol=1e-4)
+
+
+def test_batchnorm_statistics_ignore_padding_in_training():
+    model = seeded_model(False, norm_type="batchnorm").train()
+    ids = torch.randint(5, 97, (2, 8))
+    alone = model.model(ids).last_hidden_state
+    padded = torch.cat([ids, torch.zeros(2, 6, dtype=torch.long)], 1)
+    out = model.model(padded, attention_mask=(padded != 0).long()).last_hidden_state
+    torch.testing.assert_close(out[:, :8], alone, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+def test_future_tokens_do_not_leak_in_causal_variant(position):
+    model = seeded_model(True, position_embedding_type=position).eval()
+    ids = torch.randint(5, 97, (2, 10))
+    changed = ids.clone()
+    changed[:, 6:] = torch.randint(5, 97, (2, 4))
+    a, b = model(ids).logits, model(changed).logits
+    torch.testing.assert_close(a[:, :6], b[:, :6])
+    assert not torch.allclose(a[:, 6:], b[:, 6:])
+
+
+def test_encoder_is_bidirectional():
+    model = seeded_model(False).eval()
+    ids = torch.randint(5, 97, (1, 10))
+    changed = ids.clone()
+    changed[0, 9] = (ids[0, 9] + 1 - 5) % 92 + 5
+    assert not torch.allclose(model(ids).logits[:, 0], model(changed).logits[:, 0])
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+@pytest.mark.parametrize("causal", [False, True], ids=["mlm", "clm"])
+def test_packed_documents_do_not_see_each_other(causal, position):
+    model = seeded_model(causal, position_embedding_type=position).eval()
+    doc_a, doc_b = torch.randint(5, 97, (1, 7)), torch.randint(5, 97, (1, 5))
+    packed = torch.cat([doc_a, doc_b], 1)
+    position_ids = torch.cat([torch.arange(7), torch.arange(5)])[None]
+    out = model(packed, position_ids=position_ids).logits
+    torch.testing.assert_close(out[:, :7], model(doc_a).logits, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out[:, 7:], model(doc_b).logits, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["mlm", "clm"])
+def test_sliding_window_limits_what_a_position_sees(causal):
+    window = 4
+    model = seeded_model(causal, sliding_window=window, num_hidden_layers=1).eval()
+    ids = torch.randint(5, 97, (1, 16))
+    out = model(ids, output_attentions=True)
+    weights = out.attentions[0][0]  # (heads, q, k)
+    q = torch.arange(16)[:, None]
+    k = torch.arange(16)[None, :]
+    outside = (q - k >= window) | (k > q) if causal else (q - k).abs() > window // 2
+    assert weights[:, outside].abs().max() == 0
+    assert (weights[:, ~outside] > 0).all()
+    # and the outputs agree: changing a token outside every window of position 12 leaves it unchanged
+    changed = ids.clone()
+    changed[0, 2] = (ids[0, 2] + 1 - 5) % 92 + 5
+    torch.testing.assert_close(model(changed).logits[:, 12], out.logits[:, 12])
+    assert not torch.allclose(model(changed).logits[:, 3], out.logits[:, 3])
+
+
+@pytest.mark.parametrize("scoring", ["scaled_dot", "dot"])
+def test_sdpa_and_eager_agree(scoring):
+    torch.manual_seed(0)
+    config = tiny_config(is_causal=True, attention_scoring=scoring, position_embedding_type="alibi")
+    model = TwinLMForCausalLM(config).eval()
+    ids = torch.randint(5, 97, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    config._attn_implementation = "sdpa"
+    a = model(ids, attention_mask=mask).logits
+    config._attn_implementation = "eager"
+    b = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(a[1, 3:], b[1, 3:], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(a[0], b[0], atol=1e-5, rtol=1e-4)
+
+
+def test_output_attentions_and_hidden_states():
+    model = seeded_model(False).eval()
+    out = model(torch.randint(5, 97, (2, 6)), output_attentions=True, output_hidden_states=True)
+    assert len(out.attentions) == 2 and out.attentions[0].shape == (2, 4, 6, 6)
+    torch.testing.assert_close(out.attentions[0].sum(-1), torch.ones(2, 4, 6))
+    assert len(out.hidden_states) == 3
+
+
+# ---------------------------------------------------------------------------------------------------
+# Generation with the KV cache
+
+
+GENERATION_CASES = [dict(position_embedding_type=p) for p in POSITIONS] + [
+    dict(sliding_window=3),
+    dict(num_key_value_heads=2),
+    dict(share_qk=True),
+    dict(attention_scoring="additive"),
+    dict(norm_type="batchnorm"),
+]
+
+
+@pytest.mark.parametrize(
+    "overrides", GENERATION_CASES, ids=[",".join(f"{k}={v}" for k, v in c.items()) for c in GENERATION_CASES]
+)
+def test_greedy_generate_with_cache_equals_without(overrides):
+    model = seeded_model(True, **overrides).eval()
+    prompt = torch.randint(5, 97, (2, 5))
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with_cache = model.generate(prompt, use_cache=True, **kwargs)
+    without = model.generate(prompt, use_cache=False, **kwargs)
+    assert with_cache.shape == (2, 17)
+    assert torch.equal(with_cache, without)
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+def test_left_padded_batch_generates_like_single_prompts(position):
+    model = seeded_model(True, position_embedding_type=position).eval()
+    long, short = torch.randint(5, 97, (1, 6)), torch.randint(5, 97, (1, 3))
+    batch = torch.cat([long, torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1)])
+    mask = (batch != 0).long()
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    together = model.generate(batch, attention_mask=mask, **kwargs)
+    assert torch.equal(together[0:1, 6:], model.generate(long, **kwargs)[:, 6:])
+    assert torch.equal(together[1:2, 6:], model.generate(short, **kwargs)[:, 3:])
+
+
+@pytest.mark.parametrize("position", ["learned", "sinusoidal"])
+def test_generation_past_absolute_positions_is_a_clear_error(position):
+    model = seeded_model(True, position_embedding_type=position, max_position_embeddings=8).eval()
+    with pytest.raises(ValueError, match="max_position_embeddings=8"):
+        model.generate(torch.randint(5, 97, (1, 5)), max_new_tokens=10, do_sample=False, pad_token_id=0)
+
+
+def test_rope_generates_past_max_position_embeddings():
+    model = seeded_model(True, position_embedding_type="rope", max_position_embeddings=8).eval()
+    out = model.generate(torch.randint(5, 97, (1, 5)), max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 15)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Heads, tying, checkpointing
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["mlm", "clm"])
+@pytest.mark.parametrize("pooling", ["cls", "mean", "last"])
+def test_sequence_classification_heads(causal, pooling):
+    torch.manual_seed(0)
+    config = tiny_config(is_causal=causal, classifier_pooling=pooling, num_labels=3)
+    model = TwinLMForSequenceClassification(config).eval()
+    ids = torch.randint(5, 97, (2, 7))
+    out = model(ids, labels=torch.tensor([0, 2]))
+    assert out.logits.shape == (2, 3) and torch.isfinite(out.loss)
+    # padding does not change the prediction (last-token pooling finds the last real token)
+    padded = torch.cat([ids, torch.zeros(2, 3, dtype=torch.long)], 1)
+    if causal:
+        padded = torch.cat([torch.zeros(2, 3, dtype=torch.long), ids], 1)
+    again = model(padded, attention_mask=(padded != 0).long()).logits
+    torch.testing.assert_close(again, out.logits, atol=1e-5, rtol=1e-4)
+
+
+def test_token_classification_head():
+    torch.manual_seed(0)
+    model = TwinLMForTokenClassification(tiny_config(num_labels=5))
+    ids = torch.randint(5, 97, (2, 7))
+    labels = torch.randint(0, 5, (2, 7))
+    labels[:, 0] = -100
+    out = model(ids, labels=labels)
+    assert out.logits.shape == (2, 7, 5) and torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["mlm", "clm"])
+def test_weight_tying(causal):
+    model = seeded_model(causal)
+    assert model.lm_head.weight is model.model.embeddings.word_embeddings.weight
+    untied = seeded_model(causal, tie_word_embeddings=False)
+    assert untied.lm_head.weight is not untied.model.embeddings.word_embeddings.weight
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    ids = torch.randint(5, 97, (2, 8))
+    grads = []
+    for checkpointing in (False, True):
+        model = seeded_model(True).train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        model(ids, labels=ids).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_model_outputs_and_class_names():
+    model = TwinLMModel(tiny_config())
+    out = model(torch.randint(5, 97, (2, 6)))
+    assert out.last_hidden_state.shape == (2, 6, 32)
+    assert set(twinlm.__all__) >= {
+        "TwinLMConfig",
+        "TwinLMModel",
+        "TwinLMForMaskedLM",
+        "TwinLMForCausalLM",
+        "TwinLMForSequenceClassification",
+        "TwinLMForTokenClassification",
+    }
+
+
+def test_causal_and_masked_classes_refuse_the_wrong_variant():
+    with pytest.raises(ValueError, match="is_causal=True"):
+        TwinLMForCausalLM(tiny_config(is_causal=False))
+    with pytest.raises(ValueError, match="is_causal=False"):
+        TwinLMForMaskedLM(tiny_config(is_causal=True))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Config validation and presets
+
+
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        (dict(position_embedding_type="absolute"), "position_embedding_type"),
+        (dict(norm_type="groupnorm"), "norm_type"),
+        (dict(norm_position="middle"), "norm_position"),
+        (dict(hidden_act="tanh"), "hidden_act"),
+        (dict(attention_scoring="cosine"), "attention_scoring"),
+        (dict(hidden_size=30), "hidden_size"),
+        (dict(num_key_value_heads=3), "num_key_value_heads"),
+        (dict(share_qk=True, num_key_value_heads=2), "share_qk"),
+        (dict(sliding_window=0), "sliding_window"),
+        (dict(hidden_dropout_prob=1.5), "hidden_dropout_prob"),
+        (dict(num_hidden_layers=0), "num_hidden_layers"),
+        (dict(hidden_size="big"), "hidden_size"),
+        (dict(position_embedding_type="rope", hidden_size=36, num_attention_heads=4), "rope"),
+    ],
+)
+def test_bad_configs_name_the_field(overrides, field):
+    # wrong types are caught by huggingface_hub's strict dataclass, wrong values by TwinLMConfig
+    with pytest.raises((ValueError, TypeError, StrictDataclassFieldValidationError)) as info:
+        tiny_config(**overrides)
+    assert field in str(info.value)
+
+
+def test_presets_load_and_build():
+    names = TwinLMConfig.preset_names()
+    expected = {"bert-base", "gpt2-small", "original-2017", "modern-encoder", "modern-decoder"}
+    assert expected | {f"tiny-{n}" for n in expected} <= set(names)
+    for name in names:
+        config = TwinLMConfig.from_preset(name)
+        if name.startswith("tiny-"):
+            model = lm_class(config.is_causal)(config)
+            assert sum(p.numel() for p in model.parameters()) < 2_000_000
+    assert TwinLMConfig.from_preset("tiny-gpt2-small", vocab_size=500).vocab_size == 500
+    bert = TwinLMConfig.from_preset("bert-base")
+    assert (bert.hidden_size, bert.num_hidden_layers, bert.norm_position, bert.is_causal) == (
+        768,
+        12,
+        "post",
+        False,
+    )
+    gpt2 = TwinLMConfig.from_preset("gpt2-small")
+    assert (gpt2.max_position_embeddings, gpt2.norm_position, gpt2.hidden_act, gpt2.is_causal) == (
+        1024,
+        "pre",
+        "gelu_new",
+        True,
+    )
+
+
+def test_preset_errors_name_the_problem():
+    with pytest.raises(ValueError, match="unknown preset 'bert-huge'.*bert-base"):
+        TwinLMConfig.from_preset("bert-huge")
+    with pytest.raises(ValueError, match="hiden_size.*did you mean 'hidden_size'"):
+        TwinLMConfig.from_preset("tiny-bert-base", hiden_size=12)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Saving, Auto classes and remote code
+
+
+def test_auto_classes_are_registered():
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+
+    values = {k: v for k, v in tiny_config(is_causal=True).to_dict().items() if k != "model_type"}
+    config = AutoConfig.for_model("twinlm", **values)
+    assert isinstance(config, TwinLMConfig)
+    assert isinstance(AutoModelForCausalLM.from_config(config), TwinLMForCausalLM)
+    assert isinstance(AutoModelForMaskedLM.from_config(tiny_config()), TwinLMForMaskedLM)
+
+
+HEADS = {
+    "AutoModel": (TwinLMModel, False),
+    "AutoModelForMaskedLM": (TwinLMForMaskedLM, False),
+    "AutoModelForCausalLM": (TwinLMForCausalLM, True),
+    "AutoModelForSequenceClassification": (TwinLMForSequenceClassification, False),
+    "AutoModelForTokenClassification": (TwinLMForTokenClassification, True),
+}
+
+
+def test_save_and_load_every_head_in_a_process_without_twinlm(tmp_path):
+    """save_pretrained ships the code: a fresh process that imports only transformers loads each head
+    with trust_remote_code=True and computes identical outputs."""
+    ids = torch.randint(5, 97, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    torch.save({"ids": ids, "mask": mask}, tmp_path / "inputs.pt")
+    expected = {}
+    for auto_name, (cls, causal) in HEADS.items():
+        torch.manual_seed(0)
+        config = tiny_config(
+            is_causal=causal,
+            position_embedding_type="rope" if causal else "relative",
+            norm_type="batchnorm" if auto_name == "AutoModel" else "layernorm",
+            num_labels=3,
+        )
+        model = cls(config).eval()
+        model.save_pretrained(tmp_path / auto_name)
+        out = model(ids, attention_mask=mask)
+        expected[auto_name] = out.logits if hasattr(out, "logits") else out.last_hidden_state
+        files = {p.name for p in (tmp_path / auto_name).iterdir()}
+        assert {"config.json", "model.safetensors", "modeling_twinlm.py", "configuration_twinlm.py"} <= files
+        assert json.loads((tmp_path / auto_name / "config.json").read_text())["auto_map"][auto_name]
+    script = textwrap.dedent(
+        f"""
+        import sys, torch, transformers
+        inputs = torch.load({str(tmp_path / "inputs.pt")!r})
+        results = {{}}
+        for name in {list(HEADS)!r}:
+            model = getattr(transformers, name).from_pretrained({str(tmp_path)!r} + "/" + name, trust_remote_code=True).eval()
+            out = model(inputs["ids"], attention_mask=inputs["mask"])
+            results[name] = (type(model).__name__, out.logits if hasattr(out, "logits") else out.last_hidden_state)
+        assert not any(m == "twinlm" or m.startswith("twinlm.") for m in sys.modules), "twinlm was imported"
+        torch.save(results, {str(tmp_path / "results.pt")!r})
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
+    results = torch.load(tmp_path / "results.pt")
+    for auto_name, (cls, _) in HEADS.items():
+        class_name, logits = results[auto_name]
+        assert class_name == cls.__name__
+        torch.testing.assert_close(logits, expected[auto_name], atol=0, rtol=0)
+
+
+def test_saved_tied_model_reloads_tied(tmp_path):
+    model = seeded_model(True).eval()
+    model.save_pretrained(tmp_path)
+    again = TwinLMForCausalLM.from_pretrained(tmp_path)
+    assert again.lm_head.weight is again.model.embeddings.word_embeddings.weight
+    ids = torch.randint(5, 97, (1, 6))
+    torch.testing.assert_close(again(ids).logits, model(ids).logits)
