@@ -1,7 +1,8 @@
 """The `twinlm` command line: one sub-command per job.
 
-Each job lives in its own module, which exposes `add_parser(subparsers)`; the module is imported
-only when its sub-command is built, so `twinlm --help` stays fast.
+Each job lives in its own module, which exposes `add_parser(subparsers)`. Only the module of the
+command being run is imported, so `twinlm --help` stays fast and a problem in one job never breaks
+another.
 """
 
 from __future__ import annotations
@@ -12,38 +13,41 @@ import sys
 
 from twinlm.errors import TwinLMError
 
-# sub-command -> module that implements it (the module defines `add_parser(subparsers)` which sets
-# `func` on its parser: func(args) -> int exit code).
-COMMANDS: dict[str, str] = {
-    "tokenizer": "twinlm.tokenization",
-    "pretrain": "twinlm.training.cli",
-    "finetune": "twinlm.finetune",
-    "convert": "twinlm.convert",
-    "push": "twinlm.hub",
+# sub-command -> (module that implements it, one-line help). The module's `add_parser(subparsers)`
+# adds the sub-command and sets `func=callable(args) -> exit code`.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "tokenizer": ("twinlm.tokenization", "train WordPiece / byte-level BPE tokenizers, compare them"),
+    "pretrain": ("twinlm.training.cli", "pretrain a masked-LM or causal model (one process)"),
+    "finetune": ("twinlm.finetune", "fine-tune a checkpoint for sequence or token classification"),
+    "convert": ("twinlm.convert", "convert a BERT or GPT-2 checkpoint into twinlm"),
+    "push": ("twinlm.hub", "upload a saved run to the Hugging Face Hub"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The full parser of `command`; the other sub-commands appear with their help line only."""
     parser = argparse.ArgumentParser(prog="twinlm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module_name in COMMANDS.values():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:  # a job not built yet must not break the others
-            if err.name and err.name.startswith("twinlm"):
-                continue
-            raise
-        module.add_parser(sub)
+    for name, (module_name, help_text) in COMMANDS.items():
+        if name == command:
+            importlib.import_module(module_name).add_parser(sub)
+        else:
+            sub.add_parser(name, help=help_text)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    args = build_parser(command if command in COMMANDS else None).parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except TwinLMError as err:
         print(f"twinlm {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"twinlm {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

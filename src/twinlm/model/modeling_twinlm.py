@@ -29,7 +29,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .attention import AdditiveScoring, TwinLMAttention
 from .configuration_twinlm import ABSOLUTE_POSITIONS, TwinLMConfig
-from .layers import TwinLMBatchNorm, TwinLMRMSNorm, build_feed_forward, build_norm
+from .layers import FEED_FORWARDS, TwinLMBatchNorm, TwinLMRMSNorm, build_feed_forward, build_norm
 from .positions import POSITION_ENCODINGS
 
 # ---------------------------------------------------------------------------------------------------
@@ -312,7 +312,7 @@ class TwinLMForMaskedLM(TwinLMPreTrainedModel):
             )
         self.model = TwinLMModel(config)
         self.head_dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.head_act = nn.GELU(approximate="tanh" if config.hidden_act == "gelu_new" else "none")
+        self.head_act = FEED_FORWARDS[config.hidden_act][1]()  # BERT: the model's activation
         self.head_norm = build_norm(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
         self.post_init()
