@@ -1,0 +1,119 @@
+"""Validated configuration of the pretraining data: where the text comes from and how it is cut."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from twinlm.errors import TwinLMError
+
+__all__ = ["DataConfig", "SourceConfig", "SourceType", "parse_data_config", "pydantic_error_message"]
+
+SourceType = Literal["text", "json", "csv", "parquet"]
+
+
+class SourceConfig(BaseModel):
+    """One text source: a local `path` (file, directory or glob), a Hub dataset (`hub`), or `default: true`.
+
+    A plain string in `DataConfig.sources` is shorthand for `{path: <string>}`. `split` and `config`
+    apply to Hub datasets only (local files are one "train" split).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str | None = None
+    type: SourceType | None = Field(
+        default=None, description="file format; inferred from the extension when unset"
+    )
+    hub: str | None = Field(default=None, description="Hugging Face Hub dataset name")
+    config: str | None = Field(default=None, description="Hub dataset configuration name")
+    split: str = "train"
+    default: bool = Field(default=False, description="the embedded default corpus")
+    text_column: str = "text"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_shorthand(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _exactly_one_kind(self) -> SourceConfig:
+        kinds = [name for name in ("path", "hub") if getattr(self, name)] + (
+            ["default"] if self.default else []
+        )
+        if len(kinds) != 1:
+            got = "none of them" if not kinds else " and ".join(kinds)
+            raise ValueError(f"a source needs exactly one of path, hub or default: true (got {got})")
+        if self.type is not None and not self.path:
+            raise ValueError("type applies only to a source with a path")
+        if self.config is not None and not self.hub:
+            raise ValueError("config applies only to a source with hub")
+        return self
+
+    def describe(self) -> str:
+        """A short human-readable name of the source, for messages."""
+        if self.path:
+            return f"path={self.path!r}"
+        if self.hub:
+            cfg = f", config={self.config!r}" if self.config else ""
+            return f"hub={self.hub!r}{cfg}, split={self.split!r}"
+        return "default corpus"
+
+
+class DataConfig(BaseModel):
+    """Everything that decides the pretraining blocks; an empty `sources` means the embedded corpus."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sources: list[SourceConfig] = Field(default_factory=list)
+    seq_len: int = Field(default=128, ge=2)
+    streaming: bool = False
+    validation_fraction: float = Field(
+        default=0.01, ge=0.0, lt=1.0, description="share of documents held out (not used when streaming)"
+    )
+    validation_size: int | None = Field(
+        default=None,
+        ge=0,
+        description="documents held out; overrides validation_fraction; when streaming the first "
+        "validation_size documents of the stream (1000 when unset)",
+    )
+    num_proc: int | None = Field(default=None, ge=1)
+    mlm_probability: float = Field(default=0.15, gt=0.0, lt=1.0)
+    whole_word_masking: bool = False
+    cache_dir: str | None = None
+    text_document_split: Literal["line", "paragraph", "file"] = "paragraph"
+    seed: int = 0
+
+    @field_validator("sources", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: Any) -> Any:
+        return [] if value is None else value
+
+    def resolved_num_proc(self) -> int:
+        """`num_proc`, or min(4, CPU count) when unset."""
+        return self.num_proc or max(1, min(4, os.cpu_count() or 1))
+
+
+def pydantic_error_message(error: ValidationError, what: str) -> str:
+    """One line naming every bad key of a pydantic ValidationError, e.g. `sources.0.path: ...`."""
+    parts = []
+    for err in error.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        parts.append(f"{loc}: {msg}")
+    return f"invalid {what}: " + "; ".join(parts)
+
+
+def parse_data_config(value: Mapping[str, Any] | DataConfig | None) -> DataConfig:
+    """Build a DataConfig from a mapping (e.g. a YAML section), raising TwinLMError naming bad keys."""
+    if isinstance(value, DataConfig):
+        return value
+    try:
+        return DataConfig.model_validate(value or {})
+    except ValidationError as e:
+        raise TwinLMError(pydantic_error_message(e, "data config")) from None
