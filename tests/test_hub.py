@@ -1,0 +1,284 @@
+"""Hub publishing against a local Hub-compatible server (tests/hub_server.py): push, load back, retries,
+failures that must not stop training, the model card, and the `twinlm push` command."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest_hub import hub_env, local_hub  # noqa: F401 - fixtures
+from huggingface_hub import ModelCard
+
+from twinlm.cli import main as cli_main
+from twinlm.hub import BackgroundPusher, HubPushError, push_folder
+from twinlm.model_card import LOSS_CURVE_FILE, write_model_card
+
+# huggingface_hub's own LFS PUT passes a file object as `data=`, which httpx2 flags; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
+LOSS_HISTORY = [(step, 5.0 / (1 + 0.1 * step)) for step in range(0, 200, 10)]
+
+# Runs in a fresh interpreter that never imports twinlm: the model class must come from the pushed code.
+LOAD_SCRIPT = r"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+repo_id, ids_path, out_path = sys.argv[1:4]
+model = AutoModelForCausalLM.from_pretrained(repo_id, trust_remote_code=True).eval()
+with torch.no_grad():
+    logits = model(input_ids=torch.load(ids_path)).logits
+torch.save(logits, out_path)
+assert not any(name == "twinlm" or name.startswith("twinlm.") for name in sys.modules), "twinlm was imported"
+print("CLASS", type(model).__module__, type(model).__name__)
+"""
+
+
+def _save_tiny_model(folder: Path):
+    """A tiny twinlm causal LM saved with its code (auto_map), plus fixed inputs and its logits."""
+    import torch
+
+    from twinlm import TwinLMConfig, TwinLMForCausalLM
+
+    torch.manual_seed(0)
+    config = TwinLMConfig.from_preset("tiny-modern-decoder", vocab_size=128)
+    model = TwinLMForCausalLM(config).eval()
+    model.save_pretrained(folder)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    return ids, logits
+
+
+def _write_checkpoint(folder: Path, step: int) -> None:
+    """A small fake checkpoint: model export files plus training state that must not be pushed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"architectures": ["TwinLMForCausalLM"], "model_type": "twinlm", "is_causal": True, "step": step}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").write_bytes(_tiny_safetensors(step))
+    (folder / "optimizer.bin").write_bytes(b"optimizer state %d" % step)
+    (folder / "random_states_0.pkl").write_bytes(b"rng %d" % step)
+
+
+def _tiny_safetensors(step: int) -> bytes:
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    import struct
+
+    return struct.pack("<Q", len(header)) + header + struct.pack("<2f", float(step), 1.0)
+
+
+def _assert_token_absent(token: str, *, folders=(), texts=(), blobs=()) -> None:
+    needle = token.encode()
+    for folder in folders:
+        for path in Path(folder).rglob("*"):
+            if path.is_file():
+                assert needle not in path.read_bytes(), f"token leaked into {path}"
+    for text in texts:
+        assert token not in text, "token leaked into output"
+    for name, data in blobs:
+        assert needle not in data, f"token leaked into the pushed {name}"
+
+
+def test_push_cli_then_load_by_repo_id_in_fresh_process(local_hub, tmp_path):  # noqa: F811
+    import torch
+
+    model_dir = tmp_path / "run" / "final"
+    ids, logits = _save_tiny_model(model_dir)
+    torch.save(ids, tmp_path / "ids.pt")
+    (model_dir / "training_info.json").write_text(
+        json.dumps({"training_summary": {"steps": 190, "tokens": 12345}, "loss_history": LOSS_HISTORY})
+    )
+    (model_dir / "optimizer.bin").write_bytes(b"not for users")
+    env = local_hub.subprocess_env(tmp_path / "hf_push")
+    repo_id = f"{local_hub.user}/tiny-twin"
+
+    start = time.perf_counter()
+    push = subprocess.run(
+        [sys.executable, "-m", "twinlm", "push", str(model_dir), repo_id, "--message", "first model"],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    push_seconds = time.perf_counter() - start
+    assert push.returncode == 0, push.stderr[-3000:]
+    assert f"{local_hub.url}/{repo_id}/commit/" in push.stdout
+
+    files = local_hub.files(repo_id)
+    assert {"config.json", "model.safetensors", "README.md", LOSS_CURVE_FILE} <= set(files)
+    assert "optimizer.bin" not in files  # training state stays local by default
+    assert any(name.endswith(".py") for name in files), "the model code must ship for trust_remote_code"
+    assert files[LOSS_CURVE_FILE].startswith(b"\x89PNG")
+    card = ModelCard(files["README.md"].decode())
+    assert card.data.library_name == "transformers"
+    assert card.data.pipeline_tag == "text-generation"
+    assert f"]({LOSS_CURVE_FILE})" in card.text
+
+    start = time.perf_counter()
+    load = subprocess.run(
+        [sys.executable, "-c", LOAD_SCRIPT, repo_id, str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")],
+        env=local_hub.subprocess_env(tmp_path / "hf_load"),  # empty cache: everything comes from the server
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    load_seconds = time.perf_counter() - start
+    assert load.returncode == 0, load.stderr[-3000:]
+    assert "CLASS transformers_modules" in load.stdout  # the class came from the pushed remote code
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), logits, rtol=1e-5, atol=1e-5)
+    print(f"push {push_seconds:.1f} s, load {load_seconds:.1f} s")
+
+    _assert_token_absent(
+        local_hub.token,
+        folders=[tmp_path],
+        texts=[push.stdout, push.stderr, load.stdout, load.stderr],
+        blobs=local_hub.all_stored_bytes(),
+    )
+
+
+def test_model_card_metadata_and_loss_curve(tmp_path):
+    config = {
+        "architectures": ["TwinLMForMaskedLM"],
+        "model_type": "twinlm",
+        "auto_map": {"AutoModelForMaskedLM": "modeling_twinlm.TwinLMForMaskedLM"},
+        "is_causal": False,
+        "position_embedding_type": "rope",
+        "norm_type": "rmsnorm",
+        "norm_position": "pre",
+        "hidden_act": "swiglu",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "vocab_size": 512,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model.safetensors").write_bytes(_tiny_safetensors(3))
+    path = write_model_card(
+        tmp_path,
+        training_summary={"steps": 190, "learning_rate": 3e-4},
+        loss_history=LOSS_HISTORY,
+        datasets=["wikitext"],
+        metrics={"perplexity": 12.5},
+        repo_id="tester/tiny-bert",
+    )
+    card = ModelCard.load(path)
+    data = card.data.to_dict()
+    assert data["library_name"] == "transformers"
+    assert data["license"] == "apache-2.0"
+    assert data["pipeline_tag"] == "fill-mask"
+    assert {"twinlm", "masked-lm", "custom_code"} <= set(data["tags"])
+    assert data["datasets"] == ["wikitext"]
+    assert data["metrics"] == ["perplexity"]
+    result = data["model-index"][0]["results"][0]
+    assert result["metrics"][0] == {"type": "perplexity", "value": 12.5}
+    for needle in ("| position_embedding_type | `rope` |", "| norm_type | `rmsnorm` |", "| parameters | 2 |"):
+        assert needle in card.text
+    assert "AutoModelForMaskedLM.from_pretrained" in card.text and "trust_remote_code=True" in card.text
+    assert "Final training loss 0.2500 at step 190" in card.text
+    png = tmp_path / LOSS_CURVE_FILE
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+    # classification heads map to their pipeline tags
+    config["architectures"] = ["TwinLMForTokenClassification"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert ModelCard.load(write_model_card(tmp_path)).data.pipeline_tag == "token-classification"
+
+
+def test_transient_errors_are_retried_and_revisions_are_branches(hub_env, tmp_path):  # noqa: F811
+    hub = hub_env
+    folder = tmp_path / "ckpt"
+    _write_checkpoint(folder, step=1)
+    hub.fail("commit", times=2, status=503)
+    url = push_folder(folder, "tester/retry", commit_message="step 1", retry_wait=0.01)
+    assert url.startswith(f"{hub.url}/tester/retry/commit/")
+    assert hub.count("commit", 503) == 2 and hub.count("commit", 200) == 1
+    assert json.loads(hub.files("tester/retry")["config.json"])["step"] == 1
+
+    _write_checkpoint(folder, step=2)
+    push_folder(folder, "tester/retry", revision="step-2", retry_wait=0.01, include_training_state=True)
+    branch, main = hub.files("tester/retry", "step-2"), hub.files("tester/retry", "main")
+    assert json.loads(branch["config.json"])["step"] == 2 and json.loads(main["config.json"])["step"] == 1
+    assert "optimizer.bin" in branch and "optimizer.bin" not in main  # training state only when asked
+
+    hub.fail("commit", times=None, status=502)
+    with pytest.raises(HubPushError, match=r"after 3 attempts.*HTTP 502"):
+        push_folder(folder, "tester/retry", max_retries=2, retry_wait=0.01)
+    assert hub.count("commit", 502) == 3  # the first try and two retries
+
+
+def test_bad_token_and_missing_token_fail_clearly(hub_env, tmp_path, monkeypatch):  # noqa: F811
+    folder = tmp_path / "ckpt"
+    _write_checkpoint(folder, step=1)
+    with pytest.raises(HubPushError, match="HTTP 401") as err:
+        push_folder(folder, "tester/auth", token="hf_wrong_token_value", retry_wait=0.01)
+    assert "hf_wrong_token_value" not in str(err.value)
+    assert hub_env.count("create", 401) == 1  # not retried: not transient
+    monkeypatch.delenv("HF_TOKEN")
+    with pytest.raises(HubPushError, match="no Hugging Face token"):
+        push_folder(folder, "tester/auth")
+
+
+def test_background_push_failing_part_way_does_not_stop_training(hub_env, tmp_path, caplog, capsys):  # noqa: F811
+    hub = hub_env
+    ckpt = tmp_path / "output" / "checkpoint"
+    caplog.set_level(logging.INFO)
+    pusher = BackgroundPusher("tester/bg", retry_wait=0.01, max_retries=2)
+    for step in range(1, 5):
+        if step == 3:  # the Hub goes down for good after two successful pushes
+            assert pusher.wait(timeout=60)
+            hub.fail("commit", times=None, status=500)
+        _write_checkpoint(ckpt, step)
+        start = time.perf_counter()
+        pusher.submit(ckpt, f"step {step}")
+        assert time.perf_counter() - start < 1.0, "submit must not wait for the upload"
+        # the training loop rotates the checkpoint right away: the push must use the submitted snapshot
+        for path in ckpt.iterdir():
+            path.unlink()
+    results = pusher.close()
+
+    assert [r.ok for r in results] == [True, True, False, False]
+    assert pusher.failures == results[2:]
+    assert all("HTTP 500" in r.error for r in pusher.failures)
+    files = hub.files("tester/bg")
+    assert json.loads(files["config.json"])["step"] == 2  # the last push that went through
+    assert files["model.safetensors"] == _tiny_safetensors(2)
+    assert "optimizer.bin" not in files and "random_states_0.pkl" not in files
+    assert "README.md" in files  # each push carries a model card
+    assert any("failed (training continues)" in rec.getMessage() for rec in caplog.records)
+    captured = capsys.readouterr()
+    _assert_token_absent(
+        hub.token,
+        folders=[tmp_path],
+        texts=[caplog.text, captured.out, captured.err, repr(pusher), *(str(r) for r in results)],
+        blobs=hub.all_stored_bytes(),
+    )
+
+
+def test_background_pusher_is_silent_on_other_ranks(monkeypatch, tmp_path):
+    monkeypatch.setenv("RANK", "1")
+    pusher = BackgroundPusher("tester/never")
+    pusher.submit(tmp_path, "ignored")
+    assert not pusher.enabled and pusher.close() == []
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (lambda p: p / "missing", "does not exist"),
+        (lambda p: p, "has no config.json"),
+    ],
+)
+def test_push_cli_rejects_bad_folders(tmp_path, capsys, make, expected):
+    code = cli_main(["push", str(make(tmp_path)), "tester/x"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("twinlm push: error:") and expected in err
+
+
+def test_push_cli_rejects_bad_repo_id(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{}")
+    assert cli_main(["push", str(tmp_path), "not a/valid/repo"]) == 2
+    assert "invalid repo id" in capsys.readouterr().err
