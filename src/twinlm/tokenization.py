@@ -1,0 +1,557 @@
+"""Train WordPiece (BERT-style) and byte-level BPE (GPT-style) tokenizers, and measure them.
+
+Both are trained by the `tokenizers` trainers from batched, streaming iterators, wrapped as a
+transformers fast tokenizer, and saved as `tokenizer.json` + `tokenizer_config.json` so that
+`AutoTokenizer.from_pretrained(dir)` loads them in any process, without twinlm.
+
+    twinlm tokenizer train --type wordpiece --vocab-size 16000 --out tok/ corpus/*.txt
+    twinlm tokenizer stats tok_wordpiece/ tok_bpe/ held_out.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+from tqdm.auto import tqdm
+
+from twinlm.corpus import TextSource, batched_texts, iter_dataset_texts
+from twinlm.errors import TwinLMError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
+__all__ = [
+    "BPE_SPECIAL_TOKENS",
+    "TOKENIZER_TYPES",
+    "WORDPIECE_SPECIAL_TOKENS",
+    "TokenizerTrainConfig",
+    "add_parser",
+    "build_tokenizer",
+    "format_stats_table",
+    "iter_dataset_texts",
+    "load_tokenizer",
+    "save_tokenizer",
+    "tokenizer_stats",
+    "train_tokenizer",
+]
+
+TOKENIZER_TYPES = ("wordpiece", "bpe")
+WORDPIECE_SPECIAL_TOKENS = {
+    "pad_token": "[PAD]",
+    "unk_token": "[UNK]",
+    "cls_token": "[CLS]",
+    "sep_token": "[SEP]",
+    "mask_token": "[MASK]",
+}
+ENDOFTEXT = "<|endoftext|>"
+BPE_PAD = "<|pad|>"
+# GPT-2 convention: <|endoftext|> separates documents and serves as bos/eos/unk; a separate pad token
+# so that padding can never be mistaken for the end of a document.
+BPE_SPECIAL_TOKENS = {
+    "bos_token": ENDOFTEXT,
+    "eos_token": ENDOFTEXT,
+    "unk_token": ENDOFTEXT,
+    "pad_token": BPE_PAD,
+}
+_BYTE_ALPHABET = 256
+_BATCH = 1000
+
+
+def _special_list(kind: str) -> list[str]:
+    """Special tokens in vocabulary order (they take the first ids)."""
+    tokens = WORDPIECE_SPECIAL_TOKENS if kind == "wordpiece" else BPE_SPECIAL_TOKENS
+    return list(dict.fromkeys(tokens.values()))
+
+
+def _check_kind(kind: str) -> str:
+    normalized = str(kind).lower().replace("-", "").replace("_", "")
+    aliases = {"wordpiece": "wordpiece", "bpe": "bpe", "bytelevelbpe": "bpe", "bytebpe": "bpe"}
+    if normalized not in aliases:
+        raise TwinLMError(f"unknown tokenizer type {kind!r}: use one of {', '.join(TOKENIZER_TYPES)}")
+    return aliases[normalized]
+
+
+def _check_vocab_size(kind: str, vocab_size: int) -> None:
+    """Reject sizes that cannot hold the special tokens plus the alphabet (before any training)."""
+    minimum = len(_special_list(kind)) + (_BYTE_ALPHABET if kind == "bpe" else 1)
+    if not isinstance(vocab_size, int) or vocab_size < minimum:
+        what = "256 byte symbols" if kind == "bpe" else "at least one symbol"
+        raise TwinLMError(
+            f"vocab size {vocab_size} is too small for {kind}: its {len(_special_list(kind))} special "
+            f"tokens plus the alphabet ({what}) need at least {minimum}"
+        )
+
+
+def build_tokenizer(kind: str, lowercase: bool = True) -> Any:
+    """An untrained `tokenizers.Tokenizer` with the full pipeline of the given type.
+
+    WordPiece: BERT normaliser and pre-tokeniser, `##` decoder. Byte-level BPE: no normaliser (lossless),
+    ByteLevel pre-tokeniser and decoder, no prefix space.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    kind = _check_kind(kind)
+    if kind == "wordpiece":
+        tok = Tokenizer(models.WordPiece(unk_token=WORDPIECE_SPECIAL_TOKENS["unk_token"]))
+        tok.normalizer = normalizers.BertNormalizer(
+            clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase
+        )
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece(prefix="##")
+    else:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.decoder = decoders.ByteLevel()
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tok
+
+
+def _trainer(kind: str, vocab_size: int, min_frequency: int, show_progress: bool) -> Any:
+    from tokenizers import pre_tokenizers, trainers
+
+    if kind == "wordpiece":
+        return trainers.WordPieceTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=_special_list(kind),
+            limit_alphabet=1000,
+            continuing_subword_prefix="##",
+            show_progress=show_progress,
+        )
+    return trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=_special_list(kind),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=show_progress,
+    )
+
+
+def _wrap(tok: Any, kind: str, model_max_length: int) -> PreTrainedTokenizerFast:
+    """Wrap a trained `tokenizers.Tokenizer` as a transformers fast tokenizer with its special tokens."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    if kind == "wordpiece":
+        cls, sep = WORDPIECE_SPECIAL_TOKENS["cls_token"], WORDPIECE_SPECIAL_TOKENS["sep_token"]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{cls} $A {sep}",
+            pair=f"{cls} $A {sep} $B:1 {sep}:1",
+            special_tokens=[(cls, tok.token_to_id(cls)), (sep, tok.token_to_id(sep))],
+        )
+        specials = WORDPIECE_SPECIAL_TOKENS
+        input_names = ["input_ids", "token_type_ids", "attention_mask"]
+    else:
+        specials = BPE_SPECIAL_TOKENS
+        input_names = ["input_ids", "attention_mask"]
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        model_max_length=model_max_length,
+        model_input_names=input_names,
+        padding_side="right",
+        clean_up_tokenization_spaces=False,
+        **specials,
+    )
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out_dir: str | os.PathLike[str]) -> Path:
+    """Save atomically: write into a temporary folder beside `out_dir`, then rename it into place.
+
+    An existing `out_dir` is replaced only once the new one is complete, so a failure never leaves a
+    half-written tokenizer behind.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise TwinLMError(f"--out {out} exists and is not a directory: choose a directory path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should be an ordinary dir
+        tokenizer.save_pretrained(str(tmp))
+        # Portable class name: transformers v4 and v5 both map it to their generic fast tokenizer.
+        config_path = tmp / "tokenizer_config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def train_tokenizer(
+    kind: str,
+    texts: Iterable[str] | None = None,
+    files: Sequence[str | os.PathLike[str]] | None = None,
+    *,
+    vocab_size: int,
+    out_dir: str | os.PathLike[str] | None = None,
+    min_frequency: int = 2,
+    lowercase: bool = True,
+    model_max_length: int = 512,
+    show_progress: bool = True,
+    source: TextSource | None = None,
+) -> PreTrainedTokenizerFast:
+    """Train a `"wordpiece"` or `"bpe"` tokenizer and return it as a transformers fast tokenizer.
+
+    Text comes from `texts` (any iterable of strings, consumed once), `files` (UTF-8 text files, streamed
+    line by line) or `source` (a `TextSource`, e.g. a `datasets` dataset); with none of them, from the
+    embedded default corpus. `lowercase` applies to WordPiece only (byte-level BPE is lossless). With
+    `out_dir`, the tokenizer is saved there atomically. Bad input raises `TwinLMError`.
+    """
+    tokenizer, _ = _train_timed(
+        kind,
+        texts,
+        files,
+        source,
+        vocab_size,
+        out_dir,
+        min_frequency,
+        lowercase,
+        model_max_length,
+        show_progress,
+    )
+    return tokenizer
+
+
+def _train_timed(
+    kind: str,
+    texts: Iterable[str] | None,
+    files: Sequence[str | os.PathLike[str]] | None,
+    source: TextSource | None,
+    vocab_size: int,
+    out_dir: str | os.PathLike[str] | None,
+    min_frequency: int,
+    lowercase: bool,
+    model_max_length: int,
+    show_progress: bool,
+) -> tuple[PreTrainedTokenizerFast, float]:
+    """`train_tokenizer`, also returning the seconds spent in the trainer (for the CLI summary)."""
+    kind = _check_kind(kind)
+    _check_vocab_size(kind, vocab_size)
+    if min_frequency < 1:
+        raise TwinLMError(f"min frequency {min_frequency} must be at least 1")
+    if model_max_length < 1:
+        raise TwinLMError(f"model max length {model_max_length} must be at least 1")
+    given = [n for n, v in (("texts", texts), ("files", files), ("source", source)) if v is not None]
+    if len(given) > 1:
+        raise TwinLMError(f"give only one of texts, files, source (got {', '.join(given)})")
+    length = None
+    if texts is not None:
+        batches: Iterable[list[str]] = batched_texts(texts, _BATCH)
+    else:
+        if files is not None:
+            if not files:
+                raise TwinLMError("no text files given: name at least one UTF-8 text file")
+            source = TextSource(files=list(files))
+        source = source or TextSource()
+        info = source.validate_input(show_progress=show_progress)
+        if info is not None:
+            length = info.n_lines
+        batches = source.iter_batches(_BATCH)
+
+    seen = _TextCounter(batches)
+    tok = build_tokenizer(kind, lowercase=lowercase)
+    trainer = _trainer(kind, vocab_size, min_frequency, show_progress)
+    start = time.perf_counter()
+    tok.train_from_iterator(seen, trainer=trainer, length=length)
+    seconds = time.perf_counter() - start
+    if not seen.has_text:
+        raise TwinLMError("the corpus is empty: the texts hold no non-whitespace characters")
+    if tok.get_vocab_size() > vocab_size:
+        raise TwinLMError(
+            f"vocab size {vocab_size} is too small: the {len(_special_list(kind))} special tokens plus "
+            f"the corpus alphabet already need {tok.get_vocab_size()}; use a larger --vocab-size"
+        )
+    tokenizer = _wrap(tok, kind, model_max_length)
+    if out_dir is not None:
+        save_tokenizer(tokenizer, out_dir)
+    return tokenizer, seconds
+
+
+class _TextCounter:
+    """Pass batches through to the trainer, noting whether any non-blank text went by."""
+
+    def __init__(self, batches: Iterable[list[str]]) -> None:
+        self.batches = batches
+        self.has_text = False
+
+    def __iter__(self) -> Iterator[list[str]]:
+        for batch in self.batches:
+            if not self.has_text:
+                bad = next((type(t).__name__ for t in batch if not isinstance(t, str)), None)
+                if bad is not None:
+                    raise TwinLMError(f"texts must be strings, got {bad}")
+                self.has_text = any(t.strip() for t in batch)
+            yield batch
+
+
+def load_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerFast:
+    """Load a tokenizer directory (as written by `train_tokenizer`) through `AutoTokenizer`."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise TwinLMError(f"tokenizer directory not found: {path}")
+    if not (path / "tokenizer.json").is_file():
+        raise TwinLMError(f"{path} is not a tokenizer directory (no tokenizer.json): train one first")
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as err:  # corrupt JSON, unknown class, ...
+        raise TwinLMError(f"cannot load tokenizer from {path}: {str(err).splitlines()[0]}") from None
+
+
+def _tokenizer_type(tokenizer: Any) -> str:
+    name = type(tokenizer.backend_tokenizer.model).__name__
+    return {"WordPiece": "wordpiece", "BPE": "bpe"}.get(name, name.lower())
+
+
+def tokenizer_stats(
+    tokenizer: PreTrainedTokenizerFast, texts: Iterable[str], name: str | None = None
+) -> dict[str, Any]:
+    """Measure a tokenizer on held-out text.
+
+    Returns tokens per (whitespace) word, UTF-8 bytes per token, unknown-token rate (fraction of tokens
+    that are the model's unknown token; 0 for byte-level BPE, which has none) and vocabulary use
+    (fraction of the vocabulary seen), plus the raw counts. Special tokens are not added.
+    """
+    backend = tokenizer.backend_tokenizer
+    unk = getattr(backend.model, "unk_token", None)
+    unk_id = backend.token_to_id(unk) if unk else None
+    n_texts = n_words = n_bytes = n_tokens = n_unk = 0
+    used: set[int] = set()
+    for batch in batched_texts(texts, _BATCH):
+        n_texts += len(batch)
+        n_words += sum(len(t.split()) for t in batch)
+        n_bytes += sum(len(t.encode("utf-8")) for t in batch)
+        for encoding in backend.encode_batch(batch, add_special_tokens=False):
+            ids = encoding.ids
+            n_tokens += len(ids)
+            used.update(ids)
+            if unk_id is not None:
+                n_unk += ids.count(unk_id)
+    if n_tokens == 0:
+        raise TwinLMError("the held-out text is empty: give files with text")
+    vocab_size = len(tokenizer)
+    return {
+        "name": name or str(getattr(tokenizer, "name_or_path", "") or _tokenizer_type(tokenizer)),
+        "type": _tokenizer_type(tokenizer),
+        "vocab_size": vocab_size,
+        "texts": n_texts,
+        "words": n_words,
+        "bytes": n_bytes,
+        "tokens": n_tokens,
+        "tokens_per_word": n_tokens / max(n_words, 1),
+        "bytes_per_token": n_bytes / n_tokens,
+        "unk_rate": n_unk / n_tokens,
+        "vocab_used": len(used),
+        "vocab_use": len(used) / vocab_size,
+    }
+
+
+_ROWS = [
+    ("type", "type", "{}"),
+    ("vocab size", "vocab_size", "{:,}"),
+    ("tokens", "tokens", "{:,}"),
+    ("words", "words", "{:,}"),
+    ("tokens / word", "tokens_per_word", "{:.3f}"),
+    ("bytes / token", "bytes_per_token", "{:.3f}"),
+    ("unknown-token rate", "unk_rate", "{:.4%}"),
+    ("vocabulary use", "vocab_use", "{:.1%}"),
+]
+
+
+def format_stats_table(stats: Sequence[dict[str, Any]]) -> str:
+    """One column per tokenizer, one row per measure: the side-by-side comparison."""
+    header = ["", *[s["name"] for s in stats]]
+    rows = [header] + [[label, *[fmt.format(s[key]) for s in stats]] for label, key, fmt in _ROWS]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = []
+    for i, row in enumerate(rows):
+        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
+        lines.append("  ".join(cells).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Config file and command line
+# ---------------------------------------------------------------------------------------------------
+
+
+class TokenizerTrainConfig(BaseModel):
+    """A tokenizer training run as YAML (see configs/tokenizer/); command-line flags override it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["wordpiece", "bpe"]
+    vocab_size: int
+    min_frequency: int = 2
+    lowercase: bool = True
+    model_max_length: int = 512
+    source: TextSource = TextSource()
+    out: Path | None = None
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str]) -> TokenizerTrainConfig:
+        """Read and validate a YAML config; errors name the file and the field."""
+        path = Path(path)
+        if not path.is_file():
+            raise TwinLMError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            return cls.model_validate(data)
+        except ValidationError as err:
+            first = err.errors()[0]
+            field = ".".join(str(p) for p in first["loc"]) or "config"
+            raise TwinLMError(f"{path}: {field}: {first['msg']}") from None
+        except yaml.YAMLError as err:
+            raise TwinLMError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+
+
+def _add_source_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("datasets source (in place of FILES)")
+    group.add_argument(
+        "--dataset", help="Hub dataset name, or a local file/folder (.txt .jsonl .csv .parquet)"
+    )
+    group.add_argument("--dataset-config", help="dataset configuration name")
+    group.add_argument("--split", default=None, help="dataset split (default: train)")
+    group.add_argument("--text-column", default=None, help="column holding the text (default: text)")
+    group.add_argument("--no-streaming", action="store_true", help="download/load the dataset fully first")
+
+
+def _source_from_args(args: argparse.Namespace, files: Sequence[str], base: TextSource | None) -> TextSource:
+    if args.dataset and files:
+        raise TwinLMError("give either FILES or --dataset, not both")
+    if args.dataset:
+        return TextSource(
+            dataset=args.dataset,
+            config=args.dataset_config,
+            split=args.split or "train",
+            text_column=args.text_column or "text",
+            streaming=not args.no_streaming,
+        )
+    if files:
+        return TextSource(files=list(files))
+    return base or TextSource()
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    config = TokenizerTrainConfig.from_yaml(args.config) if args.config else None
+    values: dict[str, Any] = config.model_dump(exclude={"source"}) if config else {}
+    for key in ("type", "vocab_size", "min_frequency", "lowercase", "model_max_length", "out"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    for key, flag in (("type", "--type"), ("vocab_size", "--vocab-size"), ("out", "--out")):
+        if values.get(key) is None:
+            raise TwinLMError(f"{flag} is required (on the command line or in --config)")
+    source = _source_from_args(args, args.files, config.source if config else None)
+    kind = _check_kind(values["type"])
+    print(
+        f"training a {kind} tokenizer ({values['vocab_size']:,} tokens) on {source.describe()}",
+    )
+    start = time.perf_counter()
+    tokenizer, train_seconds = _train_timed(
+        kind,
+        None,
+        None,
+        source,
+        int(values["vocab_size"]),
+        values["out"],
+        int(values.get("min_frequency", 2)),
+        bool(values.get("lowercase", True)),
+        int(values.get("model_max_length", 512)),
+        not args.quiet,
+    )
+    seconds = time.perf_counter() - start
+    print(
+        f"saved {kind} tokenizer with {len(tokenizer):,} tokens to {values['out']} "
+        f"(trained in {train_seconds:.1f} s, {seconds:.1f} s in all)"
+    )
+    return 0
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    tokenizer_dirs = [p for p in args.paths if Path(p).is_dir()]
+    files = [p for p in args.paths if not Path(p).is_dir()]
+    if not tokenizer_dirs:
+        raise TwinLMError(
+            "no tokenizer directory given: `twinlm tokenizer stats TOKENIZER_DIR [DIR2] [FILES ...]`"
+        )
+    tokenizers = [(p, load_tokenizer(p)) for p in tokenizer_dirs]  # fail early on a bad directory
+    source = _source_from_args(args, files, None)
+    source.validate_input()
+    names = [Path(p).name or str(p) for p in tokenizer_dirs]
+    if len(set(names)) < len(names):  # a/tok and b/tok: show the paths as given
+        names = [str(p) for p in tokenizer_dirs]
+    results = []
+    bar = tqdm(tokenizers, desc="measuring", disable=args.quiet or len(tokenizers) < 2)
+    for name, (_, tokenizer) in zip(names, bar, strict=True):
+        # the held-out text is streamed again for each tokenizer, so it never has to fit in memory
+        held_out = (text for batch in source.iter_batches(_BATCH) for text in batch)
+        results.append(tokenizer_stats(tokenizer, held_out, name=name))
+    print(f"held-out text: {source.describe()}")
+    print(format_stats_table(results))
+    return 0
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register `twinlm tokenizer train|stats` (called by twinlm.cli)."""
+    parser = subparsers.add_parser(
+        "tokenizer", help="train and measure WordPiece / byte-level BPE tokenizers"
+    )
+    sub = parser.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
+
+    train = sub.add_parser("train", help="train a tokenizer and save it for AutoTokenizer")
+    train.add_argument(
+        "files", nargs="*", metavar="FILES", help="UTF-8 text files (default: embedded corpus)"
+    )
+    train.add_argument("--type", help="wordpiece (BERT-style) or bpe (byte-level, GPT-style)")
+    train.add_argument("--vocab-size", type=int, help="vocabulary size including special tokens")
+    train.add_argument("--out", type=Path, help="output directory (written atomically)")
+    train.add_argument("--min-frequency", type=int, help="minimum pair/word frequency to merge (default 2)")
+    case = train.add_mutually_exclusive_group()
+    case.add_argument(
+        "--lowercase",
+        dest="lowercase",
+        action="store_true",
+        default=None,
+        help="WordPiece: lowercase (default)",
+    )
+    case.add_argument("--no-lowercase", dest="lowercase", action="store_false", help="WordPiece: keep case")
+    train.add_argument("--model-max-length", type=int, help="longest sequence the model takes (default 512)")
+    train.add_argument("--config", type=Path, help="YAML file with these options (flags override it)")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_source_args(train)
+    train.set_defaults(func=_cmd_train)
+
+    stats = sub.add_parser("stats", help="measure one tokenizer, or two side by side, on held-out text")
+    stats.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="tokenizer directories, then held-out text files (default: embedded corpus)",
+    )
+    stats.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_source_args(stats)
+    stats.set_defaults(func=_cmd_stats)
