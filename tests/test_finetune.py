@@ -1,0 +1,500 @@
+"""Fine-tuning: learnable synthetic tasks from a tiny checkpoint, metrics, baselines, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest_hub import hub_env, local_hub  # noqa: F401
+
+from twinlm.errors import TwinLMError
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+FILLER = (
+    "the a one this that big small red blue old new cat dog man woman house car tree river hill road "
+    "sees likes takes finds makes runs walks near under over with from and then"
+).split()
+CITIES = ["paris", "london", "berlin", "madrid"]
+NAMES = [("john", "smith"), ("mary", "jones"), ("anna", "brown")]
+
+
+def sentence(rng: random.Random, n: int = 8) -> list[str]:
+    return [rng.choice(FILLER) for _ in range(n)]
+
+
+def build_checkpoint(out: Path, kind: str = "wordpiece", seed: int = 0) -> Path:
+    """A tiny twinlm checkpoint with its own tokenizer, trained on synthetic text (a few seconds)."""
+    from twinlm import TwinLMConfig, TwinLMForCausalLM, TwinLMForMaskedLM
+    from twinlm.tokenization import train_tokenizer
+
+    rng = random.Random(seed)
+    words = FILLER + CITIES + [w for pair in NAMES for w in pair] + ["excellent", "terrible"]
+    texts = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(300)]
+    tokenizer = train_tokenizer(
+        kind,
+        texts=texts,
+        vocab_size=200 if kind == "wordpiece" else 400,
+        min_frequency=1,
+        model_max_length=64,
+        show_progress=False,
+    )
+    if kind == "wordpiece":
+        config = TwinLMConfig.from_preset(
+            "tiny-bert-base", vocab_size=len(tokenizer), max_position_embeddings=64
+        )
+        model = TwinLMForMaskedLM(config)
+    else:
+        config = TwinLMConfig.from_preset(
+            "tiny-gpt2-small",
+            vocab_size=len(tokenizer),
+            max_position_embeddings=64,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        model = TwinLMForCausalLM(config)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def write_sentiment(folder: Path, n_train: int = 160, n_eval: int = 60, seed: int = 1) -> dict[str, Path]:
+    """label = pos iff the sentence holds 'excellent' (else it holds 'terrible'): learnable in a few steps."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split, n in (("train", n_train), ("dev", n_eval), ("test", n_eval)):
+        lines = ["sentence\tlabel"]
+        for i in range(n):
+            words = sentence(rng)
+            pos = i % 2 == 0
+            words.insert(rng.randrange(len(words)), "excellent" if pos else "terrible")
+            lines.append(f"{' '.join(words)}\t{'pos' if pos else 'neg'}")
+        paths[split] = folder / f"{split}.tsv"
+        paths[split].write_text("\n".join(lines) + "\n")
+    return paths
+
+
+def write_entities(folder: Path, n_train: int = 160, n_eval: int = 50, seed: int = 2) -> dict[str, Path]:
+    """CoNLL-style `word POS tag` files: cities are B-LOC, two-word names B-PER I-PER, the rest O."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split, n in (("train", n_train), ("dev", n_eval), ("test", n_eval)):
+        lines = ["-DOCSTART- -X- O", ""]
+        for _ in range(n):
+            tagged = [(w, "O") for w in sentence(rng, 6)]
+            first, last = rng.choice(NAMES)
+            at = rng.randrange(len(tagged))
+            tagged[at:at] = [(first, "B-PER"), (last, "I-PER")]
+            tagged.insert(rng.randrange(len(tagged) + 1), (rng.choice(CITIES), "B-LOC"))
+            lines += [f"{w} NN {t}" for w, t in tagged] + [""]
+        paths[split] = folder / f"{split}.txt"
+        paths[split].write_text("\n".join(lines))
+    return paths
+
+
+def seq_config(ckpt: Path, data: dict[str, Path], out: Path, **training) -> dict:
+    return {
+        "model": {"path": str(ckpt)},
+        "task": {"type": "sequence_classification", **{k: str(v) for k, v in data.items()}},
+        "training": {
+            "batch_size": 16,
+            "lr": 2e-3,
+            "epochs": 4,
+            "warmup_ratio": 0.1,
+            "eval_every": 0,
+            "early_stopping_patience": 2,
+            "max_length": 32,
+            **training,
+        },
+        "output_dir": str(out),
+    }
+
+
+def tok_config(ckpt: Path, data: dict[str, Path], out: Path, **training) -> dict:
+    return {
+        "model": {"path": str(ckpt)},
+        "task": {"type": "token_classification", **{k: str(v) for k, v in data.items()}},
+        "training": {
+            "batch_size": 16,
+            "lr": 3e-3,
+            "epochs": 5,
+            "warmup_ratio": 0.1,
+            "max_length": 32,
+            "early_stopping_patience": None,
+            **training,
+        },
+        "output_dir": str(out),
+    }
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models train 10x faster on one thread than on two when other test processes share the CPU."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def mlm_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_checkpoint(tmp_path_factory.mktemp("ckpt") / "mlm")
+
+
+@pytest.fixture(scope="module")
+def sentiment(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return write_sentiment(tmp_path_factory.mktemp("sentiment"))
+
+
+@pytest.fixture(scope="module")
+def entities(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return write_entities(tmp_path_factory.mktemp("entities"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Learning
+# ------------------------------------------------------------------------------------------------
+def test_sequence_classification_learns_and_saves_best(mlm_ckpt, sentiment, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from twinlm.finetune import finetune
+
+    out = tmp_path / "run"
+    summary = finetune(seq_config(mlm_ckpt, sentiment, out))
+    best = summary["best"]
+    assert best["dev"]["accuracy"] >= 0.85, summary["evaluations"]
+    assert best["test"]["accuracy"] >= 0.8
+    assert summary["labels"] == ["neg", "pos"]
+    assert summary["baseline"]["name"] == "tfidf+logistic_regression"
+    assert summary["baseline"]["dev"]["accuracy"] >= 0.9  # the keyword is an easy TF-IDF feature too
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["best"]["step"] == best["step"]
+    assert len(metrics["evaluations"]) >= 1 and "test" in metrics["evaluations"][0]
+    # The best model reloads with its labels and reproduces the recorded dev score's predictions.
+    model = AutoModelForSequenceClassification.from_pretrained(out / "best", trust_remote_code=True)
+    assert model.config.id2label == {0: "neg", 1: "pos"}
+    saved = json.loads((out / "best" / "eval_results.json").read_text())
+    assert saved["dev"]["accuracy"] == pytest.approx(best["dev"]["accuracy"])
+
+
+def test_token_classification_learns_entities(mlm_ckpt, entities, tmp_path):
+    from twinlm.finetune import finetune
+
+    summary = finetune(tok_config(mlm_ckpt, entities, tmp_path / "run"))
+    assert summary["labels"] == ["B-LOC", "B-PER", "I-PER", "O"]
+    assert summary["best"]["dev"]["f1"] >= 0.8, summary["evaluations"]
+    assert summary["best"]["test"]["f1"] >= 0.75
+    # Every name/city is always the same entity: the most-frequent-tag baseline is near perfect here.
+    assert summary["baseline"]["name"] == "most_frequent_tag"
+    assert summary["baseline"]["test"]["f1"] >= 0.95
+    assert (tmp_path / "run" / "best" / "model.safetensors").is_file()
+
+
+def test_early_stopping_stops_when_dev_does_not_improve(mlm_ckpt, sentiment, tmp_path):
+    from twinlm.finetune import finetune
+
+    # lr ~ 0: dev accuracy cannot improve after the first evaluation, so patience 1 stops at the second.
+    summary = finetune(
+        seq_config(
+            mlm_ckpt,
+            sentiment,
+            tmp_path / "run",
+            lr=1e-9,
+            epochs=10,
+            eval_every=3,
+            early_stopping_patience=1,
+            baseline=False,
+        ),
+        ["logging.report_to=tensorboard"],
+    )
+    assert summary["stopped_early"] is True
+    assert len(summary["evaluations"]) == 2 and summary["steps"] == 6
+    assert summary["best"]["step"] == 3 and summary["baseline"] is None
+    assert list((tmp_path / "run").rglob("events.out.tfevents.*"))  # dev/test scores went to TensorBoard
+
+
+def test_alignment_labels_first_subtoken_only(mlm_ckpt):
+    from transformers import AutoTokenizer
+
+    from twinlm.finetune.data import Split, encode_split
+
+    tok = AutoTokenizer.from_pretrained(mlm_ckpt)
+    words = ["paris", "treeriverhill", "john"]  # the made-up word splits into several pieces
+    split = Split("dev", "mem", words=[words], tags=[["B-LOC", "O", "B-PER"]])
+    feats = encode_split(split, tok, {"O": 0, "B-LOC": 1, "B-PER": 2}, 32, "token_classification")[0]
+    enc = tok(words, is_split_into_words=True)
+    word_ids = enc.word_ids()
+    assert len(feats["labels"]) == len(word_ids) and word_ids.count(1) > 1
+    firsts = [
+        lab
+        for lab, w, prev in zip(feats["labels"], word_ids, [None, *word_ids][:-1], strict=True)
+        if w is not None and w != prev
+    ]
+    assert firsts == [1, 0, 2]
+    assert sum(lab != -100 for lab in feats["labels"]) == 3
+
+
+def test_metrics_and_baseline_scores():
+    from twinlm.finetune.baselines import most_frequent_tag
+    from twinlm.finetune.data import Split
+    from twinlm.finetune.metrics import classification_scores, tagging_scores
+
+    scores = classification_scores(["a", "a", "a", "b"], ["a", "a", "a", "a"])
+    assert scores["accuracy"] == 0.75 and scores["macro_f1"] == pytest.approx((6 / 7 + 0) / 2)
+    gold = [["B-PER", "I-PER", "O", "B-LOC"]]
+    assert tagging_scores(gold, [["B-PER", "O", "O", "B-LOC"]])["f1"] == pytest.approx(0.5)  # span must match
+    train = Split(
+        "train",
+        "mem",
+        words=[["Bob", "in", "Rome"], ["Rome", "x"]],
+        tags=[["B-PER", "O", "B-LOC"], ["B-LOC", "O"]],
+    )
+    dev = Split("dev", "mem", words=[["Rome", "zzz"]], tags=[["B-LOC", "B-PER"]])
+    result = most_frequent_tag({"train": train, "dev": dev})["dev"]  # zzz unseen -> most frequent tag "O"
+    assert result["precision"] == 1.0 and result["recall"] == 0.5
+
+
+def test_sentence_pairs_from_json_lines(mlm_ckpt, tmp_path):
+    from transformers import AutoTokenizer
+
+    from twinlm.finetune import finetune
+    from twinlm.finetune.config import load_finetune_config
+    from twinlm.finetune.data import encode_split, load_task
+
+    rng = random.Random(3)
+    for split, n in (("train", 40), ("dev", 10)):
+        rows = [
+            {"premise": " ".join(sentence(rng)), "hypothesis": " ".join(sentence(rng, 4)), "label": i % 2}
+            for i in range(n)
+        ]
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    raw = {
+        "model": {"path": str(mlm_ckpt)},
+        "task": {
+            "type": "sequence_classification",
+            "train": str(tmp_path / "train.jsonl"),
+            "dev": str(tmp_path / "dev.jsonl"),
+            "text_column": "premise",
+            "text_pair_column": "hypothesis",
+        },
+        "training": {"max_steps": 2, "baseline": True},
+        "output_dir": str(tmp_path / "run"),
+    }
+    cfg = load_finetune_config(raw)
+    splits, labels = load_task(cfg.task)
+    assert labels == ["0", "1"] and splits["dev"].pairs is not None
+    feats = encode_split(
+        splits["train"],
+        AutoTokenizer.from_pretrained(mlm_ckpt),
+        {"0": 0, "1": 1},
+        64,
+        "sequence_classification",
+    )[0]
+    assert 0 in feats["token_type_ids"] and 1 in feats["token_type_ids"]  # [CLS] A [SEP] B [SEP]
+    summary = finetune(raw)
+    assert summary["examples"] == {"train": 40, "dev": 10} and "test" not in summary["best"]
+    assert set(summary["baseline"]["dev"]) == {"accuracy", "macro_f1"}
+
+
+def test_hub_dataset_with_class_labels(mlm_ckpt, tmp_path):
+    """task.hub goes through datasets.load_dataset: a local folder of parquet files stands in for the Hub
+    (offline), and ClassLabel ids are turned into their names."""
+    import datasets
+
+    from twinlm.finetune.config import load_finetune_config
+    from twinlm.finetune.data import load_task
+
+    folder = tmp_path / "glue_like"
+    folder.mkdir()
+    features = datasets.Features(
+        {"sentence": datasets.Value("string"), "label": datasets.ClassLabel(names=["negative", "positive"])}
+    )
+    for split, n in (("train", 12), ("validation", 4)):
+        ds = datasets.Dataset.from_dict(
+            {"sentence": [f"s {i}" for i in range(n)], "label": [i % 2 for i in range(n)]}, features=features
+        )
+        ds.to_parquet(str(folder / f"{split}.parquet"))
+    cfg = load_finetune_config(
+        {
+            "model": {"path": str(mlm_ckpt)},
+            "task": {"type": "sequence_classification", "hub": {"name": str(folder)}},
+        }
+    )
+    splits, labels = load_task(cfg.task)
+    assert labels == ["negative", "positive"] and len(splits["dev"]) == 4
+    assert splits["dev"].source.endswith("[validation]")
+    cfg = load_finetune_config(cfg, ["task.hub.dev_split=nope"])
+    with pytest.raises(TwinLMError, match=r"cannot load Hub dataset .*\[nope\]"):
+        load_task(cfg.task)
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input
+# ------------------------------------------------------------------------------------------------
+def test_unknown_dev_label_names_file_and_column(mlm_ckpt, sentiment, tmp_path):
+    from twinlm.finetune import finetune
+
+    bad = tmp_path / "dev.tsv"
+    bad.write_text(sentiment["dev"].read_text() + "a fine movie\tneutral\n")
+    with pytest.raises(TwinLMError, match=r"dev\.tsv.*column 'label'.*'neutral'"):
+        finetune(seq_config(mlm_ckpt, {**sentiment, "dev": bad}, tmp_path / "run"))
+
+
+def test_missing_column_and_empty_split(mlm_ckpt, sentiment, entities, tmp_path):
+    from twinlm.finetune import finetune
+
+    with pytest.raises(TwinLMError, match=r"train\.tsv: no column 'text'.*'sentence', 'label'"):
+        finetune(seq_config(mlm_ckpt, sentiment, tmp_path / "run"), ["task.text_column=text"])
+    empty = tmp_path / "test.tsv"
+    empty.write_text("sentence\tlabel\n")
+    with pytest.raises(TwinLMError, match=r"test\.tsv: the test split is empty"):
+        finetune(seq_config(mlm_ckpt, {**sentiment, "test": empty}, tmp_path / "run"))
+    empty_conll = tmp_path / "dev.txt"
+    empty_conll.write_text("-DOCSTART- -X- O\n\n")
+    with pytest.raises(TwinLMError, match=r"dev\.txt: the dev split is empty"):
+        finetune(tok_config(mlm_ckpt, {**entities, "dev": empty_conll}, tmp_path / "r"))
+
+
+def test_bad_conll_lines_and_tags(mlm_ckpt, entities, tmp_path):
+    from twinlm.finetune import finetune
+
+    one_col = tmp_path / "train.txt"
+    one_col.write_text("EU B-ORG\nrejects\n")
+    with pytest.raises(TwinLMError, match=r"train\.txt:2: expected at least 2 columns"):
+        finetune(tok_config(mlm_ckpt, {**entities, "train": one_col}, tmp_path / "run"))
+    not_iob = tmp_path / "dev.txt"
+    not_iob.write_text("Paris NN LOC\n")
+    with pytest.raises(TwinLMError, match=r"dev\.txt: sentence 1 has tag 'LOC', which is not IOB2"):
+        finetune(tok_config(mlm_ckpt, {**entities, "dev": not_iob}, tmp_path / "run"))
+
+
+def test_not_a_twinlm_checkpoint(sentiment, tmp_path):
+    from twinlm.finetune import finetune
+
+    empty_dir = tmp_path / "nothing"
+    empty_dir.mkdir()
+    with pytest.raises(TwinLMError, match="is not a model checkpoint"):
+        finetune(seq_config(empty_dir, sentiment, tmp_path / "run"))
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
+    with pytest.raises(TwinLMError, match="is a bert checkpoint, not a twinlm one"):
+        finetune(seq_config(bert, sentiment, tmp_path / "run"))
+
+
+def test_config_errors_name_the_key(mlm_ckpt, sentiment, tmp_path):
+    from twinlm.finetune.config import load_finetune_config
+
+    base = seq_config(mlm_ckpt, sentiment, tmp_path / "run")
+    with pytest.raises(TwinLMError, match="unknown key 'training.learning_rate'"):
+        load_finetune_config(base, ["--training.learning_rate", "1e-4"])
+    with pytest.raises(TwinLMError, match="metric_for_best 'f1' does not fit task sequence_classification"):
+        load_finetune_config(base, ["training.metric_for_best=f1"])
+    with pytest.raises(TwinLMError, match=r"task\.dev: file '.*nope\.tsv' does not exist"):
+        load_finetune_config(base, [f"task.dev={tmp_path / 'nope.tsv'}"])
+    cfg = load_finetune_config(base, ["--training.lr", "1e-4", "task.labels=[neg, pos]"])
+    assert cfg.training.lr == 1e-4 and cfg.task.labels == ["neg", "pos"]
+
+
+def test_causal_checkpoint_classifies_and_tags_with_a_warning(tmp_path, entities, sentiment):
+    import warnings
+
+    from twinlm.finetune import finetune
+
+    ckpt = build_checkpoint(tmp_path / "clm", kind="bpe")
+    with pytest.warns(UserWarning, match="causal .* only the words to its left"):
+        summary = finetune(tok_config(ckpt, entities, tmp_path / "run", max_steps=2, baseline=False))
+    assert summary["variant"] == "causal" and 0.0 <= summary["best"]["dev"]["f1"] <= 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter(
+            "error", UserWarning
+        )  # sequence classification from a GPT-style model: no warning
+        summary = finetune(seq_config(ckpt, sentiment, tmp_path / "cls", max_steps=2, baseline=False))
+    assert summary["variant"] == "causal"
+    saved = json.loads((tmp_path / "cls" / "best" / "config.json").read_text())
+    assert saved["classifier_pooling"] == "last" and saved["is_causal"] is True
+
+
+def test_cli_exit_status_2_on_bad_input(tmp_path, capsys):
+    from twinlm.cli import main
+
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(
+        f"model: {{path: {tmp_path}}}\ntask: {{type: sequence_classification, train: {tmp_path}/no.tsv}}\n"
+    )
+    assert main(["finetune", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "task.train: file" in err and "no.tsv" in err
+
+
+def test_shipped_configs_validate():
+    import yaml
+
+    from twinlm.finetune.config import FinetuneConfig
+
+    for name in ("sst2", "conll2003"):
+        values = yaml.safe_load((ROOT / "configs" / "finetune" / f"{name}.yaml").read_text())
+        cfg = FinetuneConfig.model_validate(values)
+        assert cfg.task.train is not None and "shared/data/labeled" in str(cfg.task.train)
+        if SHARED_DATA.is_dir():
+            assert (ROOT / cfg.task.train).is_file()
+
+
+def test_hub_push_of_best_model(hub_env, mlm_ckpt, sentiment, tmp_path):  # noqa: F811 - the fixture
+    from twinlm.finetune import finetune
+
+    summary = finetune(
+        seq_config(mlm_ckpt, sentiment, tmp_path / "run", max_steps=4, eval_every=2, baseline=False),
+        ["hub.push=true", "hub.repo_id=tester/tiny-sst", "hub.push_checkpoints=true"],
+    )
+    assert summary["hub"]["failures"] == [] and summary["hub"]["pushes"] >= 2  # each new best + the final
+    files = hub_env.files("tester/tiny-sst")
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= set(files)
+    config = json.loads(files["config.json"])
+    assert config["id2label"] == {"0": "neg", "1": "pos"}
+    assert "AutoModelForSequenceClassification" in config["auto_map"]
+
+
+@pytest.mark.slow
+def test_two_processes_under_accelerate_launch(mlm_ckpt, tmp_path):
+    """Data-parallel on the CPU (gloo); a dev set of odd size checks that gathered predictions are not
+    duplicated (the run fails if the count differs from the split's)."""
+    import yaml
+
+    data = write_sentiment(tmp_path / "data", 160, 61)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(seq_config(mlm_ckpt, data, tmp_path / "run", batch_size=8, baseline=False)))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(ROOT / "scripts" / "finetune.py"),
+        "--config",
+        str(cfg),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and metrics["examples"]["dev"] == 61
+    assert metrics["best"]["dev"]["accuracy"] >= 0.85
