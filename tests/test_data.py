@@ -25,6 +25,7 @@ from twinlm.data import (
     pack_token_ids,
     parse_data_config,
 )
+from twinlm.data.sources import check_text_files
 from twinlm.errors import TwinLMError
 from twinlm.tokenization import train_tokenizer
 
@@ -187,6 +188,32 @@ def test_local_formats_globs_and_document_split(tmp_path):
         counts[split] = len(ds)
         assert all(t.strip() for t in ds["text"])
     assert counts == {"line": 4, "paragraph": 3, "file": 2}
+
+
+def test_check_text_files_counts_and_rejects_bad_files(tmp_path):
+    good = tmp_path / "good.txt"
+    good.write_text("some text\nno newline at end", encoding="utf-8")
+    info = check_text_files([good])
+    assert (info.n_lines, info.n_bytes, info.has_text) == (2, good.stat().st_size, True)
+    empty = tmp_path / "empty.txt"
+    empty.write_text(" \n\t\n", encoding="utf-8")
+    assert check_text_files([empty]).has_text is False and check_text_files([empty]).n_lines == 2
+    with pytest.raises(TwinLMError, match="not found"):
+        check_text_files([tmp_path / "missing.txt"])
+    with pytest.raises(TwinLMError, match="not a regular file"):
+        check_text_files([tmp_path])
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    with pytest.raises(TwinLMError, match=r"latin1.txt is not UTF-8.*offset 3"):
+        check_text_files([good, bad])
+    cut = tmp_path / "cut.txt"
+    cut.write_bytes("caf\u00e9".encode()[:-1])
+    with pytest.raises(TwinLMError, match="truncated character"):
+        check_text_files([cut])
+    # pretraining gets the same one-line error naming the file, streaming or not, before any loading
+    for streaming in (False, True):
+        with pytest.raises(TwinLMError, match=r"data source 1 \(path=.*latin1.txt is not UTF-8"):
+            load_texts(_cfg(tmp_path, [str(good), str(tmp_path / "latin*.txt")], streaming=streaming))
 
 
 def test_streaming_loads_the_same_documents(tmp_path, paragraphs_file):

@@ -10,13 +10,17 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from twinlm import cli
 from twinlm.corpus import default_corpus
 from twinlm.errors import TwinLMError
 from twinlm.tokenization import (
+    TextSource,
     TokenizerTrainConfig,
+    _iter_line_batches,
     format_stats_table,
+    iter_dataset_texts,
     load_tokenizer,
     tokenizer_stats,
     train_tokenizer,
@@ -294,7 +298,7 @@ def _bad_input_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     tiny.write_text("abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 " * 5, encoding="utf-8")
     return {
         "empty corpus": (["--type", "bpe", "--vocab-size", "300", str(empty)], "empty"),
-        "missing file": (["--type", "bpe", "--vocab-size", "300", str(tmp_path / "missing.txt")], "not found"),
+        "missing file": (["--type", "bpe", "--vocab-size", "300", str(tmp_path / "missing.txt")], "no such file"),
         "non-UTF-8": (["--type", "wordpiece", "--vocab-size", "300", str(latin)], "not UTF-8"),
         "bpe vocab < bytes + specials": (["--type", "bpe", "--vocab-size", "200", str(tiny)], "too small"),
         "wordpiece vocab < alphabet": (["--type", "wordpiece", "--vocab-size", "40", "--no-lowercase", str(tiny)], "too small"),
@@ -349,6 +353,72 @@ def test_cli_exits_nonzero_in_a_real_process(tmp_path) -> None:
         == "twinlm tokenizer: error: unknown tokenizer type 'wordpeace': use one of wordpiece, bpe"
     )
     assert not (tmp_path / "o").exists()
+
+
+# --- where the text comes from (reading is twinlm.data's) -------------------------------------------
+
+
+def test_text_source_shorthands_and_default_corpus() -> None:
+    assert TextSource.model_validate("default").is_default
+    assert TextSource().is_default
+    assert TextSource.model_validate(["a.txt", "b.txt"]).files[1].name == "b.txt"
+    ds = TextSource.model_validate({"dataset": "wikitext", "config": "raw", "text_column": "t"})
+    assert not ds.is_default and ds.describe() == "dataset wikitext:raw:train"
+    with pytest.raises(ValidationError):
+        TextSource.model_validate({"files": ["a.txt"], "dataset": "x"})
+    with pytest.raises(ValidationError):
+        TextSource.model_validate({"filez": ["a.txt"]})
+    batches = list(TextSource().iter_batches(100))  # the embedded corpus, through twinlm.data.load_texts
+    assert [t for b in batches for t in b] == default_corpus() and max(len(b) for b in batches) == 100
+
+
+def test_file_sources_keep_lines_and_stream_long_ones_in_pieces(tmp_path) -> None:
+    path = tmp_path / "long.txt"
+    line = "word " * 500_000  # one 2.5 MB line
+    path.write_text(line + "\nsecond line\n", encoding="utf-8")
+    pieces = [t for batch in _iter_line_batches([path], batch_size=2) for t in batch]
+    assert "".join(pieces) == line + "\nsecond line\n"  # lossless: newlines kept for byte-level BPE
+    assert max(len(p) for p in pieces) <= 1 << 20
+    assert pieces[-1] == "second line\n"
+    # FILES may be folders/globs typed by twinlm.data: plain text by line, JSON Lines by its text column
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt").write_text("plain one\nplain two", encoding="utf-8")
+    (tmp_path / "d" / "b.jsonl").write_text('{"text": "  json doc  "}\n{"text": ""}\n', encoding="utf-8")
+    (tmp_path / "notes").write_text("no extension\n", encoding="utf-8")  # a named file: plain text
+    source = TextSource(files=[tmp_path / "d", tmp_path / "notes"])
+    assert source.validate_input() is None  # not only plain text: no line count for the trainer
+    assert [t for b in source.iter_batches() for t in b] == [
+        "plain one\n",
+        "plain two",
+        "no extension\n",
+        "json doc",
+    ]
+    assert TextSource(files=[str(tmp_path / "d" / "*.txt")]).validate_input().n_lines == 2
+    with pytest.raises(TwinLMError, match="the glob matches no files"):
+        TextSource(files=[str(tmp_path / "*.csv")]).validate_input()
+
+
+def test_iter_dataset_texts_local_files(tmp_path) -> None:
+    jsonl = tmp_path / "docs.jsonl"
+    rows = [{"text": f"document number {i}", "id": i} for i in range(25)] + [{"text": "", "id": 99}]
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    batches = list(iter_dataset_texts(jsonl, batch_size=10))
+    assert [len(b) for b in batches] == [10, 10, 5]  # the empty text is skipped
+    assert batches[0][3] == "document number 3"
+
+    csv = tmp_path / "data.csv"
+    csv.write_text("sentence,label\nfirst one,0\nsecond one,1\n", encoding="utf-8")
+    assert list(iter_dataset_texts(csv, text_column="sentence", streaming=False)) == [
+        ["first one", "second one"]
+    ]
+    with pytest.raises(TwinLMError, match="no column 'text'.*sentence"):
+        list(iter_dataset_texts(csv))
+    with pytest.raises(TwinLMError, match="no such file"):
+        list(iter_dataset_texts(tmp_path / "nope.jsonl"))
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(TwinLMError, match=r"latin1.txt is not UTF-8"):  # streamed, yet named up front
+        list(iter_dataset_texts(latin))
 
 
 REPO = Path(__file__).resolve().parents[1]

@@ -21,19 +21,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from tqdm.auto import tqdm
 
-from twinlm.corpus import TextSource, batched_texts, iter_dataset_texts
+from twinlm.corpus import DEFAULT_CORPUS_NAME
 from twinlm.errors import TwinLMError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # twinlm.data imports `datasets`: loaded only when a command reads text
     from transformers import PreTrainedTokenizerFast
+
+    from twinlm.data.config import SourceConfig
+    from twinlm.data.sources import TextFilesInfo
 
 __all__ = [
     "BPE_SPECIAL_TOKENS",
     "TOKENIZER_TYPES",
     "WORDPIECE_SPECIAL_TOKENS",
+    "TextSource",
     "TokenizerTrainConfig",
     "add_parser",
     "build_tokenizer",
@@ -65,6 +69,187 @@ BPE_SPECIAL_TOKENS = {
 }
 _BYTE_ALPHABET = 256
 _BATCH = 1000
+_LINE_PIECE = 1 << 20  # the longest piece of one line handed to the trainer at once (characters)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Where the training text comes from (reading is twinlm.data's; only plain-text line batches are ours)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _batched(texts: Iterable[str], batch_size: int = _BATCH) -> Iterator[list[str]]:
+    """Group an iterable of strings into lists of `batch_size` (the last may be shorter)."""
+    batch: list[str] = []
+    for text in texts:
+        batch.append(text)
+        if len(batch) >= batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _iter_line_batches(
+    files: Sequence[str | os.PathLike[str]], batch_size: int = _BATCH
+) -> Iterator[list[str]]:
+    """The lines of UTF-8 text files (newlines kept, as byte-level BPE learns them) in lists, streaming.
+
+    A line longer than 1 MiB is handed on in 1 MiB pieces, so even a file that is one enormous line never
+    has to fit in memory. Check the files first with `twinlm.data.sources.check_text_files`.
+    """
+
+    def lines() -> Iterator[str]:
+        for path in files:
+            with open(path, encoding="utf-8", errors="strict", newline="") as f:
+                while piece := f.readline(_LINE_PIECE):
+                    yield piece
+
+    return _batched(lines(), batch_size)
+
+
+def _iter_sources(sources: list[SourceConfig], streaming: bool, batch_size: int) -> Iterator[list[str]]:
+    """Documents of `twinlm.data` sources (the embedded corpus when empty) in lists of strings."""
+    import datasets
+    import pyarrow as pa
+
+    from twinlm.data import DataConfig, load_texts
+
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    cfg = DataConfig(sources=sources, streaming=streaming, text_document_split="line")
+    what = ", ".join(s.describe() for s in sources) or "the default corpus"
+    try:  # streaming sources are read lazily: decoding errors surface while iterating
+        for batch in load_texts(cfg).iter(batch_size=batch_size):
+            yield batch["text"]
+    except (UnicodeDecodeError, ValueError, pa.ArrowException) as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise TwinLMError(f"cannot read {what}: {message}") from None
+
+
+def _dataset_source(
+    name_or_path: str | os.PathLike[str], config: str | None, split: str, text_column: str
+) -> SourceConfig:
+    """A Hub dataset name, or a local file/folder/glob (anything that looks like a path), as a source."""
+    from twinlm.data.config import SourceConfig
+    from twinlm.data.sources import infer_source_type
+
+    name = str(name_or_path)
+    looks_local = Path(name).exists() or name.startswith((".", "/", "~")) or any(c in name for c in "*?[")
+    if looks_local or infer_source_type(name) is not None:
+        return SourceConfig(path=name, text_column=text_column)
+    return SourceConfig(hub=name, config=config, split=split, text_column=text_column)
+
+
+def iter_dataset_texts(
+    name_or_path: str | os.PathLike[str],
+    config: str | None = None,
+    split: str = "train",
+    text_column: str = "text",
+    streaming: bool = True,
+    batch_size: int = _BATCH,
+) -> Iterator[list[str]]:
+    """Yield batches of documents from a Hub dataset name or local files, via `twinlm.data.load_texts`.
+
+    Local files (a file, folder or glob of `.txt`, `.json(l)`, `.csv`/`.tsv` or `.parquet`) are typed by
+    extension; plain text gives one document per line. Documents are stripped and empty ones skipped;
+    with `streaming=True` (default) nothing is loaded into memory. Bad input raises `TwinLMError`.
+    """
+    yield from _iter_sources(
+        [_dataset_source(name_or_path, config, split, text_column)], streaming, batch_size
+    )
+
+
+class TextSource(BaseModel):
+    """Where tokenizer text comes from: the default corpus, text files, or a `datasets` source.
+
+    In YAML: `source: default`, `source: [a.txt, b.txt]`, `source: {files: [a.txt]}` or
+    `source: {dataset: wikitext, config: wikitext-103-raw-v1, split: train, text_column: text}`.
+    With neither files nor a dataset it is the embedded default corpus. Files may be folders or globs;
+    plain-text files are read line by line (newlines kept), other formats through `twinlm.data`.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    files: list[Path] = []
+    dataset: str | None = None
+    config: str | None = None
+    split: str = "train"
+    text_column: str = "text"
+    streaming: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_shorthand(cls, value: Any) -> Any:
+        if value is None or value == DEFAULT_CORPUS_NAME:
+            return {}
+        if isinstance(value, (str, os.PathLike)):
+            return {"files": [value]}
+        if isinstance(value, (list, tuple)):
+            return {"files": list(value)}
+        return value
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> TextSource:
+        if self.files and self.dataset:
+            raise ValueError("give either files or a dataset, not both")
+        return self
+
+    @property
+    def is_default(self) -> bool:
+        """True when this source is the embedded default corpus."""
+        return not self.files and not self.dataset
+
+    def describe(self) -> str:
+        """A short human-readable name for summaries."""
+        if self.dataset:
+            parts = [self.dataset, self.config, self.split]
+            return "dataset " + ":".join(p for p in parts if p)
+        if self.files:
+            return f"{len(self.files)} file(s)" if len(self.files) > 3 else ", ".join(map(str, self.files))
+        return "the embedded default corpus"
+
+    def _resolve(self) -> tuple[list[str], list[SourceConfig]]:
+        """(plain-text files, other sources), with files/folders/globs expanded by `twinlm.data`."""
+        from twinlm.data.config import SourceConfig
+        from twinlm.data.sources import infer_source_type, resolve_files
+
+        if self.dataset:
+            return [], [_dataset_source(self.dataset, self.config, self.split, self.text_column)]
+        text_files: list[str] = []
+        others: list[SourceConfig] = []
+        for f in map(str, self.files):
+            # a named file of unknown extension is taken as plain text, as FILES promise
+            kind = "text" if Path(f).is_file() and infer_source_type(f) is None else None
+            source = SourceConfig(path=f, type=kind, text_column=self.text_column)
+            for kind, found in resolve_files(source, "text source").items():
+                if kind == "text":
+                    text_files += found
+                else:
+                    others += [SourceConfig(path=p, text_column=self.text_column) for p in found]
+        return text_files, others
+
+    def validate_input(self, show_progress: bool = False) -> TextFilesInfo | None:
+        """Check files up front (existence, type, UTF-8, not empty).
+
+        Returns the plain-text check's counts (its lines are the trainer's progress total) when the source
+        is plain-text files only, else None.
+        """
+        from twinlm.data.sources import check_text_files
+
+        text_files, others = self._resolve() if self.files else ([], [])
+        if not text_files:
+            return None
+        info = check_text_files(text_files, show_progress=show_progress)
+        if not info.has_text and not others:
+            raise TwinLMError(f"the corpus is empty: {', '.join(text_files)} hold no text")
+        return None if others else info
+
+    def iter_batches(self, batch_size: int = _BATCH) -> Iterator[list[str]]:
+        """Yield the text of this source in lists of strings."""
+        text_files, others = self._resolve()
+        yield from _iter_line_batches(text_files, batch_size)
+        if others or self.is_default:
+            yield from _iter_sources(others, self.streaming, batch_size)
 
 
 def _special_list(kind: str) -> list[str]:
@@ -257,7 +442,7 @@ def _train_timed(
         raise TwinLMError(f"give only one of texts, files, source (got {', '.join(given)})")
     length = None
     if texts is not None:
-        batches: Iterable[list[str]] = batched_texts(texts, _BATCH)
+        batches: Iterable[list[str]] = _batched(texts, _BATCH)
     else:
         if files is not None:
             if not files:
@@ -339,7 +524,7 @@ def tokenizer_stats(
     unk_id = backend.token_to_id(unk) if unk else None
     n_texts = n_words = n_bytes = n_tokens = n_unk = 0
     used: set[int] = set()
-    for batch in batched_texts(texts, _BATCH):
+    for batch in _batched(texts, _BATCH):
         n_texts += len(batch)
         n_words += sum(len(t.split()) for t in batch)
         n_bytes += sum(len(t.encode("utf-8")) for t in batch)

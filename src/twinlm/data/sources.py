@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import datasets
 import pyarrow as pa
 from datasets import Dataset, IterableDataset
+from tqdm.auto import tqdm
 
 from twinlm.data.config import DataConfig, SourceConfig
 from twinlm.errors import TwinLMError
 
-__all__ = ["TextDataset", "infer_source_type", "load_texts", "resolve_files"]
+__all__ = [
+    "TextDataset",
+    "TextFilesInfo",
+    "check_text_files",
+    "infer_source_type",
+    "load_texts",
+    "resolve_files",
+]
 
 TextDataset = Dataset | IterableDataset
 
@@ -31,6 +43,7 @@ _EXTENSIONS: dict[str, str] = {
 _COMPRESSION = {".gz", ".bz2", ".xz", ".zst", ".lz4"}
 _GLOB_CHARS = set("*?[")
 _SAMPLE_BY = {"line": "line", "paragraph": "paragraph", "file": "document"}
+_CHUNK = 1 << 20  # bytes read at a time by check_text_files
 
 
 def infer_source_type(path: str | Path) -> str | None:
@@ -83,12 +96,69 @@ def resolve_files(source: SourceConfig, where: str) -> dict[str, list[str]]:
     return groups
 
 
+@dataclass(frozen=True)
+class TextFilesInfo:
+    """What `check_text_files` found."""
+
+    files: tuple[Path, ...]
+    n_bytes: int
+    n_lines: int
+    has_text: bool  # whether any non-whitespace character was seen
+
+
+def check_text_files(
+    files: Sequence[str | os.PathLike[str]], show_progress: bool = False, where: str | None = None
+) -> TextFilesInfo:
+    """Check that plain-text files exist and are UTF-8; count their bytes and lines.
+
+    Streams each file in 1 MiB chunks (constant memory), so bad input becomes a one-line `TwinLMError`
+    naming the file (prefixed by `where`) before anything is loaded, trained or written.
+    """
+    prefix = f"{where}: " if where else ""
+    paths = tuple(Path(f) for f in files)
+    for path in paths:
+        if not path.exists():
+            raise TwinLMError(f"{prefix}text file not found: {path}")
+        if not path.is_file():
+            raise TwinLMError(f"{prefix}not a regular file: {path} (give text files, not directories)")
+    total = sum(p.stat().st_size for p in paths)
+    n_lines = 0
+    has_text = False
+    with tqdm(total=total, unit="B", unit_scale=True, desc="checking text", disable=not show_progress) as bar:
+        for path in paths:
+            decoder = codecs.getincrementaldecoder("utf-8")("strict")
+            offset, last = 0, b"\n"
+            with open(path, "rb") as f:
+                while chunk := f.read(_CHUNK):
+                    try:
+                        has_text = bool(decoder.decode(chunk).strip()) or has_text
+                    except UnicodeDecodeError as err:
+                        raise TwinLMError(
+                            f"{prefix}{path} is not UTF-8 text (invalid byte at offset {offset + err.start}): "
+                            "convert it to UTF-8 first"
+                        ) from None
+                    n_lines += chunk.count(b"\n")
+                    offset += len(chunk)
+                    last = chunk[-1:]
+                    bar.update(len(chunk))
+            try:
+                decoder.decode(b"", final=True)
+            except UnicodeDecodeError:
+                raise TwinLMError(
+                    f"{prefix}{path} is not UTF-8 text (truncated character at the end)"
+                ) from None
+            n_lines += last != b"\n"  # a last line without its newline
+    return TextFilesInfo(files=paths, n_bytes=total, n_lines=n_lines, has_text=has_text)
+
+
 def _load_local(source: SourceConfig, cfg: DataConfig, where: str) -> list[TextDataset]:
     parts = []
     for kind, files in resolve_files(source, where).items():
         kwargs: dict[str, Any] = {}
         builder = kind
         if kind == "text":
+            plain = [f for f in files if Path(f).suffix.lower() not in _COMPRESSION]
+            check_text_files(plain, where=f"{where} ({source.describe()})")  # name a non-UTF-8 file
             kwargs["sample_by"] = _SAMPLE_BY[cfg.text_document_split]
         elif kind == "tsv":
             builder, kwargs["delimiter"] = "csv", "\t"
