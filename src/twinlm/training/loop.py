@@ -1,0 +1,777 @@
+"""The pretraining loop under Accelerate: one readable pass from config to exported model.
+
+setup (accelerator, tokenizer, model, data, optimizer) -> resume -> train steps (accumulate, clip,
+step, schedule) with periodic log / eval / checkpoint -> export with `save_pretrained` -> summary.
+
+Exact resume: the train DataLoader is not handed to Accelerate. Each process reads its shard through
+a `DistributedSampler` (shuffled from `seed + epoch`), so the data position after N optimizer steps
+is a pure function of N and is skipped to on resume without reading the skipped batches; the loader
+has its own generator and reads no batch ahead, so the global RNG (dropout, masking), restored by
+`load_state`, advances exactly as in the uninterrupted run. The LR scheduler is stepped once per
+optimizer step by this loop and saved with the checkpoint.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import (
+    DistributedType,
+    GradientAccumulationPlugin,
+    InitProcessGroupKwargs,
+    set_seed,
+)
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Sampler
+from tqdm.auto import tqdm
+
+from twinlm.errors import TwinLMError
+from twinlm.training.checkpoint import (
+    checkpoints_root,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from twinlm.training.config import RunConfig, dump_run_config, load_run_config
+from twinlm.training.optim import build_optimizer, build_scheduler
+from twinlm.training.tracking import (
+    MetricsLog,
+    Throughput,
+    count_parameters,
+    flatten,
+    flops_per_token,
+    peak_flops_per_device,
+    plot_loss_curve,
+    prepare_wandb_mode,
+)
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids", "labels")
+
+
+# ------------------------------------------------------------------------------------------------
+# Setup
+# ------------------------------------------------------------------------------------------------
+def _on_cpu() -> bool:
+    return not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+
+
+def _single_process() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) <= 1 and os.environ.get(
+        "ACCELERATE_USE_DEEPSPEED", ""
+    ).lower() not in ("1", "true")
+
+
+def _reset_accelerate_state() -> None:
+    """Forget Accelerate's process-wide singletons (mixed precision, accumulation) of an earlier run."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def build_accelerator(cfg: RunConfig) -> Accelerator:
+    """Accelerator from the run config; the launch config (accelerate launch) picks the distribution."""
+    train = cfg.training
+    handlers = []
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
+    if _on_cpu() and (distributed or deepspeed):
+        # Several CPU processes (DeepSpeed in particular) need the process group created by
+        # Accelerate, with gloo.
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    log_with = None if cfg.logging.report_to == "none" else cfg.logging.report_to
+    if not distributed and not deepspeed:
+        _reset_accelerate_state()  # pretrain() may run several times in one process (a demo, tests)
+    if train.mixed_precision == "fp16" and _on_cpu():
+        raise TwinLMError("training.mixed_precision: fp16 needs a GPU; use bf16 or no on the CPU")
+    accelerator = Accelerator(
+        mixed_precision=train.mixed_precision,
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=train.grad_accum, sync_with_dataloader=False
+        ),
+        log_with=log_with,
+        project_dir=str(cfg.output_dir),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=False),
+        step_scheduler_with_optimizer=False,
+        kwargs_handlers=handlers,
+    )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        # The run config is the one source of truth for these (DeepSpeed JSON files say "auto").
+        ds["train_micro_batch_size_per_gpu"] = train.batch_size
+        ds["gradient_accumulation_steps"] = train.grad_accum
+        ds["train_batch_size"] = train.batch_size * train.grad_accum * accelerator.num_processes
+        ds["gradient_clipping"] = train.max_grad_norm or 0.0
+        accelerator.state.deepspeed_plugin.gradient_accumulation_steps = train.grad_accum
+    return accelerator
+
+
+def build_tokenizer(cfg: RunConfig, accelerator: Accelerator, causal: bool) -> Any:
+    """Load the configured tokenizer, or train one on the run's data (main process first, then reuse)."""
+    from twinlm.tokenization import load_tokenizer, train_tokenizer
+
+    if cfg.tokenizer.path is not None:
+        return load_tokenizer(cfg.tokenizer.path)
+    out = Path(cfg.output_dir) / "tokenizer"
+    settings = cfg.tokenizer.train
+    assert settings is not None
+    with accelerator.main_process_first():
+        if (out / "tokenizer.json").is_file():
+            return load_tokenizer(out)
+        from twinlm.data import load_texts
+
+        kind = settings.type or ("bpe" if causal else "wordpiece")
+        docs = load_texts(cfg.data)
+        texts = (row["text"] for row in docs) if isinstance(docs, IterableDataset) else docs["text"]
+        extra = {} if settings.lowercase is None else {"lowercase": settings.lowercase}
+        if accelerator.is_main_process:
+            print(f"training a {kind} tokenizer (vocab {settings.vocab_size}) on the run's data -> {out}")
+        return train_tokenizer(
+            kind,
+            texts=texts,
+            vocab_size=settings.vocab_size,
+            out_dir=out,
+            min_frequency=settings.min_frequency,
+            model_max_length=settings.model_max_length or cfg.data.seq_len,
+            show_progress=accelerator.is_main_process,
+            **extra,
+        )
+
+
+def build_model_config(cfg: RunConfig, tokenizer: Any) -> Any:
+    """TwinLMConfig from preset/file + overrides, sized to the tokenizer; bad settings raise TwinLMError."""
+    from twinlm import TwinLMConfig
+    from twinlm.model.configuration_twinlm import ABSOLUTE_POSITIONS
+
+    overrides = dict(cfg.model.overrides)
+    vocab = len(tokenizer)
+    if "vocab_size" in overrides and overrides["vocab_size"] < vocab:
+        raise TwinLMError(
+            f"model.overrides.vocab_size={overrides['vocab_size']} is smaller than the tokenizer's vocabulary "
+            f"({vocab} tokens); remove it (the tokenizer's size is used) or set it >= {vocab}"
+        )
+    overrides.setdefault("vocab_size", vocab)
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        token_id = getattr(tokenizer, name, None)
+        if token_id is not None:
+            overrides.setdefault(name, token_id)
+    source = cfg.model.preset if cfg.model.preset is not None else str(cfg.model.config_file)
+    try:
+        model_config = TwinLMConfig.from_preset(source, **overrides)
+    except (ValueError, TypeError) as err:
+        raise TwinLMError(f"model ({source}): {err}") from None
+    if model_config.vocab_size < vocab:
+        raise TwinLMError(
+            f"model vocab_size={model_config.vocab_size} is smaller than the tokenizer's vocabulary ({vocab})"
+        )
+    if (
+        model_config.position_embedding_type in ABSOLUTE_POSITIONS
+        and cfg.data.seq_len > model_config.max_position_embeddings
+    ):
+        raise TwinLMError(
+            f"data.seq_len={cfg.data.seq_len} is beyond the model's max_position_embeddings="
+            f"{model_config.max_position_embeddings} ({model_config.position_embedding_type} positions); "
+            f"lower data.seq_len or set model.overrides.max_position_embeddings >= {cfg.data.seq_len}"
+        )
+    return model_config
+
+
+def build_model(model_config: Any) -> torch.nn.Module:
+    from twinlm import TwinLMForCausalLM, TwinLMForMaskedLM
+
+    cls = TwinLMForCausalLM if model_config.is_causal else TwinLMForMaskedLM
+    return cls(model_config)
+
+
+class _SkipSampler(Sampler[int]):
+    """The indices of another sampler, less the first `skip` (so skipped batches are never read)."""
+
+    def __init__(self, sampler: Sampler[int], skip: int) -> None:
+        self.sampler, self.skip = sampler, skip
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(iter(self.sampler), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(0, len(self.sampler) - self.skip)  # type: ignore[arg-type]
+
+
+class TrainBatches:
+    """This process's micro-batches, epoch after epoch, from any (epoch, batch index) position."""
+
+    def __init__(
+        self, dataset: Any, collator: Any, batch_size: int, seed: int, rank: int, world: int
+    ) -> None:
+        self.dataset, self.collator, self.batch_size = dataset, collator, batch_size
+        self.seed, self.rank, self.world = seed, rank, world
+        self.iterable = isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__")
+        if self.iterable:
+            from datasets.distributed import split_dataset_by_node
+
+            self.dataset = (
+                split_dataset_by_node(dataset, rank=rank, world_size=world) if world > 1 else dataset
+            )
+            self.batches_per_epoch = None
+        else:
+            self.sampler = DistributedSampler(
+                dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
+            )
+            self.batches_per_epoch = len(self.sampler) // batch_size
+            if self.batches_per_epoch == 0:
+                raise TwinLMError(
+                    f"the training set has {len(dataset)} blocks, fewer than training.batch_size={batch_size} "
+                    f"per process ({world} processes); add data or lower the batch size"
+                )
+
+    def iterate(self, epoch: int, batch_in_epoch: int) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
+        """Yield (epoch, index of the batch in its epoch, batch) forever, starting at the given position."""
+        while True:
+            generator = torch.Generator().manual_seed(self.seed + epoch)  # the iterator draws no global RNG
+            if self.iterable:
+                if hasattr(self.dataset, "set_epoch"):
+                    self.dataset.set_epoch(epoch)
+                loader = DataLoader(
+                    self.dataset,
+                    batch_size=self.batch_size,
+                    collate_fn=self.collator,
+                    drop_last=True,
+                    generator=generator,
+                )
+                batches: Iterator = itertools.islice(iter(loader), batch_in_epoch, None)
+            else:
+                self.sampler.set_epoch(epoch)
+                loader = DataLoader(
+                    self.dataset,
+                    batch_size=self.batch_size,
+                    collate_fn=self.collator,
+                    sampler=_SkipSampler(self.sampler, batch_in_epoch * self.batch_size),
+                    drop_last=True,
+                    generator=generator,
+                )
+                batches = iter(loader)
+            produced = False
+            for index, batch in enumerate(batches, start=batch_in_epoch):
+                produced = True
+                yield epoch, index, batch
+            if not produced and batch_in_epoch == 0:
+                raise TwinLMError("the training data yields no batch; add data or lower training.batch_size")
+            epoch, batch_in_epoch = epoch + 1, 0
+
+
+def _eval_loader(dataset: Any, collator: Any, batch_size: int, rank: int, world: int) -> DataLoader:
+    """Equal-sized contiguous shards so every process runs the same number of forwards (ZeRO-3 needs it)."""
+    per_rank = len(dataset) // world
+    subset = torch.utils.data.Subset(dataset, range(rank * per_rank, (rank + 1) * per_rank))
+    return DataLoader(
+        subset,
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=collator,
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k in MODEL_INPUTS}
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation
+# ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    accelerator: Accelerator,
+    causal: bool,
+    max_batches: int | None,
+    seed: int,
+) -> dict[str, float]:
+    """Token-weighted validation loss, perplexity and (masked-token or next-token) accuracy.
+
+    Runs under a forked RNG seeded with `seed`: masking is the same at every evaluation, and the
+    training RNG stream is left untouched (so evaluation does not change the training losses).
+    """
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, tokens, correct
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            batch = _to_device(batch, accelerator.device)
+            labels = batch.pop("labels")
+            with accelerator.autocast():
+                logits = model(**batch).logits
+            if causal:
+                logits, labels = logits[:, :-1], labels[:, 1:]
+            logits = logits.float().reshape(-1, logits.size(-1))
+            labels = labels.reshape(-1)
+            mask = labels != -100
+            totals[0] += F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum").double()
+            totals[1] += mask.sum()
+            totals[2] += ((logits.argmax(-1) == labels) & mask).sum()
+    model.train()
+    totals = accelerator.reduce(totals, reduction="sum")
+    loss_sum, tokens, correct = totals.tolist()
+    if tokens == 0:
+        return {}
+    loss = loss_sum / tokens
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_accuracy": correct / tokens}
+
+
+# ------------------------------------------------------------------------------------------------
+# Signals
+# ------------------------------------------------------------------------------------------------
+class StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop checks it after each optimizer step, saves and exits."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopFlag:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handlers, no clean stop
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# ------------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------------
+def pretrain(
+    config: RunConfig | dict[str, Any] | str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Run (or resume) a pretraining run; returns the summary (also written to OUTPUT_DIR/summary.json).
+
+    Call it in every process (under `accelerate launch`, or plainly for one process).
+    """
+    cfg = load_run_config(config, overrides)
+    try:
+        return Trainer(cfg).run()
+    finally:
+        if _single_process():  # leave no Accelerate state behind for the caller's next Accelerator
+            _reset_accelerate_state()
+
+
+class Trainer:
+    """Holds the pieces of one run; `run()` trains and returns the summary."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.output_dir = Path(cfg.output_dir)
+
+    # -- setup ------------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        cfg, train = self.cfg, self.cfg.training
+        prepare_wandb_mode(cfg.logging.report_to, int(os.environ.get("RANK", "0")) == 0)
+        self.accelerator = acc = build_accelerator(cfg)
+        self.is_deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        acc.wait_for_everyone()
+        set_seed(train.seed)
+
+        # The objective follows the model config, so read it before the tokenizer is trained.
+        from twinlm import TwinLMConfig
+
+        source = cfg.model.preset if cfg.model.preset is not None else str(cfg.model.config_file)
+        try:
+            # (special-token ids come from the tokenizer later; a preset's own may not fit its vocabulary)
+            probe = {**cfg.model.overrides, "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+            causal = bool(TwinLMConfig.from_preset(source, **probe).is_causal)
+        except (ValueError, TypeError) as err:
+            raise TwinLMError(f"model ({source}): {err}") from None
+        self.tokenizer = build_tokenizer(cfg, acc, causal)
+        self.model_config = build_model_config(cfg, self.tokenizer)
+        self.causal = bool(self.model_config.is_causal)
+
+        from twinlm.data import CausalLMCollator, MaskedLMCollator, build_pretraining_datasets
+
+        with acc.main_process_first():
+            train_ds, val_ds = build_pretraining_datasets(cfg.data, self.tokenizer, causal=self.causal)
+        if self.causal:
+            self.collator = CausalLMCollator(self.tokenizer)
+        else:
+            self.collator = MaskedLMCollator(
+                self.tokenizer,
+                mlm_probability=cfg.data.mlm_probability,
+                whole_word_masking=cfg.data.whole_word_masking,
+            )
+        self.batches = TrainBatches(
+            train_ds, self.collator, train.batch_size, train.seed, acc.process_index, acc.num_processes
+        )
+        self.eval_loader = None
+        if val_ds is not None and len(val_ds) >= acc.num_processes:
+            self.eval_loader = _eval_loader(
+                val_ds, self.collator, train.batch_size, acc.process_index, acc.num_processes
+            )
+
+        set_seed(train.seed)  # the same initial weights on every process, whatever came before
+        model = build_model(self.model_config)
+        self.n_params, n_flop_params = count_parameters(model)
+        self.flops_per_token = flops_per_token(
+            n_flop_params,
+            self.model_config.num_hidden_layers,
+            self.model_config.hidden_size,
+            cfg.data.seq_len,
+        )
+        if train.gradient_checkpointing:
+            enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x name
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if train.compile:
+            model.compile()  # in place: parameter names (and checkpoints) stay those of the model
+        offload = self.is_deepspeed and acc.state.deepspeed_plugin.deepspeed_config.get(
+            "zero_optimization", {}
+        ).get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+        optimizer = build_optimizer(model, train, cpu_offload=offload and not _on_cpu())
+        # The scheduler drives the torch optimizer's param groups, which DeepSpeed's ZeRO optimizers keep.
+        self.scheduler = build_scheduler(optimizer, train)
+        self.base_optimizer = optimizer
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        acc.register_for_checkpointing(self.scheduler)
+        set_seed(train.seed, device_specific=True)  # dropout and masking differ between processes
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        self._setup()
+        cfg, train, acc = self.cfg, self.cfg.training, self.accelerator
+        step, epoch, batch_in_epoch, tokens_seen, train_seconds = 0, 0, 0, 0, 0.0
+        resume = resolve_checkpoint(self.output_dir, train.resume_from_checkpoint)
+        if resume is not None:
+            state = load_checkpoint(acc, resume)
+            for group, lr in zip(self.base_optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
+                group["lr"] = lr
+            step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+            tokens_seen, train_seconds = state["tokens_seen"], state.get("train_seconds", 0.0)
+            if acc.is_main_process:
+                print(f"resumed from {resume} at step {step}")
+        elif train.resume_from_checkpoint == "latest" and acc.is_main_process:
+            print(f"no checkpoint in {self.output_dir / 'checkpoints'} yet: starting from step 0")
+
+        if acc.is_main_process:
+            dump_run_config(cfg, self.output_dir / "run_config.yaml")
+        self.metrics = MetricsLog(
+            self.output_dir / "metrics.jsonl", acc.is_main_process, step if resume is not None else None
+        )
+        if cfg.logging.report_to != "none":
+            acc.init_trackers(
+                cfg.logging.project,
+                config=flatten(cfg.model_dump(mode="json")),
+                init_kwargs={"wandb": {"name": cfg.logging.run_name}} if cfg.logging.run_name else {},
+            )
+        self.pusher = None
+        if cfg.hub.push:
+            from twinlm.hub import BackgroundPusher
+
+            self.pusher = BackgroundPusher(
+                cfg.hub.repo_id,
+                private=cfg.hub.private,
+                revision=cfg.hub.revision,
+                enabled=acc.is_main_process,
+            )
+
+        peak = peak_flops_per_device(train.peak_flops)
+        meter = Throughput(self.flops_per_token, peak * acc.num_processes if peak else None)
+        last_eval: dict[str, float] = {}
+        last_rates: dict[str, Any] = {"tokens_per_s": None, "mfu": None}
+        all_rates: list[float] = []
+        loss_sum = torch.zeros((), device=acc.device)
+        micro = 0
+        run_start = time.perf_counter()
+
+        def counters() -> dict[str, Any]:
+            return {
+                "step": step,
+                "epoch": epoch,
+                "batch_in_epoch": batch_in_epoch,
+                "tokens_seen": tokens_seen,
+                "train_seconds": train_seconds + (time.perf_counter() - run_start),
+            }
+
+        progress = tqdm(
+            total=train.max_steps,
+            initial=step,
+            desc="pretrain",
+            unit="step",
+            disable=not acc.is_main_process,
+            dynamic_ncols=True,
+        )
+        interrupted = None
+        self.model.train()
+        with StopFlag() as stop:
+            data = self.batches.iterate(epoch, batch_in_epoch)
+            while step < train.max_steps:
+                epoch, index, batch = next(data)
+                batch = _to_device(batch, acc.device)
+                with acc.accumulate(self.model):
+                    with acc.autocast():
+                        loss = self.model(**batch).loss
+                    acc.backward(loss)
+                    loss_sum += loss.detach().float()
+                    micro += 1
+                    grad_norm = None
+                    if acc.sync_gradients and train.max_grad_norm:
+                        grad_norm = acc.clip_grad_norm_(self.model.parameters(), train.max_grad_norm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                meter.add(batch["input_ids"].numel() * acc.num_processes)
+                tokens_seen += batch["input_ids"].numel() * acc.num_processes
+                batch_in_epoch = index + 1
+                if not acc.sync_gradients:
+                    continue
+                if not getattr(self.optimizer, "step_was_skipped", False):
+                    self.scheduler.step()
+                step += 1
+                progress.update(1)
+
+                if step % train.log_every == 0 or step == train.max_steps:
+                    mean_loss = acc.reduce(loss_sum / micro, reduction="mean").item()
+                    last_rates = meter.measure()
+                    all_rates.append(last_rates["tokens_per_s"])
+                    record = {
+                        "step": step,
+                        "loss": mean_loss,
+                        "lr": self.scheduler.get_last_lr()[0],
+                        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                        "epoch": epoch,
+                        "tokens": tokens_seen,
+                        **last_rates,
+                    }
+                    self._log(record)
+                    progress.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{last_rates['tokens_per_s']:.0f}")
+                    loss_sum.zero_()  # the logged loss is the mean over the steps since the last log
+                    micro = 0
+
+                if self.eval_loader is not None and train.eval_every and step % train.eval_every == 0:
+                    paused = meter.pause()
+                    last_eval = evaluate(
+                        self.model, self.eval_loader, acc, self.causal, train.eval_batches, train.seed
+                    )
+                    self._log({"step": step, **last_eval})
+                    meter.resume(paused)
+                stopping = self._stop_requested(stop)
+                if (train.save_every and step % train.save_every == 0) or stopping:
+                    paused = meter.pause()
+                    self._save(step, counters())
+                    meter.resume(paused)
+                if stopping:
+                    interrupted = stop.signum
+                    break
+        progress.close()
+        train_seconds = counters()["train_seconds"]
+
+        checkpoint = self._save(step, counters())
+        if (
+            interrupted is None
+            and self.eval_loader is not None
+            and (not last_eval or train.eval_every == 0 or step % train.eval_every)
+        ):
+            last_eval = evaluate(
+                self.model, self.eval_loader, acc, self.causal, train.eval_batches, train.seed
+            )
+            self._log({"step": step, **last_eval})
+        final_dir = self._export(self.output_dir / "final") if interrupted is None else None
+        summary = self._summary(
+            step,
+            tokens_seen,
+            train_seconds,
+            last_eval,
+            all_rates,
+            last_rates,
+            checkpoint,
+            final_dir,
+            interrupted,
+        )
+        if final_dir is not None and acc.is_main_process:
+            # Read by twinlm.model_card when the folder is pushed (now or later with `twinlm push`).
+            info = {
+                "training_summary": _card_summary(summary),
+                "loss_history": self._loss_history(),
+                "datasets": [s.hub for s in cfg.data.sources if s.hub],
+                "metrics": {k: summary[k] for k in ("val_loss", "val_ppl", "val_accuracy") if k in summary},
+            }
+            (final_dir / "training_info.json").write_text(json.dumps(info, indent=2))
+        if self.pusher is not None:
+            if final_dir is not None:
+                self.pusher.submit(final_dir, f"twinlm pretraining: step {step}")
+            results = self.pusher.close(wait=True)
+            if acc.is_main_process:
+                ok = sum(1 for r in results if r.ok)
+                print(f"  hub          {ok} of {len(results)} pushes to {cfg.hub.repo_id} succeeded")
+                summary["hub_pushes_ok"], summary["hub_pushes"] = ok, len(results)
+        acc.wait_for_everyone()
+        acc.end_training()  # also tears down the process group
+        return summary
+
+    def _stop_requested(self, stop: StopFlag) -> bool:
+        """All processes must stop at the same step (saving is collective): share the flag."""
+        flag = stop.signum is not None
+        if self.accelerator.num_processes > 1:
+            t = torch.tensor([stop.signum or 0], device=self.accelerator.device)
+            t = self.accelerator.reduce(t, reduction="sum")
+            flag = bool(t.item())
+            if flag and stop.signum is None:
+                stop.signum = signal.SIGTERM
+        return flag
+
+    def _log(self, record: dict[str, Any]) -> None:
+        self.metrics.write(record)
+        if self.cfg.logging.report_to != "none":
+            values = {k: v for k, v in record.items() if k != "step" and v is not None}
+            self.accelerator.log(values, step=record["step"])
+
+    def _save(self, step: int, state: dict[str, Any]) -> Path:
+        existed = (checkpoints_root(self.output_dir) / f"checkpoint-{step}").is_dir()
+        path = save_checkpoint(self.accelerator, self.output_dir, step, state, self.cfg.training.keep_last)
+        if self.pusher is not None and self.cfg.hub.push_checkpoints and not existed:
+            # The Hub gets a loadable model (not the optimizer state) for each checkpoint, in the background.
+            snapshot = self._export(self.output_dir / "hub-snapshot")
+            self.pusher.submit(snapshot, f"twinlm pretraining: checkpoint at step {step}")
+        return path
+
+    def _export(self, target: Path) -> Path:
+        """save_pretrained into `target` (atomically): safetensors, config, model code, tokenizer."""
+        import shutil
+
+        acc = self.accelerator
+        tmp = target.with_name(target.name + ".tmp")
+        state_dict = acc.get_state_dict(self.model)  # gathers ZeRO-3 shards: every process takes part
+        if acc.is_main_process:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            model = acc.unwrap_model(self.model)
+            state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
+            model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        acc.wait_for_everyone()
+        return target
+
+    def _loss_history(self) -> list[tuple[int, float]]:
+        from twinlm.training.tracking import read_metrics
+
+        path = self.output_dir / "metrics.jsonl"
+        if not path.exists():
+            return []
+        return [(m["step"], m["loss"]) for m in read_metrics(path) if m.get("loss") is not None]
+
+    def _summary(
+        self,
+        step: int,
+        tokens_seen: int,
+        train_seconds: float,
+        last_eval: dict[str, float],
+        all_rates: list[float],
+        last_rates: dict[str, Any],
+        checkpoint: Path,
+        final_dir: Path | None,
+        interrupted: int | None,
+    ) -> dict[str, Any]:
+        acc, cfg = self.accelerator, self.cfg
+        rates = all_rates[1:] or all_rates  # the first interval includes warm-up (compilation, allocation)
+        tps = sum(rates) / len(rates) if rates else None
+        peak = peak_flops_per_device(cfg.training.peak_flops)
+        mfu = tps * self.flops_per_token / (peak * acc.num_processes) if (tps and peak) else None
+        summary = {
+            "output_dir": str(self.output_dir),
+            "final_model": str(final_dir) if final_dir else None,
+            "checkpoint": str(checkpoint),
+            "objective": "causal-lm" if self.causal else "masked-lm",
+            "parameters": self.n_params,
+            "steps": step,
+            "tokens_seen": tokens_seen,
+            "train_seconds": train_seconds,
+            "processes": acc.num_processes,
+            "distributed_type": str(acc.distributed_type),
+            "tokens_per_s": tps,
+            "mfu": mfu,
+            "interrupted_by": signal.Signals(interrupted).name if interrupted else None,
+            **last_eval,
+        }
+        if acc.is_main_process:
+            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            from twinlm.training.tracking import read_metrics
+
+            metrics_path = self.output_dir / "metrics.jsonl"
+            plot = plot_loss_curve(
+                read_metrics(metrics_path),
+                self.output_dir / "loss_curve.png",
+                f"{summary['objective']} ({self.n_params / 1e6:.1f}M parameters)",
+            )
+            print(_format_summary(summary, plot))
+        return summary
+
+
+def _card_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    keys = (
+        "objective",
+        "steps",
+        "tokens_seen",
+        "val_loss",
+        "val_ppl",
+        "val_accuracy",
+        "tokens_per_s",
+        "processes",
+    )
+    return {k: summary[k] for k in keys if summary.get(k) is not None}
+
+
+def _format_summary(summary: dict[str, Any], plot: Path | None) -> str:
+    def fmt(value: Any, spec: str) -> str:
+        return "n/a" if value is None else format(value, spec)
+
+    lines = [
+        "",
+        f"pretraining {'interrupted by ' + summary['interrupted_by'] if summary['interrupted_by'] else 'finished'}"
+        f" at step {summary['steps']} ({summary['objective']}, {summary['parameters'] / 1e6:.2f}M parameters, "
+        f"{summary['processes']} process(es))",
+        f"  validation loss {fmt(summary.get('val_loss'), '.4f')}  perplexity {fmt(summary.get('val_ppl'), '.2f')}"
+        f"  accuracy {fmt(summary.get('val_accuracy'), '.4f')}",
+        f"  throughput {fmt(summary['tokens_per_s'], ',.0f')} tokens/s  MFU "
+        f"{'n/a (unknown peak FLOP/s: set training.peak_flops)' if summary['mfu'] is None else format(summary['mfu'], '.1%')}"
+        f"  ({summary['tokens_seen']:,} tokens in {summary['train_seconds']:.1f} s)",
+        f"  checkpoint   {summary['checkpoint']}",
+    ]
+    if summary["final_model"]:
+        lines.append(
+            f"  final model  {summary['final_model']}  (from_pretrained(..., trust_remote_code=True))"
+        )
+    else:
+        lines.append(
+            f"  resume with  training.resume_from_checkpoint=latest (output_dir {summary['output_dir']})"
+        )
+    lines.append(
+        f"  metrics      {summary['output_dir']}/metrics.jsonl, summary.json"
+        + (f", {plot.name}" if plot else "")
+    )
+    return "\n".join(lines)
+
+
+__all__ = ["Trainer", "evaluate", "pretrain", "build_accelerator", "build_model_config", "TrainBatches"]

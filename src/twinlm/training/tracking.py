@@ -1,0 +1,197 @@
+"""Metrics: experiment trackers (wandb / TensorBoard through Accelerate), metrics.jsonl, throughput and MFU."""
+
+from __future__ import annotations
+
+import json
+import math
+import netrc
+import os
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+
+# Dense bf16/fp16 tensor-core peak FLOP/s per device (vendor data sheets, without sparsity).
+PEAK_FLOPS: dict[str, float] = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "H800": 989e12,
+    "GH200": 989e12,
+    "B200": 2250e12,
+    "A100": 312e12,
+    "A800": 312e12,
+    "L40S": 362e12,
+    "L40": 181e12,
+    "L4": 121e12,
+    "A10G": 70e12,
+    "A10": 125e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+    "V100": 125e12,
+    "T4": 65e12,
+}
+
+
+def peak_flops_per_device(override: float | None = None) -> float | None:
+    """Peak FLOP/s of one device: the configured value, a known GPU's data-sheet value, or None (CPU)."""
+    if override:
+        return override
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key in sorted(PEAK_FLOPS, key=len, reverse=True):  # "L40S" before "L40" before "L4"
+        if key in name:
+            return PEAK_FLOPS[key]
+    return None
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(all parameters, parameters without position-embedding tables), counting tied weights once."""
+    seen: set[int] = set()
+    total = positions = 0
+    for name, param in model.named_parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        n = getattr(param, "ds_numel", param.numel())  # ZeRO-3 partitions parameters
+        total += n
+        if "position" in name:
+            positions += n
+    return total, total - positions
+
+
+def flops_per_token(n_params: int, num_layers: int, hidden_size: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the matrix products (forward + backward) plus attention scores.
+
+    The attention term is 12 * layers * hidden * seq_len (PaLM appendix B), which the 6N rule leaves out.
+    """
+    return 6.0 * n_params + 12.0 * num_layers * hidden_size * seq_len
+
+
+class Throughput:
+    """Tokens per second (all processes together) between two `measure` calls, and MFU from it."""
+
+    def __init__(self, flops_per_token: float, peak_flops_total: float | None) -> None:
+        self.flops_per_token = flops_per_token
+        self.peak_flops_total = peak_flops_total
+        self.reset()
+
+    def reset(self) -> None:
+        self._start = time.perf_counter()
+        self._tokens = 0
+
+    def add(self, tokens: int) -> None:
+        self._tokens += tokens
+
+    def pause(self) -> float:
+        """Mark the start of time that is not training (evaluation, checkpoints); see `resume`."""
+        return time.perf_counter()
+
+    def resume(self, paused_at: float) -> None:
+        self._start += time.perf_counter() - paused_at
+
+    def measure(self) -> dict[str, float | None]:
+        elapsed = max(time.perf_counter() - self._start, 1e-9)
+        tps = self._tokens / elapsed
+        mfu = tps * self.flops_per_token / self.peak_flops_total if self.peak_flops_total else None
+        self.reset()
+        return {"tokens_per_s": tps, "mfu": mfu}
+
+
+def wandb_has_credentials() -> bool:
+    """An API key in the environment or in ~/.netrc (where `wandb login` stores it)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def prepare_wandb_mode(report_to: str, is_main_process: bool) -> str | None:
+    """Run wandb offline (and say so) when no API key is configured and WANDB_MODE is not set."""
+    if report_to != "wandb":
+        return None
+    if "WANDB_MODE" not in os.environ and not wandb_has_credentials():
+        os.environ["WANDB_MODE"] = "offline"
+        if is_main_process:
+            print(
+                "wandb: no API key configured (WANDB_API_KEY or `wandb login`); logging offline "
+                "to ./wandb - upload later with `wandb sync`"
+            )
+    return os.environ.get("WANDB_MODE", "online")
+
+
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config -> flat {'training.lr': 3e-4}; non-scalars become strings (TensorBoard hparams)."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        elif isinstance(value, (int, float, str, bool)):
+            flat[name] = value
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+class MetricsLog:
+    """metrics.jsonl on the main process: one JSON object per logged step, truncated on resume."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None) -> None:
+        self.path = path
+        self.enabled = enabled
+        if not enabled:
+            return
+        if resume_step is None:
+            path.write_text("")
+        elif path.exists():
+            kept = [
+                line
+                for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+            ]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            clean = {
+                k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()
+            }
+            with self.path.open("a") as fh:
+                fh.write(json.dumps(clean) + "\n")
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Read a run's metrics.jsonl (for plots and tests)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_loss_curve(metrics: list[dict[str, Any]], out_path: Path, title: str) -> Path | None:
+    """Training and validation loss against optimizer step, as a PNG (matplotlib, no display needed)."""
+    train = [(m["step"], m["loss"]) for m in metrics if m.get("loss") is not None]
+    val = [(m["step"], m["val_loss"]) for m in metrics if m.get("val_loss") is not None]
+    if not train and not val:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", alpha=0.7)
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="validation loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path

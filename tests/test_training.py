@@ -1,0 +1,470 @@
+"""Pretraining: config validation, schedules, exact resume, interruption, export, multi-process runs.
+
+Runs use a tiny model on an excerpt of ../shared/data/corpus/ so that each takes seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from twinlm.errors import TwinLMError
+from twinlm.training import load_run_config, parse_overrides, pretrain
+from twinlm.training.checkpoint import list_checkpoints, resolve_checkpoint
+from twinlm.training.optim import build_scheduler, param_groups
+from twinlm.training.tracking import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus"
+EXCERPT_BYTES = 150_000
+needs_corpus = pytest.mark.skipif(not CORPUS.is_dir(), reason=f"shared corpus not found at {CORPUS}")
+
+TINY = {
+    "hidden_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "max_position_embeddings": 64,
+}
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        DS_ACCELERATOR="cpu",
+        WANDB_MODE="disabled",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(ROOT / "src"),
+    )
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """An excerpt of the shared corpus, and a BPE and a WordPiece tokenizer trained on it."""
+    if not CORPUS.is_dir():
+        pytest.skip(f"shared corpus not found at {CORPUS}")
+    from twinlm.tokenization import train_tokenizer
+
+    base = tmp_path_factory.mktemp("training")
+    text = (
+        (CORPUS / "moby_dick.txt").read_bytes()[200_000 : 200_000 + EXCERPT_BYTES].decode("utf-8", "ignore")
+    )
+    excerpt = base / "excerpt.txt"
+    excerpt.write_text(text)
+    for kind in ("bpe", "wordpiece"):
+        train_tokenizer(
+            kind,
+            files=[excerpt],
+            vocab_size=512,
+            out_dir=base / kind,
+            model_max_length=64,
+            show_progress=False,
+        )
+    return {
+        "base": base,
+        "excerpt": excerpt,
+        "bpe": base / "bpe",
+        "wordpiece": base / "wordpiece",
+        "cache": base / "cache",
+    }
+
+
+def run_config(assets: dict[str, Path], out: Path, causal: bool = True, **training: object) -> dict:
+    train = {
+        "batch_size": 4,
+        "grad_accum": 1,
+        "max_steps": 6,
+        "lr": 3e-3,
+        "warmup_steps": 1,
+        "schedule": "cosine",
+        "log_every": 1,
+        "eval_every": 0,
+        "eval_batches": 4,
+        "save_every": 3,
+        "keep_last": 3,
+        "seed": 1,
+    }
+    train.update(training)
+    return {
+        "model": {"preset": "tiny-gpt2-small" if causal else "tiny-bert-base", "overrides": dict(TINY)},
+        "tokenizer": {"path": str(assets["bpe" if causal else "wordpiece"])},
+        "data": {
+            "sources": [str(assets["excerpt"])],
+            "seq_len": 32,
+            "validation_size": 30,
+            "cache_dir": str(assets["cache"]),
+            "num_proc": 1,
+        },
+        "training": train,
+        "output_dir": str(out),
+    }
+
+
+def losses(out: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in read_metrics(out / "metrics.jsonl") if m.get("loss") is not None}
+
+
+# ------------------------------------------------------------------------------------------------
+# Config: errors name the key
+# ------------------------------------------------------------------------------------------------
+def test_overrides_parse_and_apply(assets: dict[str, Path], tmp_path: Path) -> None:
+    assert parse_overrides(
+        ["--training.lr", "3e-4", "training.betas=[0.9, 0.95]", "--training.compile=true"]
+    ) == [("training.lr", 3e-4), ("training.betas", [0.9, 0.95]), ("training.compile", True)]
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run_config(assets, tmp_path / "out")))
+    cfg = load_run_config(
+        path,
+        ["--training.lr", "3e-4", "model.overrides.num_hidden_layers=2", "training.mixed_precision=none"],
+    )
+    assert cfg.training.lr == 3e-4 and cfg.model.overrides["num_hidden_layers"] == 2
+    assert cfg.training.mixed_precision == "no"
+    for shipped in sorted((ROOT / "configs" / "pretrain").glob("*.yaml")):
+        loaded = load_run_config(shipped)
+        assert loaded.training.max_steps > 0, shipped
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("training.lrr=1", "training.lrr"),
+        ("training.max_steps=many", "training.max_steps"),
+        ("logging.report_to=mlflow", "logging.report_to"),
+        ("bogus.key=1", "bogus"),
+        ("tokenizer.path=/no/such/tokenizer", "tokenizer.path"),
+        ("training.resume_from_checkpoint=/no/such/ckpt", "training.resume_from_checkpoint"),
+    ],
+)
+def test_bad_config_names_the_key(assets: dict[str, Path], tmp_path: Path, override: str, named: str) -> None:
+    with pytest.raises(TwinLMError, match=named.replace(".", r"\.")):
+        load_run_config(run_config(assets, tmp_path), [override])
+
+
+def test_cli_takes_dotted_overrides_and_reports_bad_keys(
+    assets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from twinlm.cli import main
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run_config(assets, tmp_path / "out")))
+    assert main(["pretrain", "--config", str(path), "--training.lr", "3e-4", "--training.lrr", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "training.lrr" in err and "training.lr:" not in err
+
+
+def test_missing_config_file() -> None:
+    with pytest.raises(TwinLMError, match="does not exist"):
+        load_run_config("configs/pretrain/no-such-run.yaml")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.overrides.hidden_sise=64"], "hidden_sise"),  # unknown model field, with a suggestion
+        (["model.overrides.vocab_size=100"], "smaller than the tokenizer"),
+        (["data.seq_len=128"], "max_position_embeddings"),  # learned positions end at 64
+        (["model.preset=no-such-preset"], "unknown preset"),
+    ],
+)
+def test_bad_model_settings_fail_before_training(
+    assets: dict[str, Path], tmp_path: Path, overrides: list[str], message: str
+) -> None:
+    with pytest.raises(TwinLMError, match=message):
+        pretrain(run_config(assets, tmp_path / "out"), overrides)
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Optimizer and schedules
+# ------------------------------------------------------------------------------------------------
+def test_no_weight_decay_on_biases_and_norms() -> None:
+    from twinlm import TwinLMConfig, TwinLMForMaskedLM
+
+    model = TwinLMForMaskedLM(TwinLMConfig.from_preset("tiny-bert-base", **TINY, vocab_size=100))
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all("bias" in names[id(p)] or "norm" in names[id(p)].lower() for p in no_decay["params"])
+    assert all(p.ndim == 2 for p in decay["params"])
+    assert any("bias" in names[id(p)] for p in no_decay["params"])
+    assert any("norm" in names[id(p)].lower() for p in no_decay["params"])
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "inverse_sqrt", "constant"])
+def test_schedules_warm_up_then_decay(schedule: str) -> None:
+    from twinlm.training.config import TrainingSection
+
+    cfg = TrainingSection(lr=1.0, warmup_steps=10, max_steps=100, schedule=schedule)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=cfg.lr)
+    sched = build_scheduler(opt, cfg)
+    lrs = []
+    for _ in range(100):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[0] < lrs[5] < lrs[10] == pytest.approx(1.0)  # linear warmup to the peak
+    after = {"linear": 0.5, "cosine": 0.5, "inverse_sqrt": math.sqrt(10 / 55), "constant": 1.0}[schedule]
+    assert lrs[55] == pytest.approx(after, rel=0.05)
+    assert lrs[99] <= lrs[55]
+
+
+def test_wandb_runs_offline_without_an_api_key(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from twinlm.training.tracking import prepare_wandb_mode
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    assert prepare_wandb_mode("wandb", is_main_process=True) == "offline"
+    assert os.environ["WANDB_MODE"] == "offline"
+    assert "offline" in capsys.readouterr().out
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    assert prepare_wandb_mode("wandb", is_main_process=True) == "online"
+    assert "WANDB_MODE" not in os.environ
+    assert prepare_wandb_mode("none", is_main_process=True) is None
+
+
+def test_latest_checkpoint_ignores_half_written_ones(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
+    for name, complete in [
+        ("checkpoint-2", True),
+        ("checkpoint-10", True),
+        ("checkpoint-12.tmp", True),
+        ("checkpoint-11", False),
+    ]:
+        (root / name).mkdir(parents=True)
+        if complete:
+            (root / name / "train_state.json").write_text("{}")
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-10"]
+    assert resolve_checkpoint(tmp_path, "latest").name == "checkpoint-10"
+    assert resolve_checkpoint(tmp_path / "empty", "latest") is None
+    with pytest.raises(TwinLMError, match="not a complete checkpoint"):
+        resolve_checkpoint(tmp_path, str(root / "checkpoint-11"))
+
+
+def test_flops_and_mfu_inputs() -> None:
+    from twinlm.training.tracking import Throughput, flops_per_token, peak_flops_per_device
+
+    # 6N plus the attention term 12 * layers * hidden * seq_len
+    assert flops_per_token(1_000_000, 2, 64, 128) == 6_000_000 + 12 * 2 * 64 * 128
+    assert peak_flops_per_device(123e12) == 123e12
+    meter = Throughput(flops_per_token=1e6, peak_flops_total=1e9)
+    meter.add(1000)
+    time.sleep(0.05)
+    rates = meter.measure()
+    assert 0 < rates["tokens_per_s"] < 1000 / 0.05 + 1
+    assert rates["mfu"] == pytest.approx(rates["tokens_per_s"] * 1e6 / 1e9)
+
+
+# ------------------------------------------------------------------------------------------------
+# One process: training, exact resume, interruption, export
+# ------------------------------------------------------------------------------------------------
+@needs_corpus
+def test_resume_reproduces_the_uninterrupted_run(assets: dict[str, Path], tmp_path: Path) -> None:
+    """6 steps straight vs. the checkpoint at step 3 resumed to 6: identical losses (dropout is on)."""
+    full = tmp_path / "full"
+    summary = pretrain(run_config(assets, full, grad_accum=2))
+    assert summary["steps"] == 6 and summary["val_loss"] is not None
+    straight = losses(full)
+    assert [c.name for c in list_checkpoints(full)] == ["checkpoint-3", "checkpoint-6"]
+
+    # An interrupted copy: it stopped after step 3 (its checkpoint-6 never happened).
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut)
+    shutil.rmtree(cut / "checkpoints" / "checkpoint-6")
+    shutil.rmtree(cut / "final")
+    assert resolve_checkpoint(cut, "latest").name == "checkpoint-3"
+    resumed_summary = pretrain(run_config(assets, cut, grad_accum=2, resume_from_checkpoint="latest"))
+    resumed = losses(cut)
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    for step in (4, 5, 6):
+        assert resumed[step] == pytest.approx(straight[step], abs=1e-6), (step, resumed, straight)
+    assert resumed_summary["val_loss"] == pytest.approx(summary["val_loss"], abs=1e-6)
+
+
+@needs_corpus
+def test_sigterm_saves_a_checkpoint_that_resumes_and_exports(assets: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            run_config(
+                assets,
+                out,
+                max_steps=10_000,
+                save_every=0,
+                log_every=1,
+                mixed_precision="bf16",
+                gradient_checkpointing=True,
+            )
+        )
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "pretrain.py"), "--config", str(config)],
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert "interrupted by SIGTERM" in output
+    (checkpoint,) = list_checkpoints(out)
+    stopped_at = json.loads((checkpoint / "train_state.json").read_text())["step"]
+    assert 1 <= stopped_at < 10_000
+    assert not list((out / "checkpoints").glob("*.tmp")) and not (out / "final").exists()
+
+    # The checkpoint is loadable: resume two more steps, then export the model.
+    summary = pretrain(
+        config,
+        [
+            "training.resume_from_checkpoint=latest",
+            f"training.max_steps={stopped_at + 2}",
+            "logging.report_to=tensorboard",
+            "logging.project=tb",
+        ],
+    )
+    assert summary["steps"] == stopped_at + 2
+    assert list((out / "tb").rglob("events.out.tfevents.*")), "no TensorBoard event file"
+    final = Path(summary["final_model"])
+    assert (final / "model.safetensors").is_file() and (final / "tokenizer.json").is_file()
+
+    # The export loads with the Auto classes in a process that never imports twinlm.
+    code = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(final)!r}, trust_remote_code=True)\n"
+        f"t = AutoTokenizer.from_pretrained({str(final)!r})\n"
+        "ids = t('Call me Ishmael.', return_tensors='pt').input_ids\n"
+        "assert m(ids).logits.shape[-1] >= len(t)\n"
+        "assert not any(name == 'twinlm' or name.startswith('twinlm.') for name in sys.modules)\n"
+        "print('LOADED', type(m).__name__)\n"
+    )
+    env = _env()
+    env.pop("PYTHONPATH")
+    loaded = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        stdin=subprocess.DEVNULL,
+    )
+    assert "LOADED TwinLMForCausalLM" in loaded.stdout, loaded.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------------------------
+# Two processes: data parallel, DeepSpeed ZeRO-2 and ZeRO-3 (CPU, gloo)
+# ------------------------------------------------------------------------------------------------
+DP_LAUNCH = ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(
+    assets: dict[str, Path],
+    out: Path,
+    launch: list[str],
+    env: dict[str, str],
+    causal: bool = True,
+    overrides: tuple[str, ...] = (),
+    **training: object,
+) -> tuple[dict, dict[int, float]]:
+    """`accelerate launch --num_processes 2 scripts/pretrain.py` on a written config; (summary, losses)."""
+    settings = {"max_steps": 8, "lr": 1e-2, "save_every": 0, "eval_batches": 2, **training}
+    config = out.with_suffix(".yaml")
+    config.write_text(yaml.safe_dump(run_config(assets, out, causal=causal, **settings)))
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *launch,
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(_free_port()),  # other jobs on the machine may hold accelerate's default port
+        str(ROOT / "scripts" / "pretrain.py"),
+        "--config",
+        str(config),
+        *overrides,
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-5000:])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["processes"] == 2
+    return summary, losses(out)
+
+
+def _assert_learns(summary: dict, curve: dict[int, float]) -> None:
+    assert sorted(curve) == list(range(1, 9))
+    first, last = (curve[1] + curve[2]) / 2, (curve[7] + curve[8]) / 2
+    assert last < first - 0.1, curve
+    assert summary["val_loss"] < first, (summary, curve)
+    assert Path(summary["final_model"], "model.safetensors").is_file()
+
+
+@needs_corpus
+@pytest.mark.slow
+def test_two_process_data_parallel(assets: dict[str, Path], tmp_path: Path) -> None:
+    summary, curve = _launch(assets, tmp_path / "run", DP_LAUNCH, _env(ACCELERATE_USE_CPU="1"))
+    _assert_learns(summary, curve)
+    assert "MULTI" in summary["distributed_type"]
+
+
+@needs_corpus
+@pytest.mark.slow
+def test_two_process_resume_is_exact(assets: dict[str, Path], tmp_path: Path) -> None:
+    """Two processes: 6 steps straight vs. resumed from the step-3 checkpoint give the same losses."""
+    env = _env(ACCELERATE_USE_CPU="1")
+    full = tmp_path / "full"
+    _, straight = _launch(assets, full, DP_LAUNCH, env, max_steps=6, save_every=3, lr=3e-3)
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut)
+    shutil.rmtree(cut / "checkpoints" / "checkpoint-6")
+    _, resumed = _launch(
+        assets, cut, DP_LAUNCH, env, max_steps=6, save_every=3, lr=3e-3, resume_from_checkpoint="latest"
+    )
+    assert sorted(resumed) == list(range(1, 7))
+    for step in (4, 5, 6):
+        assert resumed[step] == pytest.approx(straight[step], abs=1e-6), (step, resumed, straight)
+
+
+@needs_corpus
+@pytest.mark.slow
+@pytest.mark.parametrize(("stage", "causal"), [("zero2", True), ("zero3", False)])
+def test_two_process_deepspeed(assets: dict[str, Path], tmp_path: Path, stage: str, causal: bool) -> None:
+    launch = ["--config_file", str(ROOT / "configs" / "accelerate" / f"deepspeed-{stage}.yaml")]
+    env = _env()
+    env.pop("ACCELERATE_USE_CPU", None)
+    summary, curve = _launch(assets, tmp_path / "run", launch, env, causal=causal)
+    _assert_learns(summary, curve)
+    assert "DEEPSPEED" in summary["distributed_type"]
