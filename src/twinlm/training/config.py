@@ -81,6 +81,7 @@ class TrainingSection(_Section):
     gradient_checkpointing: bool = False
     compile: bool = False
     eval_every: int = Field(0, ge=0, description="0: evaluate only at the end")
+    eval_on_start: bool = Field(False, description="also evaluate the untrained model (step 0)")
     eval_batches: int | None = Field(20, gt=0, description="per process; null: the whole validation set")
     save_every: int = Field(0, ge=0, description="0: checkpoint only at the end")
     keep_last: int = Field(2, gt=0)

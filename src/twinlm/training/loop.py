@@ -522,6 +522,12 @@ class Trainer:
             dynamic_ncols=True,
         )
         interrupted = None
+        initial_eval: dict[str, float] = {}
+        if train.eval_on_start and step == 0 and self.eval_loader is not None:
+            initial_eval = evaluate(
+                self.model, self.eval_loader, acc, self.causal, train.eval_batches, train.seed
+            )
+            self._log({"step": 0, **initial_eval})
         self.model.train()
         with StopFlag() as stop:
             data = self.batches.iterate(epoch, batch_in_epoch)
@@ -606,6 +612,7 @@ class Trainer:
             checkpoint,
             final_dir,
             interrupted,
+            initial_eval,
         )
         if final_dir is not None and acc.is_main_process:
             # Read by twinlm.model_card when the folder is pushed (now or later with `twinlm push`).
@@ -693,6 +700,7 @@ class Trainer:
         checkpoint: Path,
         final_dir: Path | None,
         interrupted: int | None,
+        initial_eval: dict[str, float],
     ) -> dict[str, Any]:
         acc, cfg = self.accelerator, self.cfg
         rates = all_rates[1:] or all_rates  # the first interval includes warm-up (compilation, allocation)
@@ -714,6 +722,7 @@ class Trainer:
             "mfu": mfu,
             "interrupted_by": signal.Signals(interrupted).name if interrupted else None,
             **last_eval,
+            **{f"initial_{k}": v for k, v in initial_eval.items()},
         }
         if acc.is_main_process:
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -754,6 +763,14 @@ def _format_summary(summary: dict[str, Any], plot: Path | None) -> str:
         f"{summary['processes']} process(es))",
         f"  validation loss {fmt(summary.get('val_loss'), '.4f')}  perplexity {fmt(summary.get('val_ppl'), '.2f')}"
         f"  accuracy {fmt(summary.get('val_accuracy'), '.4f')}",
+        *(
+            [
+                f"  before training: validation loss {summary['initial_val_loss']:.4f}  "
+                f"perplexity {summary['initial_val_ppl']:.2f}"
+            ]
+            if "initial_val_loss" in summary
+            else []
+        ),
         f"  throughput {fmt(summary['tokens_per_s'], ',.0f')} tokens/s  MFU "
         f"{'n/a (unknown peak FLOP/s: set training.peak_flops)' if summary['mfu'] is None else format(summary['mfu'], '.1%')}"
         f"  ({summary['tokens_seen']:,} tokens in {summary['train_seconds']:.1f} s)",
