@@ -122,7 +122,8 @@ def test_config_defaults_and_shorthand():
         (lambda d: str(d / "nothing-*.txt"), "the glob matches no files"),
         (lambda d: str(d / "emptydir"), "the directory holds no files"),
         (lambda d: str(d / "notes.xyz"), "cannot tell the type"),
-        (lambda d: str(d / "blank.txt"), "holds no non-empty documents"),
+        (lambda d: str(d / "blank.txt"), "no text in"),
+        (lambda d: str(d / "empty.txt"), "no text in"),
         (lambda d: {"path": str(d / "rows.jsonl"), "text_column": "body"}, "no column 'body'"),
         (lambda d: {"path": str(d / "rows.jsonl"), "text_column": "n"}, "not text"),
     ],
@@ -131,6 +132,7 @@ def test_bad_sources_raise_naming_the_source(tmp_path, make_source, fragment):
     (tmp_path / "emptydir").mkdir()
     (tmp_path / "notes.xyz").write_text("hello there\n")
     (tmp_path / "blank.txt").write_text("\n\n   \n\n")
+    (tmp_path / "empty.txt").write_bytes(b"")
     (tmp_path / "rows.jsonl").write_text('{"text": "hello", "n": 1}\n')
     cfg = _cfg(tmp_path, [make_source(tmp_path)])
     with pytest.raises(TwinLMError, match="data source 0") as info:

@@ -339,6 +339,8 @@ def test_causal_and_masked_classes_refuse_the_wrong_variant():
         (dict(hidden_dropout_prob=1.5), "hidden_dropout_prob"),
         (dict(num_hidden_layers=0), "num_hidden_layers"),
         (dict(hidden_size="big"), "hidden_size"),
+        (dict(hiden_size=64), "did you mean 'hidden_size'"),
+        (dict(position_embeding_type="rope"), "did you mean 'position_embedding_type'"),
         (dict(position_embedding_type="rope", hidden_size=36, num_attention_heads=4), "rope"),
     ],
 )

@@ -190,6 +190,16 @@ def test_bad_model_settings_fail_before_training(
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 
+def test_sequence_length_is_checked_before_a_tokenizer_is_trained(
+    assets: dict[str, Path], tmp_path: Path
+) -> None:
+    config = run_config(assets, tmp_path / "out")
+    config["tokenizer"] = {"train": {"type": "bpe", "vocab_size": 300}}
+    with pytest.raises(TwinLMError, match="max_position_embeddings"):
+        pretrain(config, ["data.seq_len=128"])
+    assert not (tmp_path / "out" / "tokenizer").exists()
+
+
 # ------------------------------------------------------------------------------------------------
 # Optimizer and schedules
 # ------------------------------------------------------------------------------------------------

@@ -157,8 +157,17 @@ def _load_local(source: SourceConfig, cfg: DataConfig, where: str) -> list[TextD
         kwargs: dict[str, Any] = {}
         builder = kind
         if kind == "text":
-            plain = [f for f in files if Path(f).suffix.lower() not in _COMPRESSION]
-            check_text_files(plain, where=f"{where} ({source.describe()})")  # name a non-UTF-8 file
+            # Name a non-UTF-8 file up front; leave out files with no text (datasets fails on them with
+            # a message that names nothing), and say so when that leaves nothing.
+            blank = {
+                f
+                for f in files
+                if Path(f).suffix.lower() not in _COMPRESSION
+                and not check_text_files([f], where=f"{where} ({source.describe()})").has_text
+            }
+            files = [f for f in files if f not in blank]
+            if not files:
+                raise TwinLMError(f"{where} ({source.describe()}): no text in {', '.join(sorted(blank))}")
             kwargs["sample_by"] = _SAMPLE_BY[cfg.text_document_split]
         elif kind == "tsv":
             builder, kwargs["delimiter"] = "csv", "\t"

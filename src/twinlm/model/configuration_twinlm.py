@@ -103,6 +103,15 @@ class TwinLMConfig(PreTrainedConfig):
     eos_token_id: int | list[int] | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
+        # transformers keeps unknown keyword arguments as plain attributes (checkpoints carry extra
+        # metadata); a near-miss of a real field is a typo that would silently do nothing: refuse it.
+        typos = {key: _close_field(key) for key in kwargs if not key.startswith("_")}
+        typos = {key: close for key, close in typos.items() if close}
+        if typos:
+            raise ValueError(
+                "TwinLMConfig: unknown field(s) "
+                + ", ".join(f"{key!r} (did you mean {close!r}?)" for key, close in typos.items())
+            )
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.embedding_norm is None:
@@ -228,6 +237,17 @@ def check_config_keys(values: dict[str, Any], source: str = "config") -> None:
             close = difflib.get_close_matches(key, known, n=1)
             hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise ValueError(f"{source}: unknown TwinLMConfig field(s): {', '.join(hints)}")
+
+
+def _close_field(key: str) -> str | None:
+    """The TwinLMConfig field that `key` (not itself a field) is a misspelling of, if any."""
+    import difflib
+
+    fields = [*TwinLMConfig.__dataclass_fields__, "num_labels"]
+    if key in fields:
+        return None
+    close = difflib.get_close_matches(key, fields, n=1, cutoff=0.85)
+    return close[0] if close else None
 
 
 def _preset_dir() -> Path | None:

@@ -150,7 +150,6 @@ def build_tokenizer(cfg: RunConfig, accelerator: Accelerator, causal: bool) -> A
 def build_model_config(cfg: RunConfig, tokenizer: Any) -> Any:
     """TwinLMConfig from preset/file + overrides, sized to the tokenizer; bad settings raise TwinLMError."""
     from twinlm import TwinLMConfig
-    from twinlm.model.configuration_twinlm import ABSOLUTE_POSITIONS
 
     overrides = dict(cfg.model.overrides)
     vocab = len(tokenizer)
@@ -173,6 +172,14 @@ def build_model_config(cfg: RunConfig, tokenizer: Any) -> Any:
         raise TwinLMError(
             f"model vocab_size={model_config.vocab_size} is smaller than the tokenizer's vocabulary ({vocab})"
         )
+    check_sequence_length(cfg, model_config)
+    return model_config
+
+
+def check_sequence_length(cfg: RunConfig, model_config: Any) -> None:
+    """Learned and sinusoidal positions stop at max_position_embeddings: refuse a longer seq_len."""
+    from twinlm.model.configuration_twinlm import ABSOLUTE_POSITIONS
+
     if (
         model_config.position_embedding_type in ABSOLUTE_POSITIONS
         and cfg.data.seq_len > model_config.max_position_embeddings
@@ -182,7 +189,6 @@ def build_model_config(cfg: RunConfig, tokenizer: Any) -> Any:
             f"{model_config.max_position_embeddings} ({model_config.position_embedding_type} positions); "
             f"lower data.seq_len or set model.overrides.max_position_embeddings >= {cfg.data.seq_len}"
         )
-    return model_config
 
 
 def build_model(model_config: Any) -> torch.nn.Module:
@@ -400,9 +406,11 @@ class Trainer:
         try:
             # (special-token ids come from the tokenizer later; a preset's own may not fit its vocabulary)
             probe = {**cfg.model.overrides, "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
-            causal = bool(TwinLMConfig.from_preset(source, **probe).is_causal)
+            probe_config = TwinLMConfig.from_preset(source, **probe)
         except (ValueError, TypeError) as err:
             raise TwinLMError(f"model ({source}): {err}") from None
+        check_sequence_length(cfg, probe_config)  # before minutes of tokenizer training, not after
+        causal = bool(probe_config.is_causal)
         self.tokenizer = build_tokenizer(cfg, acc, causal)
         self.model_config = build_model_config(cfg, self.tokenizer)
         self.causal = bool(self.model_config.is_causal)
