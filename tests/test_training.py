@@ -252,6 +252,19 @@ def test_wandb_runs_offline_without_an_api_key(
     assert prepare_wandb_mode("none", is_main_process=True) is None
 
 
+def test_offline_wandb_run_is_written_under_the_output_dir(
+    assets: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    pretrain(run_config(assets, tmp_path / "out", max_steps=2, save_every=0), ["logging.report_to=wandb"])
+    runs = list((tmp_path / "out" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+    assert not (tmp_path / "wandb").exists()
+
+
 def test_latest_checkpoint_ignores_half_written_ones(tmp_path: Path) -> None:
     root = tmp_path / "checkpoints"
     for name, complete in [

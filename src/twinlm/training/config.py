@@ -103,11 +103,16 @@ class LoggingSection(_Section):
 
 
 class HubSection(_Section):
-    push: bool = False
-    repo_id: str | None = None
-    private: bool = False
-    revision: str | None = None
-    push_checkpoints: bool = Field(False, description="also push each checkpoint's model in the background")
+    """Hub publishing, shared by pretraining and fine-tuning: with push=true, each checkpoint's model is
+    pushed in the background as training goes (fine-tuning: each new best model), then the final model."""
+
+    push: bool = Field(False, description="push checkpoints as training goes and the final model")
+    repo_id: str | None = Field(None, description="target repo, e.g. 'user/twinlm-tiny' (needed with push)")
+    private: bool = Field(False, description="create the repo as private")
+    revision: str | None = Field(None, description="branch to push to (created from main if missing)")
+    push_checkpoints: bool = Field(
+        True, description="with push: push each checkpoint too; set false to push only the final model"
+    )
 
     @model_validator(mode="after")
     def _repo_when_pushing(self) -> HubSection:

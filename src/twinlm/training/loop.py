@@ -49,8 +49,8 @@ from twinlm.training.tracking import (
     MetricsLog,
     Throughput,
     count_parameters,
-    flatten,
     flops_per_token,
+    init_tracking,
     peak_flops_per_device,
     plot_loss_curve,
     prepare_wandb_mode,
@@ -486,12 +486,7 @@ class Trainer:
         self.metrics = MetricsLog(
             self.output_dir / "metrics.jsonl", acc.is_main_process, step if resume is not None else None
         )
-        if cfg.logging.report_to != "none":
-            acc.init_trackers(
-                cfg.logging.project,
-                config=flatten(cfg.model_dump(mode="json")),
-                init_kwargs={"wandb": {"name": cfg.logging.run_name}} if cfg.logging.run_name else {},
-            )
+        init_tracking(acc, cfg.logging, cfg.model_dump(mode="json"), self.output_dir)
         self.pusher = None
         if cfg.hub.push:
             from twinlm.hub import BackgroundPusher

@@ -120,9 +120,20 @@ def prepare_wandb_mode(report_to: str, is_main_process: bool) -> str | None:
         if is_main_process:
             print(
                 "wandb: no API key configured (WANDB_API_KEY or `wandb login`); logging offline "
-                "to ./wandb - upload later with `wandb sync`"
+                "under the run's output_dir - upload later with `wandb sync`"
             )
     return os.environ.get("WANDB_MODE", "online")
+
+
+def init_tracking(accelerator: Any, logging: Any, config: dict[str, Any], output_dir: Path) -> None:
+    """Start the configured tracker (wandb or TensorBoard) with the flattened run config; wandb's
+    files go under the run's output_dir, not into whatever folder the command was started from."""
+    if logging.report_to == "none":
+        return
+    wandb_kwargs: dict[str, Any] = {"dir": str(output_dir)}
+    if logging.run_name:
+        wandb_kwargs["name"] = logging.run_name
+    accelerator.init_trackers(logging.project, config=flatten(config), init_kwargs={"wandb": wandb_kwargs})
 
 
 def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
