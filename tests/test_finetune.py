@@ -407,6 +407,42 @@ def test_config_errors_name_the_key(mlm_ckpt, sentiment, tmp_path):
     assert cfg.training.lr == 1e-4 and cfg.task.labels == ["neg", "pos"]
 
 
+def test_model_overrides_must_not_change_the_pretrained_body(mlm_ckpt, sentiment, tmp_path):
+    """Size overrides would re-initialise (or drop) pretrained weights: refused; typos get a did-you-mean."""
+    from twinlm.finetune import finetune
+
+    base = seq_config(mlm_ckpt, sentiment, tmp_path / "run", max_steps=2, baseline=False)
+    assert json.loads((mlm_ckpt / "config.json").read_text())["intermediate_size"] != 96
+
+    def with_overrides(**overrides) -> dict:
+        return {**base, "model": {"path": str(mlm_ckpt), "overrides": overrides}}
+
+    with pytest.raises(
+        TwinLMError, match=r"model\.overrides\.intermediate_size .*re-initialise .*mlp"
+    ) as err:
+        finetune(with_overrides(intermediate_size=96, classifier_dropout=0.2))
+    assert "classifier_dropout" not in str(err.value).split(" change ")[0] and "\n" not in str(err.value)
+    with pytest.raises(TwinLMError, match=r"model\.overrides\.hidden_act .*re-initialise .*gate_proj"):
+        finetune(with_overrides(hidden_act="swiglu"))  # GLU adds a gate projection the checkpoint lacks
+    with pytest.raises(TwinLMError, match=r"model\.overrides\.num_hidden_layers .*drop .*layers\.1\."):
+        finetune(with_overrides(num_hidden_layers=1))
+    with pytest.raises(
+        TwinLMError, match=r"model\.overrides\.classifer_dropout.*did you mean 'classifier_dropout'"
+    ):
+        finetune(with_overrides(classifer_dropout=0.1))
+    assert not (tmp_path / "run" / "best").exists()
+
+    # Dropout and head settings change no pretrained weight: they still fine-tune, and are saved.
+    run = tmp_path / "ok"
+    cfg = {**with_overrides(classifier_dropout=0.3, hidden_dropout_prob=0.05), "output_dir": str(run)}
+    cfg["model"]["classifier_pooling"] = "mean"
+    summary = finetune(cfg)
+    assert 0.0 <= summary["best"]["dev"]["accuracy"] <= 1.0
+    saved = json.loads((run / "best" / "config.json").read_text())
+    assert saved["classifier_dropout"] == 0.3 and saved["hidden_dropout_prob"] == 0.05
+    assert saved["classifier_pooling"] == "mean"
+
+
 def test_causal_checkpoint_classifies_and_tags_with_a_warning(tmp_path, entities, sentiment):
     import warnings
 

@@ -91,15 +91,79 @@ def load_tokenizer_for(cfg: FinetuneConfig) -> Any:
     return tokenizer
 
 
+# The pretrained body lives under the base model prefix; everything else (pooler, classifier) is the new head.
+BODY_PREFIX = "model."
+
+
+def _check_override_keys(overrides: dict[str, Any]) -> None:
+    """TwinLMError naming `model.overrides.<key>` (with a did-you-mean) for keys TwinLMConfig lacks."""
+    from twinlm.model.configuration_twinlm import check_config_keys
+
+    try:
+        check_config_keys(overrides, source="model.overrides")
+    except ValueError as err:
+        fields = ", ".join(f"model.overrides.{key}" for key in overrides if repr(str(key)) in str(err))
+        detail = str(err).split(": ", 2)[-1]
+        raise TwinLMError(f"{fields or 'model.overrides'}: not a TwinLMConfig field: {detail}") from None
+
+
+def _is_head_or_dropout(key: str) -> bool:
+    """Overrides that never touch a pretrained weight: dropout rates and the new head's settings."""
+    return "dropout" in key or key.startswith("classifier_")
+
+
+def _check_body_loaded(
+    info: dict[str, Any], overrides: dict[str, Any], config_dict: dict[str, Any], path: str
+) -> None:
+    """TwinLMError unless every body weight came from the checkpoint and none of its weights was dropped.
+
+    Fine-tuning must start from the pretrained body; only the new head may be freshly initialised. An
+    override that changes a shape (intermediate_size, hidden_act swiglu <-> gelu, num_hidden_layers, ...)
+    would otherwise re-initialise or silently discard pretrained weights.
+    """
+    reinit = {k for k in info.get("missing_keys", ()) if k.startswith(BODY_PREFIX)}
+    reinit |= {k[0] for k in info.get("mismatched_keys", ()) if k[0].startswith(BODY_PREFIX)}
+    dropped = {k for k in info.get("unexpected_keys", ()) if k.startswith(BODY_PREFIX)}
+    if not reinit and not dropped:
+        return
+    suspects = [key for key in overrides if not _is_head_or_dropout(key)]
+    changed = [k for k in suspects if k not in config_dict or config_dict[k] != overrides[k]] or suspects
+    cause = (
+        "override(s) " + ", ".join(f"model.overrides.{k}" for k in changed) + " change the pretrained body"
+        if changed
+        else "the checkpoint does not match its own config"
+    )
+
+    def some(keys: set[str]) -> str:
+        names = sorted(keys)
+        return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+    parts = []
+    if reinit:
+        parts.append(f"would re-initialise {len(reinit)} pretrained weight(s) ({some(reinit)})")
+    if dropped:
+        parts.append(f"would drop {len(dropped)} pretrained weight(s) ({some(dropped)})")
+    raise TwinLMError(
+        f"{cause} of {path!r}: {' and '.join(parts)}; only dropout and head settings (e.g. classifier_dropout, "
+        "classifier_pooling) can be overridden when fine-tuning, so remove the size/architecture override(s)"
+    )
+
+
 def load_model(cfg: FinetuneConfig, labels: list[str], tokenizer: Any) -> tuple[torch.nn.Module, bool]:
-    """The checkpoint's body with a new, randomly initialised head for `labels`; (model, is_causal)."""
+    """The checkpoint's body with a new, randomly initialised head for `labels`; (model, is_causal).
+
+    `model.overrides` may change dropout and head settings but never the pretrained body: unknown keys
+    and overrides that would re-initialise or drop any body weight are TwinLMErrors.
+    """
     import twinlm  # noqa: F401 - registers the Auto classes
     from twinlm.model import TwinLMConfig, TwinLMForSequenceClassification, TwinLMForTokenClassification
 
     config_dict = check_checkpoint(cfg.model.path, cfg.model.revision)
     causal = bool(config_dict.get("is_causal", False))
     id2label = dict(enumerate(labels))
-    extra: dict[str, Any] = dict(cfg.model.overrides)
+    overrides: dict[str, Any] = dict(cfg.model.overrides)
+    _check_override_keys(overrides)
+    extra = dict(overrides)
     if cfg.model.classifier_pooling is not None:
         extra["classifier_pooling"] = cfg.model.classifier_pooling
     if config_dict.get("pad_token_id") is None and tokenizer.pad_token_id is not None:
@@ -134,13 +198,21 @@ def load_model(cfg: FinetuneConfig, labels: list[str], tokenizer: Any) -> tuple[
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the new head's "newly initialized" weights are expected
+    # transformers' load report lists the new head (expected) and the unused LM head; the body is
+    # checked below instead. ignore_mismatched_sizes is for the head only: a fine-tuned checkpoint with
+    # another label count has a differently shaped classifier.
+    hf_logging.set_verbosity_error()
     try:
-        model = cls.from_pretrained(
-            cfg.model.path, config=config, revision=cfg.model.revision, ignore_mismatched_sizes=True
+        model, info = cls.from_pretrained(
+            cfg.model.path,
+            config=config,
+            revision=cfg.model.revision,
+            ignore_mismatched_sizes=True,
+            output_loading_info=True,
         )
     finally:
         hf_logging.set_verbosity(verbosity)
+    _check_body_loaded(info, overrides, config_dict, cfg.model.path)
     return model, causal
 
 
@@ -281,14 +353,9 @@ class Finetuner:
         baseline = None
         if train.baseline and main:
             baseline = run_baseline(cfg.task.type, self.splits, train.seed)
-        if cfg.logging.report_to != "none":
-            from twinlm.training.tracking import flatten
+        from twinlm.training.tracking import init_tracking
 
-            acc.init_trackers(
-                cfg.logging.project,
-                config=flatten(cfg.model_dump(mode="json")),
-                init_kwargs={"wandb": {"name": cfg.logging.run_name}} if cfg.logging.run_name else {},
-            )
+        init_tracking(acc, cfg.logging, cfg.model_dump(mode="json"), Path(cfg.output_dir))
         pusher = None
         if cfg.hub.push:
             from twinlm.hub import BackgroundPusher
