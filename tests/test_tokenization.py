@@ -265,10 +265,10 @@ def test_cli_config_and_dataset_source(tmp_path, capsys) -> None:
     data.write_text("\n".join(json.dumps({"body": d}) for d in docs), encoding="utf-8")
     config = tmp_path / "tok.yaml"
     config.write_text(
-        f"type: wordpiece\nvocab_size: 450\nlowercase: false\nsource:\n  dataset: {data}\n  text_column: body\n",
+        f"type: wordpiece\nvocab_size: 450\nlowercase: false\nsources:\n  - {{path: {data}, text_column: body}}\n",
         encoding="utf-8",
-    )
-    assert TokenizerTrainConfig.from_yaml(config).source.dataset == str(data)
+    )  # the pretraining data.sources schema
+    assert TokenizerTrainConfig.from_yaml(config).sources[0].path == str(data)
     code, out, err = _run(
         ["tokenizer", "train", "--config", str(config), "--out", str(tmp_path / "tok"), "--quiet"], capsys
     )
@@ -287,6 +287,15 @@ def test_cli_config_and_dataset_source(tmp_path, capsys) -> None:
     bad.write_text("type: sentencepiece\nvocab_size: 100\n", encoding="utf-8")
     code, out, err = _run(["tokenizer", "train", "--config", str(bad), "--out", str(tmp_path / "x")], capsys)
     assert code == 2 and "type" in err and len(err.strip().splitlines()) == 1
+    # every problem is named, unknown keys by name (as pretraining's data config does)
+    bad.write_text("type: bpe\nvocab_sise: 300\nsources: [{path: a.txt, colum: x}]\n", encoding="utf-8")
+    code, out, err = _run(["tokenizer", "train", "--config", str(bad), "--out", str(tmp_path / "x")], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "vocab_sise: unknown key" in err and "vocab_size: Field required" in err
+    assert "sources.0.colum: unknown key" in err
+    bad.write_text("type: bpe\nvocab_size: 300\nsource: default\n", encoding="utf-8")  # the old key
+    assert "source: unknown key" in _run(["tokenizer", "train", "--config", str(bad)], capsys)[2]
+    assert not (tmp_path / "x").exists()
 
 
 def _bad_input_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
@@ -358,16 +367,16 @@ def test_cli_exits_nonzero_in_a_real_process(tmp_path) -> None:
 # --- where the text comes from (reading is twinlm.data's) -------------------------------------------
 
 
-def test_text_source_shorthands_and_default_corpus() -> None:
-    assert TextSource.model_validate("default").is_default
-    assert TextSource().is_default
-    assert TextSource.model_validate(["a.txt", "b.txt"]).files[1].name == "b.txt"
-    ds = TextSource.model_validate({"dataset": "wikitext", "config": "raw", "text_column": "t"})
-    assert not ds.is_default and ds.describe() == "dataset wikitext:raw:train"
+def test_text_source_takes_the_data_sources_schema() -> None:
+    assert TextSource().is_default and TextSource.model_validate({"sources": [{"default": True}]}).is_default
+    files = TextSource.model_validate({"sources": ["a.txt", {"path": "b.txt"}]})
+    assert [s.path for s in files.sources] == ["a.txt", "b.txt"] and files.describe() == "a.txt, b.txt"
+    hub = TextSource.model_validate({"sources": [{"hub": "wikitext", "config": "raw", "text_column": "t"}]})
+    assert not hub.is_default and hub.describe() == "hub='wikitext', config='raw', split='train'"
     with pytest.raises(ValidationError):
-        TextSource.model_validate({"files": ["a.txt"], "dataset": "x"})
+        TextSource.model_validate({"sources": [{"path": "a.txt", "hub": "x"}]})
     with pytest.raises(ValidationError):
-        TextSource.model_validate({"filez": ["a.txt"]})
+        TextSource.model_validate({"sources": [{"filez": ["a.txt"]}]})
     batches = list(TextSource().iter_batches(100))  # the embedded corpus, through twinlm.data.load_texts
     assert [t for b in batches for t in b] == default_corpus() and max(len(b) for b in batches) == 100
 
@@ -385,7 +394,7 @@ def test_file_sources_keep_lines_and_stream_long_ones_in_pieces(tmp_path) -> Non
     (tmp_path / "d" / "a.txt").write_text("plain one\nplain two", encoding="utf-8")
     (tmp_path / "d" / "b.jsonl").write_text('{"text": "  json doc  "}\n{"text": ""}\n', encoding="utf-8")
     (tmp_path / "notes").write_text("no extension\n", encoding="utf-8")  # a named file: plain text
-    source = TextSource(files=[tmp_path / "d", tmp_path / "notes"])
+    source = TextSource.from_files([tmp_path / "d", tmp_path / "notes"])
     assert source.validate_input() is None  # not only plain text: no line count for the trainer
     assert [t for b in source.iter_batches() for t in b] == [
         "plain one\n",
@@ -393,9 +402,9 @@ def test_file_sources_keep_lines_and_stream_long_ones_in_pieces(tmp_path) -> Non
         "no extension\n",
         "json doc",
     ]
-    assert TextSource(files=[str(tmp_path / "d" / "*.txt")]).validate_input().n_lines == 2
+    assert TextSource(sources=[str(tmp_path / "d" / "*.txt")]).validate_input().n_lines == 2
     with pytest.raises(TwinLMError, match="the glob matches no files"):
-        TextSource(files=[str(tmp_path / "*.csv")]).validate_input()
+        TextSource(sources=[{"path": str(tmp_path / "*.csv")}]).validate_input()
 
 
 def test_iter_dataset_texts_local_files(tmp_path) -> None:

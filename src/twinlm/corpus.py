@@ -19,10 +19,8 @@ import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["DEFAULT_CORPUS_NAME", "default_corpus", "write_default_corpus"]
+__all__ = ["default_corpus", "write_default_corpus"]
 
-#: The name configs and the CLI use for the embedded corpus (`source: default`).
-DEFAULT_CORPUS_NAME = "default"
 
 # Parts of the standard library that are not English prose about Python (tests, vendored code,
 # generated codec tables), or that are installed packages rather than the standard library.

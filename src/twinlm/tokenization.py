@@ -21,16 +21,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from tqdm.auto import tqdm
 
-from twinlm.corpus import DEFAULT_CORPUS_NAME
+from twinlm.data.config import SourceConfig, pydantic_error_message
 from twinlm.errors import TwinLMError
 
-if TYPE_CHECKING:  # twinlm.data imports `datasets`: loaded only when a command reads text
+if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
-    from twinlm.data.config import SourceConfig
     from twinlm.data.sources import TextFilesInfo
 
 __all__ = [
@@ -130,7 +129,6 @@ def _dataset_source(
     name_or_path: str | os.PathLike[str], config: str | None, split: str, text_column: str
 ) -> SourceConfig:
     """A Hub dataset name, or a local file/folder/glob (anything that looks like a path), as a source."""
-    from twinlm.data.config import SourceConfig
     from twinlm.data.sources import infer_source_type
 
     name = str(name_or_path)
@@ -160,83 +158,72 @@ def iter_dataset_texts(
 
 
 class TextSource(BaseModel):
-    """Where tokenizer text comes from: the default corpus, text files, or a `datasets` source.
+    """Where tokenizer text comes from: a list of `twinlm.data.SourceConfig`, as pretraining's `data.sources`.
 
-    In YAML: `source: default`, `source: [a.txt, b.txt]`, `source: {files: [a.txt]}` or
-    `source: {dataset: wikitext, config: wikitext-103-raw-v1, split: train, text_column: text}`.
-    With neither files nor a dataset it is the embedded default corpus. Files may be folders or globs;
-    plain-text files are read line by line (newlines kept), other formats through `twinlm.data`.
+    Each source is `{path: ...}` (a file, folder or glob; a bare string is shorthand), `{hub: name, config,
+    split, text_column}` or `{default: true}`; an empty list is the embedded default corpus. Plain-text
+    files are read line by line (newlines kept, as byte-level BPE learns them), everything else through
+    `twinlm.data.load_texts`.
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    files: list[Path] = []
-    dataset: str | None = None
-    config: str | None = None
-    split: str = "train"
-    text_column: str = "text"
+    sources: list[SourceConfig] = Field(default_factory=list)
     streaming: bool = True
 
-    @model_validator(mode="before")
+    @field_validator("sources", mode="before")
     @classmethod
-    def _from_shorthand(cls, value: Any) -> Any:
-        if value is None or value == DEFAULT_CORPUS_NAME:
-            return {}
-        if isinstance(value, (str, os.PathLike)):
-            return {"files": [value]}
-        if isinstance(value, (list, tuple)):
-            return {"files": list(value)}
-        return value
+    def _none_is_empty(cls, value: Any) -> Any:
+        return [] if value is None else value
 
-    @model_validator(mode="after")
-    def _one_kind(self) -> TextSource:
-        if self.files and self.dataset:
-            raise ValueError("give either files or a dataset, not both")
-        return self
+    @classmethod
+    def from_files(cls, files: Sequence[str | os.PathLike[str]], text_column: str = "text") -> TextSource:
+        """Sources for FILES given on the command line or to `train_tokenizer(files=...)`."""
+        return cls(sources=[SourceConfig(path=str(f), text_column=text_column) for f in files])
 
     @property
     def is_default(self) -> bool:
         """True when this source is the embedded default corpus."""
-        return not self.files and not self.dataset
+        return all(s.default for s in self.sources)
 
     def describe(self) -> str:
         """A short human-readable name for summaries."""
-        if self.dataset:
-            parts = [self.dataset, self.config, self.split]
-            return "dataset " + ":".join(p for p in parts if p)
-        if self.files:
-            return f"{len(self.files)} file(s)" if len(self.files) > 3 else ", ".join(map(str, self.files))
-        return "the embedded default corpus"
+        if self.is_default:
+            return "the embedded default corpus"
+        if all(s.path for s in self.sources):
+            paths = [str(s.path) for s in self.sources]
+            return f"{len(paths)} file(s)" if len(paths) > 3 else ", ".join(paths)
+        return ", ".join(s.describe() for s in self.sources)
 
     def _resolve(self) -> tuple[list[str], list[SourceConfig]]:
         """(plain-text files, other sources), with files/folders/globs expanded by `twinlm.data`."""
-        from twinlm.data.config import SourceConfig
         from twinlm.data.sources import infer_source_type, resolve_files
 
-        if self.dataset:
-            return [], [_dataset_source(self.dataset, self.config, self.split, self.text_column)]
         text_files: list[str] = []
         others: list[SourceConfig] = []
-        for f in map(str, self.files):
+        for source in self.sources:
+            if not source.path:
+                others.append(source)
+                continue
             # a named file of unknown extension is taken as plain text, as FILES promise
-            kind = "text" if Path(f).is_file() and infer_source_type(f) is None else None
-            source = SourceConfig(path=f, type=kind, text_column=self.text_column)
+            if source.type is None and Path(source.path).is_file() and infer_source_type(source.path) is None:
+                source = source.model_copy(update={"type": "text"})
             for kind, found in resolve_files(source, "text source").items():
                 if kind == "text":
                     text_files += found
                 else:
-                    others += [SourceConfig(path=p, text_column=self.text_column) for p in found]
+                    others += [SourceConfig(path=p, type=kind, text_column=source.text_column) for p in found]
         return text_files, others
 
     def validate_input(self, show_progress: bool = False) -> TextFilesInfo | None:
-        """Check files up front (existence, type, UTF-8, not empty).
+        """Check local files up front (existence, type, UTF-8, not empty).
 
         Returns the plain-text check's counts (its lines are the trainer's progress total) when the source
         is plain-text files only, else None.
         """
         from twinlm.data.sources import check_text_files
 
-        text_files, others = self._resolve() if self.files else ([], [])
+        text_files, others = self._resolve()
         if not text_files:
             return None
         info = check_text_files(text_files, show_progress=show_progress)
@@ -245,10 +232,10 @@ class TextSource(BaseModel):
         return None if others else info
 
     def iter_batches(self, batch_size: int = _BATCH) -> Iterator[list[str]]:
-        """Yield the text of this source in lists of strings."""
+        """Yield the text of these sources in lists of strings."""
         text_files, others = self._resolve()
         yield from _iter_line_batches(text_files, batch_size)
-        if others or self.is_default:
+        if others or not self.sources:
             yield from _iter_sources(others, self.streaming, batch_size)
 
 
@@ -447,7 +434,7 @@ def _train_timed(
         if files is not None:
             if not files:
                 raise TwinLMError("no text files given: name at least one UTF-8 text file")
-            source = TextSource(files=list(files))
+            source = TextSource.from_files(files)
         source = source or TextSource()
         info = source.validate_input(show_progress=show_progress)
         if info is not None:
@@ -585,7 +572,11 @@ def format_stats_table(stats: Sequence[dict[str, Any]]) -> str:
 
 
 class TokenizerTrainConfig(BaseModel):
-    """A tokenizer training run as YAML (see configs/tokenizer/); command-line flags override it."""
+    """A tokenizer training run as YAML (see configs/tokenizer/); command-line flags override it.
+
+    `sources` takes the pretraining `data.sources` schema (a list of `twinlm.data.SourceConfig`; empty
+    means the embedded default corpus) and `streaming` applies to Hub datasets and non-text files.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -594,12 +585,23 @@ class TokenizerTrainConfig(BaseModel):
     min_frequency: int = 2
     lowercase: bool = True
     model_max_length: int = 512
-    source: TextSource = TextSource()
+    sources: list[SourceConfig] = Field(default_factory=list)
+    streaming: bool = True
     out: Path | None = None
+
+    @field_validator("sources", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: Any) -> Any:
+        return [] if value is None else value
+
+    @property
+    def text_source(self) -> TextSource:
+        """The configured sources, ready to read."""
+        return TextSource(sources=self.sources, streaming=self.streaming)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> TokenizerTrainConfig:
-        """Read and validate a YAML config; errors name the file and the field."""
+        """Read and validate a YAML config; errors name the file and every bad or unknown key."""
         path = Path(path)
         if not path.is_file():
             raise TwinLMError(f"config file not found: {path}")
@@ -607,9 +609,7 @@ class TokenizerTrainConfig(BaseModel):
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
             return cls.model_validate(data)
         except ValidationError as err:
-            first = err.errors()[0]
-            field = ".".join(str(p) for p in first["loc"]) or "config"
-            raise TwinLMError(f"{path}: {field}: {first['msg']}") from None
+            raise TwinLMError(pydantic_error_message(err, f"tokenizer config {path}")) from None
         except yaml.YAMLError as err:
             raise TwinLMError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
 
@@ -629,28 +629,25 @@ def _source_from_args(args: argparse.Namespace, files: Sequence[str], base: Text
     if args.dataset and files:
         raise TwinLMError("give either FILES or --dataset, not both")
     if args.dataset:
-        return TextSource(
-            dataset=args.dataset,
-            config=args.dataset_config,
-            split=args.split or "train",
-            text_column=args.text_column or "text",
-            streaming=not args.no_streaming,
+        source = _dataset_source(
+            args.dataset, args.dataset_config, args.split or "train", args.text_column or "text"
         )
+        return TextSource(sources=[source], streaming=not args.no_streaming)
     if files:
-        return TextSource(files=list(files))
+        return TextSource.from_files(files)
     return base or TextSource()
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     config = TokenizerTrainConfig.from_yaml(args.config) if args.config else None
-    values: dict[str, Any] = config.model_dump(exclude={"source"}) if config else {}
+    values: dict[str, Any] = config.model_dump(exclude={"sources", "streaming"}) if config else {}
     for key in ("type", "vocab_size", "min_frequency", "lowercase", "model_max_length", "out"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     for key, flag in (("type", "--type"), ("vocab_size", "--vocab-size"), ("out", "--out")):
         if values.get(key) is None:
             raise TwinLMError(f"{flag} is required (on the command line or in --config)")
-    source = _source_from_args(args, args.files, config.source if config else None)
+    source = _source_from_args(args, args.files, config.text_source if config else None)
     kind = _check_kind(values["type"])
     print(
         f"training a {kind} tokenizer ({values['vocab_size']:,} tokens) on {source.describe()}",
