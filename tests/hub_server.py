@@ -130,6 +130,16 @@ class LocalHub:
                 raise KeyError(revision)
             return {path: f.content for path, f in commit.files.items()}
 
+    def history(self, repo_id: str, revision: str = "main") -> list[str]:
+        """Commit messages of a branch, oldest first (the repo-creation commit included)."""
+        with self.lock:
+            repo = self.repos[repo_id]
+            messages, commit = [], repo.resolve(revision)
+            while commit is not None:
+                messages.append(commit.message)
+                commit = repo.commits.get(commit.parent) if commit.parent else None
+            return messages[::-1]
+
     def all_stored_bytes(self) -> Iterator[tuple[str, bytes]]:
         """Every blob the server holds (all repos, commits, LFS objects): for leak checks."""
         with self.lock:

@@ -269,6 +269,7 @@ def test_background_pusher_is_silent_on_other_ranks(monkeypatch, tmp_path):
     [
         (lambda p: p / "missing", "does not exist"),
         (lambda p: p, "has no config.json"),
+        (lambda p: (p / "final").mkdir() or p, "nor a final/ or best/ folder with one"),
     ],
 )
 def test_push_cli_rejects_bad_folders(tmp_path, capsys, make, expected):
@@ -282,3 +283,151 @@ def test_push_cli_rejects_bad_repo_id(tmp_path, capsys):
     (tmp_path / "config.json").write_text("{}")
     assert cli_main(["push", str(tmp_path), "not a/valid/repo"]) == 2
     assert "invalid repo id" in capsys.readouterr().err
+
+
+# -- pushing as training goes, and `twinlm push` of run folders ------------------------------------
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus"
+
+
+@pytest.fixture(scope="module")
+def tiny_run_assets(tmp_path_factory) -> dict[str, Path]:
+    """An excerpt of the shared corpus and a 384-token BPE tokenizer trained on it (about a second)."""
+    if not (CORPUS / "tinyshakespeare.txt").is_file():
+        pytest.skip(f"shared corpus not found at {CORPUS}")
+    from twinlm.tokenization import train_tokenizer
+
+    base = tmp_path_factory.mktemp("hub_run")
+    excerpt = base / "excerpt.txt"
+    excerpt.write_text((CORPUS / "tinyshakespeare.txt").read_text(encoding="utf-8")[:40_000])
+    train_tokenizer(
+        "bpe", files=[excerpt], vocab_size=384, out_dir=base / "bpe", model_max_length=64, show_progress=False
+    )
+    return {"excerpt": excerpt, "tokenizer": base / "bpe", "cache": base / "cache"}
+
+
+def _tiny_run(assets: dict[str, Path], out: Path) -> dict:
+    return {
+        "model": {
+            "preset": "tiny-gpt2-small",
+            "overrides": {
+                "hidden_size": 32,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "intermediate_size": 64,
+                "max_position_embeddings": 64,
+            },
+        },
+        "tokenizer": {"path": str(assets["tokenizer"])},
+        "data": {
+            "sources": [str(assets["excerpt"])],
+            "seq_len": 32,
+            "validation_size": 8,
+            "cache_dir": str(assets["cache"]),
+            "num_proc": 1,
+        },
+        "training": {"batch_size": 4, "max_steps": 4, "save_every": 2, "eval_every": 0, "log_every": 1},
+        "output_dir": str(out),
+    }
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def test_pretraining_pushes_checkpoints_as_it_goes_then_the_final_model(
+    hub_env,  # noqa: F811
+    tiny_run_assets,
+    tmp_path,
+    capsys,
+):
+    from twinlm.training import pretrain
+
+    hub, repo_id = hub_env, "tester/tiny-run"
+    run_dir = tmp_path / "run"
+    summary = pretrain(_tiny_run(tiny_run_assets, run_dir), ["hub.push=true", f"hub.repo_id={repo_id}"])
+
+    # push: true alone pushes each checkpoint (steps 2 and 4) in the background, then the final model
+    assert summary["hub_pushes"] == summary["hub_pushes_ok"] == 3
+    messages = hub.history(repo_id)[1:]  # after the repo-creation commit
+    assert messages == [
+        "twinlm pretraining: checkpoint at step 2",
+        "twinlm pretraining: checkpoint at step 4",
+        "twinlm pretraining: step 4",
+    ]
+    files = hub.files(repo_id)
+    final = run_dir / "final"
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert files[name] == (final / name).read_bytes(), f"{name} on the Hub differs from final/"
+    assert any(name.endswith(".py") for name in files), "the model code must ship for trust_remote_code"
+    assert not any(name.startswith(("optimizer", "random_states")) for name in files)
+    card = ModelCard(files["README.md"].decode())
+    assert card.data.pipeline_tag == "text-generation" and repo_id in card.text
+    assert "at step 4" in card.text  # the card carries the final training summary
+    assert "hub          3 of 3 pushes" in capsys.readouterr().out
+    assert not (run_dir / "hub-snapshot").exists(), "no second copy of the model is left in the run"
+
+    # `twinlm push RUN_DIR` finds the run's final/ model; the run folder is left exactly as it was
+    before = _tree(run_dir)
+    assert cli_main(["push", str(run_dir), "tester/from-run-dir", "--message", "from the run dir"]) == 0
+    out = capsys.readouterr().out
+    assert "is a pretraining run: pushing its model in" in out and str(final) in out
+    assert hub.history("tester/from-run-dir")[-1] == "from the run dir"
+    pushed = hub.files("tester/from-run-dir")
+    assert pushed["model.safetensors"] == (final / "model.safetensors").read_bytes()
+    assert "README.md" in pushed and LOSS_CURVE_FILE in pushed  # generated into the upload only
+    assert _tree(run_dir) == before, "twinlm push must not write into the user's folder"
+    assert not (final / "README.md").exists()
+
+
+def test_push_checkpoints_false_pushes_only_the_final_model(hub_env, tiny_run_assets, tmp_path):  # noqa: F811
+    from twinlm.training import pretrain
+
+    overrides = ["hub.push=true", "hub.repo_id=tester/final-only", "hub.push_checkpoints=false"]
+    summary = pretrain(_tiny_run(tiny_run_assets, tmp_path / "run"), overrides)
+    assert summary["hub_pushes"] == 1
+    assert hub_env.history("tester/final-only")[1:] == ["twinlm pretraining: step 4"]
+
+
+def test_push_cli_offline_or_without_token_writes_nothing(local_hub, tmp_path, capsys, monkeypatch):  # noqa: F811
+    from huggingface_hub import constants
+
+    model_dir = tmp_path / "model"
+    _write_checkpoint(model_dir, step=1)
+    before = _tree(model_dir)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no_token"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_TOKEN", local_hub.token)
+    assert cli_main(["push", str(model_dir), "tester/offline"]) == 2
+    assert "HF_HUB_OFFLINE" in capsys.readouterr().err
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", local_hub.url)
+    monkeypatch.delenv("HF_TOKEN")
+    assert cli_main(["push", str(model_dir), "tester/no-token"]) == 2
+    assert "no Hugging Face token" in capsys.readouterr().err
+    assert _tree(model_dir) == before, "a push that cannot happen must leave the folder untouched"
+    assert local_hub.repos == {}
+
+
+def test_push_keeps_your_own_card_and_finds_fine_tuning_best(hub_env, tmp_path, capsys):  # noqa: F811
+    # a README.md of your own goes up as it is
+    own = tmp_path / "own"
+    _write_checkpoint(own, step=3)
+    (own / "README.md").write_text("# my own card\n")
+    push_folder(own, "tester/own-card")
+    assert hub_env.files("tester/own-card")["README.md"] == b"# my own card\n"
+    assert (own / "README.md").read_text() == "# my own card\n"
+
+    # a fine-tuning output folder: its best/ model is pushed, with a card generated into the upload
+    ft = tmp_path / "ft"
+    _write_checkpoint(ft / "best", step=7)
+    (ft / "metrics.json").write_text("{}")
+    before = _tree(ft)
+    assert cli_main(["push", str(ft), "tester/ft"]) == 0
+    assert "is a fine-tuning run: pushing its model in" in capsys.readouterr().out
+    files = hub_env.files("tester/ft")
+    assert json.loads(files["config.json"])["step"] == 7 and "README.md" in files
+    assert "metrics.json" not in files and "optimizer.bin" not in files
+    assert _tree(ft) == before

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from twinlm.errors import TwinLMError
-from twinlm.model_card import CARD_FILE, read_config, write_model_card
+from twinlm.model_card import CARD_FILE, LOSS_CURVE_FILE, read_config, write_model_card
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -148,6 +148,41 @@ def _resolve_token(token: str | None) -> str:
     return token
 
 
+def check_can_push(token: str | None = None) -> str:
+    """The token to push with; HubPushError when offline mode is on or no token is found. Called before
+    anything is written or uploaded, so a push that cannot happen leaves no trace."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise HubPushError("cannot push while HF_HUB_OFFLINE is set: unset it to reach the Hub")
+    return _resolve_token(token)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.symlink_to(source.resolve())
+    except OSError:  # no symlinks here (e.g. Windows without developer mode): a hard link, else a copy
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copy2(source, target)
+
+
+def _stage_with_card(folder: Path, staging: Path, patterns: list[str], card_kwargs: dict[str, Any]) -> None:
+    """Fill `staging` with links to the folder's files plus a freshly generated model card, so the card
+    goes up in the same commit without touching `folder`. README.md / loss_curve.png are not linked
+    before the card is written: writing through a link would overwrite the user's files."""
+    generated = {CARD_FILE, LOSS_CURVE_FILE}
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder).as_posix()
+        if path.is_file() and relative not in generated and not _is_ignored(relative, patterns):
+            _link_or_copy(path, staging / relative)
+    write_model_card(staging, **card_kwargs)
+    if not (staging / LOSS_CURVE_FILE).exists() and (folder / LOSS_CURVE_FILE).is_file():
+        _link_or_copy(folder / LOSS_CURVE_FILE, staging / LOSS_CURVE_FILE)
+
+
 def push_folder(
     folder: str | Path,
     repo_id: str,
@@ -162,38 +197,42 @@ def push_folder(
     card_kwargs: dict[str, Any] | None = None,
 ) -> str:
     """Upload a saved model folder to `repo_id` (created if needed; `revision` is a branch, created from
-    main if needed) and return the commit URL. The model card is (re)written first when the folder has
-    none or `card_kwargs` (write_model_card arguments) are given; a README.md of your own is kept."""
-    from huggingface_hub import HfApi, constants
+    main if needed) and return the commit URL. A model card is generated into the upload (never into
+    `folder`) when the folder has none or `card_kwargs` (write_model_card arguments) are given; otherwise
+    the folder's own README.md goes up as it is."""
+    from huggingface_hub import HfApi
 
     folder = Path(folder)
     if not folder.is_dir():
         raise HubPushError(
             f"cannot push {folder}: no such folder (expected a folder written by save_pretrained)"
         )
-    if constants.HF_HUB_OFFLINE:
-        raise HubPushError("cannot push while HF_HUB_OFFLINE is set: unset it to reach the Hub")
-    token = _resolve_token(token)
-    if (card_kwargs is not None or not (folder / CARD_FILE).exists()) and (folder / "config.json").is_file():
-        write_model_card(folder, **{"repo_id": repo_id, **(card_kwargs or {})})
-
+    token = check_can_push(token)
+    patterns = ignore_patterns(include_training_state)
     api = HfApi(token=token)
     what = f"push of {folder} to {repo_id}" + (f"@{revision}" if revision else "")
+    with tempfile.TemporaryDirectory(prefix="twinlm-card-") as tmp:
+        upload = folder
+        if (card_kwargs is not None or not (folder / CARD_FILE).exists()) and (
+            folder / "config.json"
+        ).is_file():
+            upload = Path(tmp)
+            _stage_with_card(folder, upload, patterns, {"repo_id": repo_id, **(card_kwargs or {})})
 
-    def attempt() -> str:
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        if revision and revision != "main":
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        info = api.upload_folder(
-            folder_path=folder,
-            repo_id=repo_id,
-            revision=revision,
-            commit_message=commit_message,
-            ignore_patterns=ignore_patterns(include_training_state),
-        )
-        return str(info.commit_url) if hasattr(info, "commit_url") else str(info)
+        def attempt() -> str:
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            if revision and revision != "main":
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            info = api.upload_folder(
+                folder_path=upload,
+                repo_id=repo_id,
+                revision=revision,
+                commit_message=commit_message,
+                ignore_patterns=list(patterns),  # upload_folder extends the list it is given
+            )
+            return str(info.commit_url) if hasattr(info, "commit_url") else str(info)
 
-    url = with_retries(attempt, what=what, max_retries=max_retries, retry_wait=retry_wait, token=token)
+        url = with_retries(attempt, what=what, max_retries=max_retries, retry_wait=retry_wait, token=token)
     logger.info("pushed %s -> %s", folder, url)
     return url
 
@@ -384,9 +423,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "push",
         help="upload a saved model or run folder to the Hugging Face Hub",
         description="Upload a folder written by save_pretrained (model, config, tokenizer, code) to the Hub, "
-        "with a generated model card. The token comes from HF_TOKEN or `hf auth login`.",
+        "or the model of a pretraining run (final/) or fine-tuning run (best/), with a model card generated "
+        "into the upload when the folder has none (the folder itself is never written to). The token comes "
+        "from HF_TOKEN or `hf auth login`.",
     )
-    parser.add_argument("dir", type=Path, help="folder with config.json (a saved model or checkpoint)")
+    parser.add_argument(
+        "dir",
+        type=Path,
+        help="folder with config.json (a saved model), or a pretraining run (pushes final/) or "
+        "fine-tuning run (pushes best/)",
+    )
     parser.add_argument("repo_id", help="target repo, e.g. your-name/twinlm-small")
     parser.add_argument("--private", action="store_true", help="create the repo as private")
     parser.add_argument("--revision", default=None, help="branch to push to (created from main if missing)")
@@ -400,26 +446,49 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
-def run_push(args: argparse.Namespace) -> int:
-    """The `twinlm push` command: validate, write the card if missing, push, print where it went."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
+# A pretraining run keeps its model in final/, a fine-tuning run its best model in best/.
+RUN_MODEL_FOLDERS = (("final", "pretraining run"), ("best", "fine-tuning run"))
 
-    folder: Path = args.dir
+
+def resolve_model_folder(folder: Path) -> tuple[Path, str | None]:
+    """The folder holding the model to push: `folder` itself when it has config.json, else the final/
+    model of a pretraining run or the best/ model of a fine-tuning run (with what kind of run it was)."""
     if not folder.is_dir():
         raise TwinLMError(f"{folder} does not exist or is not a folder: expected a saved model folder")
-    read_config(folder)  # raises TwinLMError when config.json is missing or broken
+    if (folder / "config.json").exists():
+        return folder, None
+    for name, kind in RUN_MODEL_FOLDERS:
+        if (folder / name / "config.json").is_file():
+            return folder / name, kind
+    raise TwinLMError(
+        f"{folder} has no config.json, nor a final/ or best/ folder with one: expected a folder written by "
+        "save_pretrained, a pretraining run (with final/) or a fine-tuning run (with best/)"
+    )
+
+
+def run_push(args: argparse.Namespace) -> int:
+    """The `twinlm push` command: validate, push (with a generated card when the folder has none), print
+    where it went. Nothing is written into the folder."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    folder, kind = resolve_model_folder(args.dir)
+    read_config(folder)  # raises TwinLMError when config.json is broken
     try:
         validate_repo_id(args.repo_id)
     except HFValidationError as err:
         raise TwinLMError(f"invalid repo id {args.repo_id!r}: expected 'namespace/name' ({err})") from err
-    if not (folder / CARD_FILE).exists():
-        card = write_model_card(folder, repo_id=args.repo_id)
-        print(f"wrote the model card {card}")
+    token = check_can_push()
+    if kind is not None:
+        print(f"{args.dir} is a {kind}: pushing its model in {folder}")
     files = [p for p in folder.rglob("*") if p.is_file()]
     patterns = ignore_patterns(args.include_training_state)
     pushed = [p for p in files if not _is_ignored(p.relative_to(folder).as_posix(), patterns)]
     size_mb = sum(p.stat().st_size for p in pushed) / 2**20
-    print(f"pushing {folder} ({len(pushed)} files, {size_mb:.1f} MB) to {args.repo_id} ...", flush=True)
+    card = "its own model card" if (folder / CARD_FILE).exists() else "a generated model card"
+    print(
+        f"pushing {folder} ({len(pushed)} files, {size_mb:.1f} MB, {card}) to {args.repo_id} ...", flush=True
+    )
     start = time.perf_counter()
     url = push_folder(
         folder,
@@ -427,10 +496,9 @@ def run_push(args: argparse.Namespace) -> int:
         private=args.private,
         revision=args.revision,
         commit_message=args.message or f"Upload {folder.name} with twinlm",
+        token=token,
         include_training_state=args.include_training_state,
     )
-    from huggingface_hub import constants
-
     page = f"{constants.ENDPOINT}/{args.repo_id}" + (f"/tree/{args.revision}" if args.revision else "")
     print(f"pushed in {time.perf_counter() - start:.1f} s: {url}\nmodel page: {page}")
     return 0

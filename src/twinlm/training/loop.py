@@ -17,6 +17,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -662,6 +663,8 @@ class Trainer:
             # The Hub gets a loadable model (not the optimizer state) for each checkpoint, in the background.
             snapshot = self._export(self.output_dir / "hub-snapshot")
             self.pusher.submit(snapshot, f"twinlm pretraining: checkpoint at step {step}")
+            if self.accelerator.is_main_process:  # submit() took its own copy: leave no second model behind
+                shutil.rmtree(snapshot, ignore_errors=True)
         return path
 
     def _export(self, target: Path) -> Path:
