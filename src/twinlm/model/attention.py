@@ -1,19 +1,34 @@
 """Multi-head attention with switchable scoring: scaled dot-product, unscaled dot-product, additive.
 
 The scoring function is picked once from `SCORINGS`; the kernel that computes dot-product attention
-(`eager` or PyTorch's `sdpa`) follows transformers' `attn_implementation`. Masks arrive as one additive
-float bias (padding, causality, sliding window, document boundaries and ALiBi/T5 position biases
-already folded together by the model), or as None with `is_causal` for the fast unmasked path.
+(`eager`, PyTorch's `sdpa`, or transformers' flash-attention integration) follows transformers'
+`attn_implementation`. What attention may see arrives as one `AttentionMask`: for eager and SDPA an
+additive float bias (padding, causality, sliding window, document boundaries and ALiBi/T5 position
+biases already folded together by the model), or None with `is_causal` for the fast unmasked path; for
+flash kernels, which take no bias, the padding mask and the packed position ids.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_twinlm import TwinLMConfig
 from .positions import apply_rotary
+
+
+@dataclass
+class AttentionMask:
+    """What each query may attend to, in the form the attention kernel takes."""
+
+    bias: torch.Tensor | None = None  # (batch|1, heads|1, q, k) additive, -inf where forbidden
+    is_causal: bool = False  # with bias None: plain causal attention (SDPA's fast path)
+    flash: bool = False  # flash kernels: no bias; the two fields below instead
+    padding_mask: torch.Tensor | None = None  # (batch, keys), 1 = real token
+    packed_position_ids: torch.Tensor | None = None  # (batch, q), restarting at 0 per document
 
 
 def eager_attention(
@@ -39,7 +54,8 @@ class DotProductScoring(nn.Module):
         self.config = config
         self.scale = 1.0 / math.sqrt(config.head_dim) if scaled else 1.0
 
-    def forward(self, query, key, value, bias, is_causal, dropout, output_attentions):
+    def forward(self, query, key, value, mask, dropout, output_attentions):
+        bias, is_causal = mask.bias, mask.is_causal
         if output_attentions or self.config._attn_implementation == "eager":
             scores = torch.matmul(query, key.transpose(-1, -2)) * self.scale
             return eager_attention(scores, value, bias, is_causal, dropout)
@@ -64,10 +80,10 @@ class AdditiveScoring(nn.Module):
         self.score_vector = nn.Parameter(torch.empty(config.num_attention_heads, config.head_dim))
         nn.init.normal_(self.score_vector, std=config.initializer_range)
 
-    def forward(self, query, key, value, bias, is_causal, dropout, output_attentions):
+    def forward(self, query, key, value, mask, dropout, output_attentions):
         hidden = torch.tanh(query.unsqueeze(-2) + key.unsqueeze(-3))  # (b, h, q, k, d)
         scores = torch.einsum("bhqkd,hd->bhqk", hidden, self.score_vector.to(hidden.dtype))
-        return eager_attention(scores, value, bias, is_causal, dropout)
+        return eager_attention(scores, value, mask.bias, mask.is_causal, dropout)
 
 
 SCORINGS = {
@@ -109,8 +125,7 @@ class TwinLMAttention(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        bias: torch.Tensor | None,
-        is_causal: bool,
+        mask: AttentionMask,
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache=None,
         output_attentions: bool = False,
@@ -123,12 +138,46 @@ class TwinLMAttention(nn.Module):
             query, key = apply_rotary(query, *rotary), apply_rotary(key, *rotary)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
+        dropout = self.dropout if self.training else 0.0
+        if mask.flash:
+            return self.o_proj(
+                self._flash_attention(query, key, value, mask, dropout).reshape(b, s, -1)
+            ), None
         groups = self.num_heads // self.num_kv_heads
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-        if bias is not None and bias.shape[-1] != key.shape[-2]:
-            bias = bias[..., -key.shape[-2] :]  # a sliding-window cache keeps only the newest keys
-        output, weights = self.scoring(
-            query, key, value, bias, is_causal, self.dropout if self.training else 0.0, output_attentions
-        )
+        if mask.bias is not None and mask.bias.shape[-1] != key.shape[-2]:
+            # a sliding-window cache keeps only the newest keys
+            mask = AttentionMask(bias=mask.bias[..., -key.shape[-2] :], is_causal=mask.is_causal)
+        output, weights = self.scoring(query, key, value, mask, dropout, output_attentions)
         output = output.transpose(1, 2).reshape(b, s, -1)
         return self.o_proj(output), weights
+
+    def _flash_attention(self, query, key, value, mask: AttentionMask, dropout: float) -> torch.Tensor:
+        """transformers' flash-attention integration: padding by un-padding, packed documents by its
+        variable-length path (which splits one row where position ids restart), the window as a band.
+        Returns (batch, seq, heads, head_dim)."""
+        attention = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        b, _, s, d = query.shape
+        padding = mask.padding_mask[:, -key.shape[-2] :] if mask.padding_mask is not None else None
+        position_ids = None
+        if mask.packed_position_ids is not None:  # (b, h, s, d) -> (1, h, b*s, d): one row of documents
+            query, key, value = (
+                x.transpose(0, 1).reshape(x.shape[1], -1, d)[None] for x in (query, key, value)
+            )
+            position_ids = mask.packed_position_ids.reshape(1, -1)
+        window = self.config.sliding_window
+        if window is not None and not self.config.is_causal:
+            window = window // 2 + 1  # flash's band of (w - 1) on each side == |i - j| <= sliding_window // 2
+        output, _ = attention(
+            self,
+            query,
+            key,
+            value,
+            padding,
+            dropout=dropout,
+            scaling=self.scoring.scale,
+            sliding_window=window,
+            is_causal=self.config.is_causal,
+            position_ids=position_ids,
+        )
+        return output.reshape(b, s, -1, d)

@@ -26,8 +26,9 @@ from transformers.modeling_outputs import (
     TokenClassifierOutput,
 )
 from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import is_flash_attention_requested
 
-from .attention import AdditiveScoring, TwinLMAttention
+from .attention import AdditiveScoring, AttentionMask, TwinLMAttention
 from .configuration_twinlm import ABSOLUTE_POSITIONS, TwinLMConfig
 from .layers import FEED_FORWARDS, TwinLMBatchNorm, TwinLMRMSNorm, build_feed_forward, build_norm
 from .positions import POSITION_ENCODINGS
@@ -87,17 +88,17 @@ class TwinLMLayer(GradientCheckpointingLayer):
 
 
 class TwinLMPostNormLayer(TwinLMLayer):
-    def forward(self, hidden, token_mask, bias, is_causal, rotary, cache=None, output_attentions=False):
-        attended, weights = self.attention(hidden, bias, is_causal, rotary, cache, output_attentions)
+    def forward(self, hidden, token_mask, mask, rotary, cache=None, output_attentions=False):
+        attended, weights = self.attention(hidden, mask, rotary, cache, output_attentions)
         hidden = self.attention_norm(hidden + self.dropout(attended), token_mask)
         hidden = self.mlp_norm(hidden + self.dropout(self.mlp(hidden)), token_mask)
         return hidden, weights
 
 
 class TwinLMPreNormLayer(TwinLMLayer):
-    def forward(self, hidden, token_mask, bias, is_causal, rotary, cache=None, output_attentions=False):
+    def forward(self, hidden, token_mask, mask, rotary, cache=None, output_attentions=False):
         attended, weights = self.attention(
-            self.attention_norm(hidden, token_mask), bias, is_causal, rotary, cache, output_attentions
+            self.attention_norm(hidden, token_mask), mask, rotary, cache, output_attentions
         )
         hidden = hidden + self.dropout(attended)
         hidden = hidden + self.dropout(self.mlp(self.mlp_norm(hidden, token_mask)))
@@ -118,7 +119,7 @@ class TwinLMPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["TwinLMPostNormLayer", "TwinLMPreNormLayer"]
     _supports_sdpa = True
-    _supports_flash_attn = False
+    _supports_flash_attn = True  # where a variant allows it: see check_flash_attention
 
     def _init_weights(self, module: nn.Module) -> None:
         """Normal(0, initializer_range) for matrices and embeddings, the identity for norms."""
@@ -218,8 +219,8 @@ class TwinLMModel(TwinLMPreTrainedModel):
                 position_ids = torch.arange(past, k_len, device=device).expand(batch, -1)
         token_mask = attention_mask[:, -q_len:].bool() if attention_mask is not None else None
 
-        bias, is_causal = self._attention_bias(
-            attention_mask, position_ids if documents else None, q_len, k_len, device
+        mask = self._attention_mask(
+            attention_mask, position_ids if documents else None, q_len, k_len, device, output_attentions
         )
         rotary = self.positions.rotary(position_ids)
         hidden = self.embeddings(
@@ -231,7 +232,7 @@ class TwinLMModel(TwinLMPreTrainedModel):
             if output_hidden_states:
                 all_hidden.append(hidden)
             hidden, weights = layer(
-                hidden, token_mask, bias, is_causal, rotary, cache=cache, output_attentions=output_attentions
+                hidden, token_mask, mask, rotary, cache=cache, output_attentions=output_attentions
             )
             if output_attentions:
                 all_attentions.append(weights)
@@ -245,25 +246,38 @@ class TwinLMModel(TwinLMPreTrainedModel):
             attentions=tuple(all_attentions) if output_attentions else None,
         )
 
-    def _attention_bias(
+    def _attention_mask(
         self,
         attention_mask: torch.Tensor | None,
         document_positions: torch.Tensor | None,
         q_len: int,
         k_len: int,
         device: torch.device,
-    ) -> tuple[torch.Tensor | None, bool]:
+        output_attentions: bool,
+    ) -> AttentionMask:
         """Fold padding, causality, the sliding window, document boundaries and position biases into
         one additive bias of shape (batch or 1, heads or 1, q_len, k_len); -inf where attention is
-        forbidden. Returns (None, is_causal) when nothing but plain causality applies: the fast path.
+        forbidden. No bias (with is_causal) when nothing but plain causality applies: the fast path.
+        Flash kernels take no bias: they get the padding mask and packed position ids instead.
         """
         config = self.config
+        if is_flash_attention_requested(config):
+            check_flash_attention(config, output_attentions)
+            # transformers' flash path takes padding (un-padding) or packed documents (variable-length
+            # rows), not both: with a padding mask (generate() passes both, and then the documents are
+            # the padding's), padding wins.
+            return AttentionMask(
+                flash=True,
+                is_causal=config.is_causal,
+                padding_mask=attention_mask,
+                packed_position_ids=document_positions if attention_mask is None else None,
+            )
         position_bias = self.positions.attention_bias(q_len, k_len, device)
         plain = attention_mask is None and document_positions is None and config.sliding_window is None
         if plain and position_bias is None:
             # Without a mask, a causal query block that is the whole sequence is SDPA's is_causal; a
             # single new token with a cache may see every key.
-            return None, config.is_causal and q_len == k_len and q_len > 1
+            return AttentionMask(is_causal=config.is_causal and q_len == k_len and q_len > 1)
 
         q_idx = torch.arange(k_len - q_len, k_len, device=device)[:, None]
         k_idx = torch.arange(k_len, device=device)[None, :]
@@ -292,7 +306,24 @@ class TwinLMModel(TwinLMPreTrainedModel):
         bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))
         if position_bias is not None:
             bias = bias + position_bias.to(dtype)
-        return bias, False
+        return AttentionMask(bias=bias)
+
+
+def check_flash_attention(config: TwinLMConfig, output_attentions: bool) -> None:
+    """Flash kernels compute softmax(q.k * scale) @ v with padding, causality, documents and a window,
+    and nothing else: refuse, by name, the switches that need more."""
+    needs = []
+    if config.attention_scoring == "additive":
+        needs.append("attention_scoring='additive' (not a dot product)")
+    if config.position_embedding_type in ("relative", "alibi"):
+        needs.append(f"position_embedding_type={config.position_embedding_type!r} (an attention bias)")
+    if output_attentions:
+        needs.append("output_attentions=True (flash kernels return no weights)")
+    if needs:
+        raise ValueError(
+            f"attn_implementation={config._attn_implementation!r} cannot compute {', '.join(needs)}; "
+            "use attn_implementation='sdpa' or 'eager'"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
