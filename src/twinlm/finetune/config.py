@@ -13,17 +13,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from twinlm.errors import TwinLMError
-from twinlm.training.config import (
-    HubSection,
-    LoggingSection,
-    _coerce_numbers,
-    _format_validation_error,
-    apply_overrides,
-    parse_overrides,
-)
+from twinlm.training.config import HubSection, LoggingSection, build_config
 
 TaskType = Literal["sequence_classification", "token_classification"]
 FileFormat = Literal["csv", "tsv", "json", "jsonl", "conll"]
@@ -170,30 +163,9 @@ def load_finetune_config(
     Relative data paths in a YAML file are read relative to the current directory (like the pretraining
     config), so run from the repository root. Raises TwinLMError naming the key on any problem.
     """
-    if isinstance(source, FinetuneConfig):
-        values = source.model_dump(mode="python", exclude_unset=True)
-    elif isinstance(source, dict):
-        values = _coerce_numbers(dict(source))
-    elif source is None:
-        values = {}
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise TwinLMError(
-                f"fine-tuning config {str(path)!r} does not exist; give a YAML file such as configs/finetune/sst2.yaml"
-            )
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise TwinLMError(f"fine-tuning config {path}: not valid YAML ({err})") from err
-        if not isinstance(values, dict):
-            raise TwinLMError(f"fine-tuning config {path}: the top level must be a mapping of sections")
-        values = _coerce_numbers(values)
-    values = apply_overrides(values, parse_overrides(overrides))
-    try:
-        config = FinetuneConfig.model_validate(values)
-    except ValidationError as err:
-        raise TwinLMError(f"bad fine-tuning config: {_format_validation_error(err)}") from None
+    config = build_config(
+        FinetuneConfig, source, overrides, what="fine-tuning config", example="configs/finetune/sst2.yaml"
+    )
     for split in SPLITS:
         file = getattr(config.task, split)
         if file is not None and not file.is_file():

@@ -10,13 +10,15 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from twinlm.data import DataConfig
 from twinlm.errors import TwinLMError
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 
 class _Section(BaseModel):
@@ -221,15 +223,17 @@ def _format_validation_error(err: ValidationError) -> str:
     return "; ".join(problems)
 
 
-def load_run_config(
-    source: RunConfig | dict[str, Any] | str | os.PathLike | None = None,
-    overrides: list[str] | tuple[str, ...] = (),
-) -> RunConfig:
-    """Build a RunConfig from a YAML file, a dict or a RunConfig, then apply command-line overrides.
-
-    Raises TwinLMError naming the key for unknown keys, wrong types and missing files.
-    """
-    if isinstance(source, RunConfig):
+def build_config(
+    cls: type[ConfigT],
+    source: BaseModel | dict[str, Any] | str | os.PathLike | None,
+    overrides: list[str] | tuple[str, ...],
+    *,
+    what: str,
+    example: str,
+) -> ConfigT:
+    """A pydantic config (pretraining, fine-tuning) from a YAML file, a dict or an instance, with
+    command-line overrides applied. Raises TwinLMError naming the key on any problem."""
+    if isinstance(source, cls):
         values = source.model_dump(mode="python", exclude_unset=True)
     elif isinstance(source, dict):
         values = _coerce_numbers(dict(source))
@@ -238,21 +242,32 @@ def load_run_config(
     else:
         path = Path(source)
         if not path.is_file():
-            raise TwinLMError(
-                f"run config {str(path)!r} does not exist; give a YAML file such as configs/pretrain/tiny-clm.yaml"
-            )
+            raise TwinLMError(f"{what} {str(path)!r} does not exist; give a YAML file such as {example}")
         try:
             values = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise TwinLMError(f"run config {path}: not valid YAML ({err})") from err
+            raise TwinLMError(f"{what} {path}: not valid YAML ({err})") from err
         if not isinstance(values, dict):
-            raise TwinLMError(f"run config {path}: the top level must be a mapping of sections")
+            raise TwinLMError(f"{what} {path}: the top level must be a mapping of sections")
         values = _coerce_numbers(values)
     values = apply_overrides(values, parse_overrides(overrides))
     try:
-        config = RunConfig.model_validate(values)
+        return cls.model_validate(values)
     except ValidationError as err:
-        raise TwinLMError(f"bad run config: {_format_validation_error(err)}") from None
+        raise TwinLMError(f"bad {what}: {_format_validation_error(err)}") from None
+
+
+def load_run_config(
+    source: RunConfig | dict[str, Any] | str | os.PathLike | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> RunConfig:
+    """Build a RunConfig from a YAML file, a dict or a RunConfig, then apply command-line overrides.
+
+    Raises TwinLMError naming the key for unknown keys, wrong types and missing files.
+    """
+    config = build_config(
+        RunConfig, source, overrides, what="run config", example="configs/pretrain/tiny-clm.yaml"
+    )
     _check_paths(config)
     return config
 
