@@ -224,6 +224,16 @@ def test_greedy_generate_with_cache_equals_without(overrides):
 
 
 @pytest.mark.parametrize("position", POSITIONS)
+def test_several_new_tokens_after_a_cache_see_no_future(position):
+    """Continuing a cached prompt with a chunk of tokens (no attention_mask) equals one full pass."""
+    model = seeded_model(True, position_embedding_type=position).eval()
+    ids = torch.randint(5, 97, (2, 9))
+    first = model(ids[:, :5], use_cache=True)
+    rest = model(ids[:, 5:], cache=first.cache, use_cache=True)
+    torch.testing.assert_close(rest.logits, model(ids).logits[:, 5:], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("position", POSITIONS)
 def test_left_padded_batch_generates_like_single_prompts(position):
     model = seeded_model(True, position_embedding_type=position).eval()
     long, short = torch.randint(5, 97, (1, 6)), torch.randint(5, 97, (1, 3))
@@ -285,6 +295,23 @@ def test_weight_tying(causal):
     assert model.lm_head.weight is model.model.embeddings.word_embeddings.weight
     untied = seeded_model(causal, tie_word_embeddings=False)
     assert untied.lm_head.weight is not untied.model.embeddings.word_embeddings.weight
+
+
+def test_batchnorm_statistics_update_once_per_step_under_checkpointing():
+    ids = torch.randint(5, 97, (2, 8))
+    stats = []
+    for checkpointing in (False, True):
+        model = seeded_model(True, norm_type="batchnorm").train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        model(ids, labels=ids).loss.backward()
+        stats.append(model.model.layers[0].attention_norm.running_mean.clone())
+    torch.testing.assert_close(stats[1], stats[0])
+
+
+def test_config_takes_whole_numbers_for_float_fields():
+    config = tiny_config(hidden_dropout_prob=0, rope_theta=500000, layer_norm_eps=1)  # as YAML writes them
+    assert config.hidden_dropout_prob == 0 and config.rope_theta == 500000
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

@@ -50,8 +50,8 @@ class TwinLMConfig(PreTrainedConfig):
       embedding_norm: normalise the embedding sum (BERT); None = True for post-norm, False for pre-norm
       hidden_act: relu | gelu | gelu_new | swiglu | geglu
       attention_scoring: scaled_dot | dot (no 1/sqrt(d_k)) | additive (Bahdanau-style, per head)
-      sliding_window: None (full attention) or the number of positions each token may look back
-        (causal) or to each side (bidirectional)
+      sliding_window: None (full attention) or a window size w: a causal token sees itself and the
+        w - 1 tokens before it; a bidirectional token sees w // 2 tokens on each side
       share_qk: one projection for queries and keys
       scale_embeddings: multiply token embeddings by sqrt(hidden_size) (2017 paper)
       sparse_prediction: masked-LM training runs the LM head on masked positions only
@@ -74,7 +74,7 @@ class TwinLMConfig(PreTrainedConfig):
     position_embedding_type: str = "learned"
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
-    rope_theta: float = 10000.0
+    rope_theta: float | int = 10000.0
     norm_type: str = "layernorm"
     norm_position: str = "post"
     embedding_norm: bool | None = None
@@ -84,16 +84,16 @@ class TwinLMConfig(PreTrainedConfig):
     share_qk: bool = False
     scale_embeddings: bool = False
     # dropout
-    hidden_dropout_prob: float = 0.1
-    attention_probs_dropout_prob: float = 0.1
-    embedding_dropout_prob: float = 0.1
-    activation_dropout_prob: float = 0.0
-    classifier_dropout: float | None = None
+    hidden_dropout_prob: float | int = 0.1
+    attention_probs_dropout_prob: float | int = 0.1
+    embedding_dropout_prob: float | int = 0.1
+    activation_dropout_prob: float | int = 0.0
+    classifier_dropout: float | int | None = None
     # heads and the rest
     classifier_pooling: str | None = None
     tie_word_embeddings: bool = True
-    layer_norm_eps: float = 1e-12
-    initializer_range: float = 0.02
+    layer_norm_eps: float | int = 1e-12
+    initializer_range: float | int = 0.02
     attention_bias: bool = True
     mlp_bias: bool = True
     sparse_prediction: bool = False

@@ -64,15 +64,21 @@ class TwinLMBatchNorm(nn.Module):
                 tokens = tokens[token_mask.reshape(-1).bool()]
             mean = tokens.mean(0)
             var = tokens.var(0, unbiased=False)
-            with torch.no_grad():
-                count = tokens.shape[0]
-                unbiased = var * count / max(count - 1, 1)
-                self.running_mean.lerp_(mean.detach(), self.momentum)
-                self.running_var.lerp_(unbiased.detach(), self.momentum)
+            if not _recomputing_for_backward():  # gradient checkpointing runs forward twice per step
+                with torch.no_grad():
+                    count = tokens.shape[0]
+                    unbiased = var * count / max(count - 1, 1)
+                    self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
+                    self.running_var.lerp_(unbiased.detach().to(self.running_var.dtype), self.momentum)
         else:
             mean, var = self.running_mean, self.running_var
         x = (x - mean) * torch.rsqrt(var + self.eps)
         return (x * self.weight + self.bias).to(hidden_states.dtype)
+
+
+def _recomputing_for_backward() -> bool:
+    """True while autograd's backward runs (re-)forwards, i.e. activation checkpointing recomputes."""
+    return torch._C._current_graph_task_id() != -1
 
 
 class NoNorm(nn.Module):

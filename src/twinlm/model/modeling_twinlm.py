@@ -274,10 +274,11 @@ class TwinLMModel(TwinLMPreTrainedModel):
             )
         position_bias = self.positions.attention_bias(q_len, k_len, device)
         plain = attention_mask is None and document_positions is None and config.sliding_window is None
-        if plain and position_bias is None:
-            # Without a mask, a causal query block that is the whole sequence is SDPA's is_causal; a
-            # single new token with a cache may see every key.
-            return AttentionMask(is_causal=config.is_causal and q_len == k_len and q_len > 1)
+        # Without a mask: a causal query block that is the whole sequence is SDPA's is_causal, and a
+        # single new token with a cache may see every key. Several new tokens after a cache need the
+        # explicit (bottom-right aligned) mask: SDPA's is_causal aligns top-left.
+        if plain and position_bias is None and (not config.is_causal or q_len == 1 or q_len == k_len):
+            return AttentionMask(is_causal=config.is_causal and q_len > 1)
 
         q_idx = torch.arange(k_len - q_len, k_len, device=device)[:, None]
         k_idx = torch.arange(k_len, device=device)[None, :]

@@ -318,7 +318,7 @@ def evaluate(
             batch = _to_device(batch, accelerator.device)
             labels = batch.pop("labels")
             with accelerator.autocast():
-                logits = model(**batch).logits
+                logits = model(**batch, use_cache=False).logits
             if causal:
                 logits, labels = logits[:, :-1], labels[:, 1:]
             logits = logits.float().reshape(-1, logits.size(-1))
