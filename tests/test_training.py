@@ -301,10 +301,20 @@ def test_flops_and_mfu_inputs() -> None:
 # One process: training, exact resume, interruption, export
 # ------------------------------------------------------------------------------------------------
 @needs_corpus
-def test_resume_reproduces_the_uninterrupted_run(assets: dict[str, Path], tmp_path: Path) -> None:
-    """6 steps straight vs. the checkpoint at step 3 resumed to 6: identical losses (dropout is on)."""
+@pytest.mark.parametrize("streaming", [False, True], ids=["map-style", "streaming-mlm"])
+def test_resume_reproduces_the_uninterrupted_run(
+    assets: dict[str, Path], tmp_path: Path, streaming: bool
+) -> None:
+    """6 steps straight vs. the checkpoint at step 3 resumed to 6: identical losses (dropout is on; the
+    streaming case also masks with the RNG, and must skip the first 3 steps' batches without drawing)."""
+
+    def config_for(out: Path, **training: object) -> dict:
+        config = run_config(assets, out, causal=not streaming, **training)
+        config["data"]["streaming"] = streaming
+        return config
+
     full = tmp_path / "full"
-    summary = pretrain(run_config(assets, full, grad_accum=2))
+    summary = pretrain(config_for(full, grad_accum=2))
     assert summary["steps"] == 6 and summary["val_loss"] is not None
     straight = losses(full)
     assert [c.name for c in list_checkpoints(full)] == ["checkpoint-3", "checkpoint-6"]
@@ -315,7 +325,7 @@ def test_resume_reproduces_the_uninterrupted_run(assets: dict[str, Path], tmp_pa
     shutil.rmtree(cut / "checkpoints" / "checkpoint-6")
     shutil.rmtree(cut / "final")
     assert resolve_checkpoint(cut, "latest").name == "checkpoint-3"
-    resumed_summary = pretrain(run_config(assets, cut, grad_accum=2, resume_from_checkpoint="latest"))
+    resumed_summary = pretrain(config_for(cut, grad_accum=2, resume_from_checkpoint="latest"))
     resumed = losses(cut)
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
     for step in (4, 5, 6):

@@ -253,7 +253,12 @@ class TrainBatches:
                     drop_last=True,
                     generator=generator,
                 )
-                batches: Iterator = itertools.islice(iter(loader), batch_in_epoch, None)
+                batches: Iterator = iter(loader)
+                # A stream cannot seek: read past the batches already trained on, but under a forked
+                # RNG, since the restored RNG state is the one from after they were masked.
+                with torch.random.fork_rng(devices=[]):
+                    for _ in itertools.islice(batches, batch_in_epoch):
+                        pass
             else:
                 self.sampler.set_epoch(epoch)
                 loader = DataLoader(
