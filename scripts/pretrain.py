@@ -5,7 +5,7 @@ The same as `twinlm pretrain`; kept as a script because `accelerate launch` take
 
 import sys
 
-from twinlm.training.cli import main
+from twinlm.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["pretrain", *sys.argv[1:]]))

@@ -76,26 +76,3 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     build_arg_parser(parser)
     parser.set_defaults(func=run)
     return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (scripts/pretrain.py): the same as `twinlm pretrain`, without the other commands."""
-    from twinlm.errors import TwinLMError
-
-    parser = argparse.ArgumentParser(
-        prog="pretrain",
-        description=__doc__,
-        usage=USAGE,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    args = build_arg_parser(parser).parse_args(argv)
-    try:
-        return run(args)
-    except TwinLMError as err:
-        print(f"twinlm pretrain: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
