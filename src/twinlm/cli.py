@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("twinlm.finetune", "fine-tune a checkpoint for sequence or token classification"),
     "convert": ("twinlm.convert", "convert a BERT or GPT-2 checkpoint into twinlm"),
     "push": ("twinlm.hub", "upload a saved run to the Hugging Face Hub"),
+    "evaluate": ("twinlm.evaluation", "fine-tune checkpoints on a task suite vs a from-scratch control"),
 }
 
 

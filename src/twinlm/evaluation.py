@@ -1,0 +1,406 @@
+"""`twinlm evaluate`: what pretraining bought, measured downstream.
+
+Each checkpoint is fine-tuned on every task of a suite with several seeds (and optionally a small
+learning-rate grid chosen on dev), next to two references run on the same splits:
+- the **control**: the same architecture and tokenizer from random initialisation, fine-tuned the same way;
+- the task's simple **baseline** (TF-IDF + logistic regression, most-frequent tag).
+Test scores are those at the best dev point (never chosen on test). The report gives task x {checkpoint,
+control, baseline} as mean +- std over seeds, the suite average and the pretraining gain (checkpoint -
+control, per seed, then mean +- std). Finished cells are not rerun: an interrupted evaluation resumes.
+
+    twinlm evaluate outputs/tiny-mlm/final --suite configs/evaluate/default.yaml --out outputs/evaluate
+    from twinlm.evaluation import evaluate_checkpoints
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from twinlm.errors import TwinLMError
+
+CELL_FILE = "cell.json"
+
+
+# ------------------------------------------------------------------------------------------------
+# The suite config
+# ------------------------------------------------------------------------------------------------
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SplitFrom(_Section):
+    """A task that ships as one labelled file (or several): split it into train/dev/test, seeded."""
+
+    files: list[Path]
+    header: bool = Field(True, description="the files start with a header line")
+    columns: list[str] | None = Field(None, description="column names when there is no header")
+    text_column: str
+    label_column: str
+    ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    seed: int = 0
+
+
+class SuiteTask(_Section):
+    """One task: a fine-tuning config (its model.path is replaced) plus overrides."""
+
+    config: Path = Field(description="a fine-tuning config, e.g. configs/finetune/sst2.yaml")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="dotted keys, e.g. training.epochs")
+    split_from: SplitFrom | None = None
+
+
+class Suite(_Section):
+    """Tasks, seeds and the learning-rate grid; `overrides` apply to every task."""
+
+    tasks: dict[str, SuiteTask]
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    lrs: list[float] | None = Field(None, description="learning rates to try; chosen per model on mean dev")
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    control: bool = True
+
+
+def load_suite(path: str | Path) -> Suite:
+    """Read a suite YAML; a one-line TwinLMError naming the key on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise TwinLMError(f"--suite {str(path)!r} does not exist; e.g. configs/evaluate/default.yaml")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise TwinLMError(f"{path}: not a readable YAML suite ({err.__class__.__name__})") from None
+    try:
+        suite = Suite.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise TwinLMError(f"{path}: {where}: {first['msg']}") from None
+    for name, task in suite.tasks.items():
+        if not task.config.is_file():
+            raise TwinLMError(f"{path}: tasks.{name}.config {str(task.config)!r} does not exist")
+    return suite
+
+
+# ------------------------------------------------------------------------------------------------
+# Data, controls, cells
+# ------------------------------------------------------------------------------------------------
+def _clean(value: str) -> str:
+    return " ".join(str(value).split())  # one line, no tabs: the TSV is read unquoted
+
+
+def prepare_split(name: str, spec: SplitFrom, out: Path) -> dict[str, str]:
+    """Write train/dev/test TSVs (columns text, label) under OUT/data/NAME once; return task overrides."""
+    import csv
+
+    folder = out / "data" / name
+    files = {split: folder / f"{split}.tsv" for split in ("train", "dev", "test")}
+    if not all(f.is_file() for f in files.values()):
+        rows: list[tuple[str, str]] = []
+        for file in spec.files:
+            with Path(file).open(newline="", encoding="utf-8") as fh:
+                reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
+                columns = next(reader) if spec.header else spec.columns
+                if not columns or spec.text_column not in columns or spec.label_column not in columns:
+                    raise TwinLMError(
+                        f"{file}: columns {columns} lack {spec.text_column!r} or {spec.label_column!r}"
+                    )
+                t, lab = columns.index(spec.text_column), columns.index(spec.label_column)
+                rows += [(_clean(r[t]), _clean(r[lab])) for r in reader if len(r) > max(t, lab)]
+        random.Random(spec.seed).shuffle(rows)
+        n_train = int(len(rows) * spec.ratios[0])
+        n_dev = int(len(rows) * spec.ratios[1])
+        parts = {
+            "train": rows[:n_train],
+            "dev": rows[n_train : n_train + n_dev],
+            "test": rows[n_train + n_dev :],
+        }
+        folder.mkdir(parents=True, exist_ok=True)
+        for split, part in parts.items():
+            tmp = files[split].with_suffix(".tmp")
+            tmp.write_text("text\tlabel\n" + "".join(f"{a}\t{b}\n" for a, b in part), encoding="utf-8")
+            tmp.replace(files[split])
+    overrides = {f"task.{split}": str(file) for split, file in files.items()}
+    return {**overrides, "task.format": "tsv", "task.text_column": "text", "task.label_column": "label"}
+
+
+def make_control(checkpoint: str, out: Path, seed: int) -> Path:
+    """The checkpoint's architecture and tokenizer with random weights (seeded), saved like a checkpoint."""
+    target = out / "controls" / f"{Path(checkpoint).name or 'model'}-seed{seed}"
+    if (target / "config.json").is_file():
+        return target
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    import twinlm
+
+    config = AutoConfig.from_pretrained(checkpoint)
+    if getattr(config, "model_type", None) != "twinlm":
+        raise TwinLMError(f"{checkpoint}: not a twinlm checkpoint (model_type {config.model_type!r})")
+    cls = twinlm.TwinLMForCausalLM if config.is_causal else twinlm.TwinLMForMaskedLM
+    torch.manual_seed(seed)
+    tmp = target.with_name(target.name + ".tmp")
+    cls(config).save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(checkpoint).save_pretrained(tmp)
+    tmp.replace(target)
+    return target
+
+
+def _dotted(overrides: dict[str, Any]) -> list[str]:
+    return [
+        f"{key}={json.dumps(value) if not isinstance(value, str) else value}"
+        for key, value in overrides.items()
+    ]
+
+
+def run_cell(model_path: str, task: str, spec: SuiteTask, overrides: dict[str, Any], folder: Path) -> dict:
+    """Fine-tune once (or read the finished result): best dev and its test scores, the baseline if run."""
+    done = folder / CELL_FILE
+    if done.is_file():
+        return json.loads(done.read_text())
+    from twinlm.finetune import finetune
+
+    settings = {**overrides, "model.path": model_path, "output_dir": str(folder / "run")}
+    summary = finetune(spec.config, _dotted(settings))
+    best = summary.get("best") or {}
+    cell = {
+        "task": task,
+        "model": model_path,
+        "metric": summary["metric_for_best"],
+        "dev": best.get("dev", {}),
+        "test": best.get("test", {}),
+        "baseline": summary.get("baseline"),
+        "seconds": summary.get("seconds"),
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps(cell, indent=2))
+    tmp.replace(done)
+    import shutil
+
+    shutil.rmtree(folder / "run", ignore_errors=True)  # the fine-tuned weights are not needed: scores are
+    return cell
+
+
+# ------------------------------------------------------------------------------------------------
+# The grid and the report
+# ------------------------------------------------------------------------------------------------
+def _mean_std(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def _models(checkpoints: list[str], suite: Suite, out: Path) -> list[dict[str, Any]]:
+    """Each checkpoint, then its control (one random init per seed), with the label used in reports."""
+    models = []
+    for ckpt in checkpoints:
+        label = Path(ckpt).name if Path(ckpt).name not in ("final", "best") else Path(ckpt).parent.name
+        models.append({"label": label, "kind": "checkpoint", "of": label, "path": lambda seed, c=ckpt: c})
+        if suite.control:
+            models.append(
+                {
+                    "label": f"{label} (control)",
+                    "kind": "control",
+                    "of": label,
+                    "path": lambda seed, c=ckpt: str(make_control(c, out, seed)),
+                }
+            )
+    return models
+
+
+def _score_model(model: dict, suite: Suite, out: Path, task_overrides: dict[str, dict]) -> dict[str, Any]:
+    """Run every (task, lr, seed) cell of one model; per task, the lr with the best mean dev metric."""
+    lrs = suite.lrs or [None]
+    tasks = {}
+    for name, spec in suite.tasks.items():
+        by_lr = {}
+        for lr in lrs:
+            cells = []
+            for seed in suite.seeds:
+                overrides = {
+                    **suite.overrides,
+                    **spec.overrides,
+                    **task_overrides[name],
+                    "training.seed": seed,
+                }
+                overrides["training.baseline"] = model["kind"] == "checkpoint" and seed == suite.seeds[0]
+                if lr is not None:
+                    overrides["training.lr"] = lr
+                folder = out / "runs" / _slug(model["label"]) / name / f"lr{lr}-seed{seed}"
+                cells.append(run_cell(model["path"](seed), name, spec, overrides, folder))
+            by_lr[lr] = cells
+        best_lr = max(
+            by_lr, key=lambda lr: statistics.fmean(c["dev"].get(c["metric"], 0.0) for c in by_lr[lr])
+        )
+        cells = by_lr[best_lr]
+        metric = cells[0]["metric"]
+        tasks[name] = {
+            "metric": metric,
+            "lr": best_lr,
+            "test": [c["test"].get(metric) for c in cells],
+            "dev": [c["dev"].get(metric) for c in cells],
+            "baseline": next((c["baseline"] for c in cells if c.get("baseline")), None),
+            **_mean_std([c["test"].get(metric, 0.0) for c in cells]),
+        }
+    per_seed = [statistics.fmean(t["test"][i] for t in tasks.values()) for i in range(len(suite.seeds))]
+    return {
+        "label": model["label"],
+        "kind": model["kind"],
+        "of": model["of"],
+        "tasks": tasks,
+        "average": {"per_seed": per_seed, **_mean_std(per_seed)},
+    }
+
+
+def _slug(label: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in label).strip("_")
+
+
+def evaluate_checkpoints(checkpoints: list[str], suite_path: str | Path, out: str | Path) -> dict[str, Any]:
+    """Fine-tune every checkpoint (and its control) on every task; write report.md, results.json, a PNG."""
+    suite, out = load_suite(suite_path), Path(out)
+    for ckpt in checkpoints:
+        if not (Path(ckpt) / "config.json").is_file():
+            raise TwinLMError(
+                f"checkpoint {ckpt!r} has no config.json; give a folder written by save_pretrained"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    task_overrides = {
+        name: prepare_split(name, spec.split_from, out) if spec.split_from else {}
+        for name, spec in suite.tasks.items()
+    }
+    results = [_score_model(m, suite, out, task_overrides) for m in _models(checkpoints, suite, out)]
+    report = build_results(results, suite)
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(format_report(report))
+    plot_results(report, out / "results.png")
+    print(format_report(report))
+    print(f"\nreport: {out / 'report.md'}  results: {out / 'results.json'}  plot: {out / 'results.png'}")
+    return report
+
+
+def build_results(results: list[dict[str, Any]], suite: Suite) -> dict[str, Any]:
+    """Models' scores, baselines per task, and the pretraining gain of each checkpoint over its control."""
+    baselines = {}
+    for res in results:
+        for name, task in res["tasks"].items():
+            if task["baseline"] and name not in baselines:
+                baselines[name] = {
+                    "name": task["baseline"]["name"],
+                    "test": task["baseline"]["test"].get(task["metric"]),
+                }
+    gains = {}
+    for res in results:
+        control = next((r for r in results if r["kind"] == "control" and r["of"] == res["of"]), None)
+        if res["kind"] == "checkpoint" and control is not None:
+            diffs = [
+                a - b for a, b in zip(res["average"]["per_seed"], control["average"]["per_seed"], strict=True)
+            ]
+            per_task = {n: res["tasks"][n]["mean"] - control["tasks"][n]["mean"] for n in res["tasks"]}
+            gains[res["label"]] = {**_mean_std(diffs), "per_seed": diffs, "per_task": per_task}
+    return {"seeds": suite.seeds, "lrs": suite.lrs, "models": results, "baselines": baselines, "gains": gains}
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """report.md: task x {each model, baseline}, the suite average, the pretraining gain."""
+    models = report["models"]
+    tasks = list(models[0]["tasks"]) if models else []
+    head = "| task (metric) | " + " | ".join(m["label"] for m in models) + " | baseline |"
+    lines = [
+        f"# twinlm evaluate: {len(report['seeds'])} seeds (mean ± std, test at the best dev point)",
+        "",
+        head,
+        "|" + "---|" * (len(models) + 2),
+    ]
+    for name in tasks:
+        cells = [f"{m['tasks'][name]['mean']:.4f} ± {m['tasks'][name]['std']:.4f}" for m in models]
+        base = report["baselines"].get(name)
+        metric = models[0]["tasks"][name]["metric"]
+        lines.append(
+            f"| {name} ({metric}) | " + " | ".join(cells) + f" | {base['test']:.4f} |"
+            if base
+            else f"| {name} ({metric}) | " + " | ".join(cells) + " | n/a |"
+        )
+    avg = [f"**{m['average']['mean']:.4f} ± {m['average']['std']:.4f}**" for m in models]
+    bases = [report["baselines"][n]["test"] for n in tasks if n in report["baselines"]]
+    base_avg = f"{statistics.fmean(bases):.4f}" if len(bases) == len(tasks) and bases else "n/a"
+    lines.append("| **suite average** | " + " | ".join(avg) + f" | {base_avg} |")
+    for label, gain in report["gains"].items():
+        lines += [
+            "",
+            f"**Pretraining gain of {label}** (checkpoint - control, suite average): "
+            f"{gain['mean'] * 100:+.2f} ± {gain['std'] * 100:.2f} points"
+            + (
+                " (larger than the seed spread)"
+                if abs(gain["mean"]) > gain["std"]
+                else " (within the seed spread: no measurable difference)"
+            ),
+        ]
+        lines.append("per task: " + ", ".join(f"{n} {v * 100:+.2f}" for n, v in gain["per_task"].items()))
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(report: dict[str, Any], path: Path) -> Path:
+    """Grouped bars: one group per task, a bar per model (error bar: seed std) and the baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = report["models"]
+    tasks = list(models[0]["tasks"]) if models else []
+    width = 0.8 / (len(models) + 1)
+    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(tasks)), 4))
+    for i, model in enumerate(models):
+        xs = [t + i * width for t in range(len(tasks))]
+        ax.bar(
+            xs,
+            [model["tasks"][n]["mean"] for n in tasks],
+            width,
+            yerr=[model["tasks"][n]["std"] for n in tasks],
+            label=model["label"],
+            capsize=3,
+        )
+    xs = [t + len(models) * width for t in range(len(tasks))]
+    ax.bar(
+        xs,
+        [(report["baselines"].get(n) or {}).get("test") or 0 for n in tasks],
+        width,
+        label="baseline",
+        color="grey",
+    )
+    ax.set_xticks([t + 0.4 - width / 2 for t in range(len(tasks))], tasks)
+    ax.set_ylabel("test score")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> int:
+    evaluate_checkpoints(list(args.checkpoints), args.suite, args.out)
+    return 0
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="fine-tune checkpoints on a task suite against a from-scratch control and baselines",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "checkpoints", nargs="+", help="checkpoint folders (save_pretrained), e.g. outputs/tiny-mlm/final"
+    )
+    parser.add_argument("--suite", required=True, help="suite YAML, e.g. configs/evaluate/default.yaml")
+    parser.add_argument("--out", default="outputs/evaluate", help="output folder (default: %(default)s)")
+    parser.set_defaults(func=run)
+    return parser

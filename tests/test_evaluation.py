@@ -1,0 +1,138 @@
+"""`twinlm evaluate`: checkpoint vs its from-scratch control vs the baseline, seeds, lr on dev, resume."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+from test_finetune import build_checkpoint, write_sentiment
+
+from twinlm.errors import TwinLMError
+
+
+@pytest.fixture(scope="module")
+def suite_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint, one task shipped as a single TSV (split by the suite), and a suite file."""
+    root = tmp_path_factory.mktemp("evaluate")
+    build_checkpoint(root / "ckpt")
+    data = write_sentiment(root / "data", n_train=120, n_eval=40)
+    # one file with a header, as SMS spam ships: the suite splits it into train/dev/test
+    rows = [line for split in ("train", "dev", "test") for line in data[split].read_text().splitlines()[1:]]
+    (root / "all.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+    task = {
+        "model": {"path": "unused"},
+        "task": {"type": "sequence_classification"},
+        "training": {
+            "batch_size": 16,
+            "max_steps": 40,
+            "eval_every": 20,
+            "max_length": 32,
+            "warmup_ratio": 0.1,
+        },
+        "logging": {"report_to": "none"},
+    }
+    (root / "task.yaml").write_text(yaml.safe_dump(task))
+    suite = {
+        "seeds": [0, 1],
+        "lrs": [1.0e-4, 3.0e-3],
+        "tasks": {
+            "sentiment": {
+                "config": str(root / "task.yaml"),
+                "split_from": {
+                    "files": [str(root / "all.tsv")],
+                    "text_column": "sentence",
+                    "label_column": "label",
+                },
+            }
+        },
+    }
+    (root / "suite.yaml").write_text(yaml.safe_dump(suite))
+    return root
+
+
+def test_checkpoint_control_baseline_report_and_resume(suite_dir, monkeypatch):
+    from twinlm.evaluation import evaluate_checkpoints
+
+    out = suite_dir / "out"
+    report = evaluate_checkpoints([str(suite_dir / "ckpt")], suite_dir / "suite.yaml", out)
+    labels = [m["label"] for m in report["models"]]
+    assert labels == ["ckpt", "ckpt (control)"]
+    # the suite split the single file 80/10/10 into three disjoint parts
+    parts = [
+        (out / "data" / "sentiment" / f"{s}.tsv").read_text().splitlines()[1:]
+        for s in ("train", "dev", "test")
+    ]
+    assert [len(p) for p in parts] == [160, 20, 20] and not set(parts[0]) & set(parts[2])
+    # the control is the same architecture with other (random) weights
+    control = out / "controls" / "ckpt-seed0"
+    assert (
+        json.loads((control / "config.json").read_text())["hidden_size"]
+        == json.loads((suite_dir / "ckpt" / "config.json").read_text())["hidden_size"]
+    )
+    for model in report["models"]:
+        task = model["tasks"]["sentiment"]
+        assert len(task["test"]) == 2 and all(0.0 <= v <= 1.0 for v in task["test"])
+        # the learning rate is the one with the best mean dev score, never chosen on test
+        folder = out / "runs" / model["label"].replace(" ", "_").replace("(", "_").replace(")", "").strip("_")
+        dev = {
+            lr: statistics.fmean(
+                json.loads((folder / "sentiment" / f"lr{lr}-seed{s}" / "cell.json").read_text())["dev"][
+                    "accuracy"
+                ]
+                for s in (0, 1)
+            )
+            for lr in (1.0e-4, 3.0e-3)
+        }
+        assert dev[task["lr"]] == max(dev.values())
+    assert report["baselines"]["sentiment"]["name"] == "tfidf+logistic_regression"
+    gain = report["gains"]["ckpt"]
+    per_seed = [
+        a - b
+        for a, b in zip(
+            report["models"][0]["average"]["per_seed"],
+            report["models"][1]["average"]["per_seed"],
+            strict=True,
+        )
+    ]
+    assert gain["per_seed"] == pytest.approx(per_seed)
+    text = (out / "report.md").read_text()
+    assert "suite average" in text and "Pretraining gain of ckpt" in text and "baseline" in text
+    assert (out / "results.png").stat().st_size > 1000
+    assert json.loads((out / "results.json").read_text())["gains"]["ckpt"]["mean"] == pytest.approx(
+        gain["mean"]
+    )
+
+    # resumable: finished cells are read back, nothing is fine-tuned again
+    import twinlm.finetune
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished cell was run again")
+
+    monkeypatch.setattr(twinlm.finetune, "finetune", no_training)
+    again = evaluate_checkpoints([str(suite_dir / "ckpt")], suite_dir / "suite.yaml", out)
+    assert again["gains"] == report["gains"]
+
+
+def test_bad_suite_and_checkpoint_are_one_line_errors(suite_dir, tmp_path):
+    from twinlm.evaluation import evaluate_checkpoints, load_suite
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"tasks": {"x": {"config": str(suite_dir / "task.yaml")}}, "sedes": [1]}))
+    with pytest.raises(TwinLMError, match="sedes"):
+        load_suite(bad)
+    bad.write_text(yaml.safe_dump({"tasks": {"x": {"config": "nope.yaml"}}}))
+    with pytest.raises(TwinLMError, match="tasks.x.config 'nope.yaml' does not exist"):
+        load_suite(bad)
+    with pytest.raises(TwinLMError, match="no config.json"):
+        evaluate_checkpoints([str(tmp_path)], suite_dir / "suite.yaml", tmp_path / "out")
+
+
+def test_shipped_suite_validates():
+    from twinlm.evaluation import load_suite
+
+    root = Path(__file__).resolve().parents[1]
+    suite = load_suite(root / "configs" / "evaluate" / "default.yaml")
+    assert set(suite.tasks) == {"sst2", "conll2003", "sms_spam", "uci_sentiment"} and len(suite.seeds) == 3
