@@ -19,9 +19,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("twinlm.tokenization", "train WordPiece / byte-level BPE tokenizers, compare them"),
     "pretrain": ("twinlm.training.cli", "pretrain a masked-LM or causal model (one process)"),
     "finetune": ("twinlm.finetune", "fine-tune a checkpoint for sequence or token classification"),
-    "convert": ("twinlm.convert", "convert a BERT or GPT-2 checkpoint into twinlm"),
+    "convert": ("twinlm.convert_cli", "convert a BERT or GPT-2 checkpoint into twinlm"),
     "push": ("twinlm.hub", "upload a saved run to the Hugging Face Hub"),
     "evaluate": ("twinlm.evaluation", "fine-tune checkpoints on a task suite vs a from-scratch control"),
+    "ablate": ("twinlm.ablation", "answer a Transformer design question by experiment"),
+    "attention-map": ("twinlm.attention_map", "plot attention weights per layer and head for a sentence"),
 }
 
 

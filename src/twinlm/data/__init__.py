@@ -2,35 +2,56 @@
 
 Public API: `DataConfig`/`SourceConfig` (validated config), `load_texts` (documents with a "text"
 column), `build_pretraining_datasets` (packed train/validation blocks), `MaskedLMCollator` and
-`CausalLMCollator` (batches for the two objectives).
+`CausalLMCollator` (batches for the two objectives). The config classes are light; the rest (torch,
+datasets) is imported on first use (PEP 562), so command-line parsers can use the config cheaply.
 """
 
-from twinlm.data.collators import CausalLMCollator, MaskedLMCollator, word_continuation_table
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from twinlm.data.config import DataConfig, SourceConfig, parse_data_config
-from twinlm.data.packing import (
-    PACK_BATCH_DOCS,
-    STREAMING_VALIDATION_SIZE,
-    build_pretraining_datasets,
-    pack_token_ids,
-    split_documents,
-    tokenize_documents,
-)
-from twinlm.data.sources import infer_source_type, load_texts, resolve_files
+
+# public name -> submodule that defines it (imported when the name is first used)
+_LAZY = {
+    "CausalLMCollator": "collators",
+    "MaskedLMCollator": "collators",
+    "word_continuation_table": "collators",
+    "PACK_BATCH_DOCS": "packing",
+    "STREAMING_VALIDATION_SIZE": "packing",
+    "build_pretraining_datasets": "packing",
+    "pack_token_ids": "packing",
+    "split_documents": "packing",
+    "tokenize_documents": "packing",
+    "infer_source_type": "sources",
+    "load_texts": "sources",
+    "resolve_files": "sources",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"twinlm.data.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'twinlm.data' has no attribute {name!r}")
+
 
 __all__ = [
+    "DataConfig",
+    "SourceConfig",
+    "parse_data_config",
+    "CausalLMCollator",
+    "MaskedLMCollator",
+    "word_continuation_table",
     "PACK_BATCH_DOCS",
     "STREAMING_VALIDATION_SIZE",
-    "CausalLMCollator",
-    "DataConfig",
-    "MaskedLMCollator",
-    "SourceConfig",
     "build_pretraining_datasets",
-    "infer_source_type",
-    "load_texts",
     "pack_token_ids",
-    "parse_data_config",
-    "resolve_files",
     "split_documents",
     "tokenize_documents",
-    "word_continuation_table",
+    "infer_source_type",
+    "load_texts",
+    "resolve_files",
 ]
