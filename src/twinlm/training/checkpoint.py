@@ -1,13 +1,20 @@
-"""Atomic checkpoints: every rank writes into `checkpoint-N.tmp`, then one rename makes `checkpoint-N`.
+"""Checkpoints that prove themselves: written atomically, verified before they are trusted.
 
-A directory named `checkpoint-N` is therefore always complete (it holds `train_state.json`, written
-last); a crash leaves at most a `.tmp` directory, which is ignored and cleaned up by the next save.
-Accelerate's `save_state` stores model, optimizer, (DeepSpeed shards,) RNG states and registered
-objects such as the LR scheduler; `train_state.json` stores the loop's own counters.
+Every rank writes into `checkpoint-N.tmp`; the main process then adds `train_state.json` (the engine's
+counters) and `manifest.json` (each file's size and SHA-256, written last), and one rename makes
+`checkpoint-N`. A crash leaves at most a `.tmp` directory, which is ignored and removed by the next
+save; a disk that fills up ends the run with a one-line error, the `.tmp` removed.
+
+Resuming from `latest` verifies the newest checkpoint against its manifest and falls back to the next
+intact one, saying what it skipped and why; an explicit checkpoint that fails verification, a missing RNG
+file or a model of another shape is a one-line TwinLMError naming the file. Rotation (`keep_last`) never
+deletes the newest intact checkpoint.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import re
@@ -15,12 +22,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
 
 from twinlm.errors import TwinLMError
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "train_state.json"
+MANIFEST = "manifest.json"
 
 
 def checkpoints_root(output_dir: Path) -> Path:
@@ -28,7 +37,7 @@ def checkpoints_root(output_dir: Path) -> Path:
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+    """Complete checkpoints of a run (renamed from .tmp, with a train_state.json), oldest first."""
     root = checkpoints_root(output_dir)
     if not root.is_dir():
         return []
@@ -56,45 +65,198 @@ def resolve_checkpoint(output_dir: Path, value: str | None) -> Path | None:
     return path
 
 
+# ------------------------------------------------------------------------------------------------
+# Manifest and verification
+# ------------------------------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """manifest.json: every file's size and SHA-256 (the last file written into a checkpoint)."""
+    files = {
+        str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+    _write_synced(folder / MANIFEST, json.dumps({"files": files}, indent=1))
+
+
+def verify_checkpoint(path: Path, process_index: int = 0, checksums: bool = True) -> str | None:
+    """None if the checkpoint is intact, else what is wrong with it, naming the file."""
+    manifest_path = path / MANIFEST
+    try:
+        files = json.loads(manifest_path.read_text())["files"] if manifest_path.exists() else None
+    except (ValueError, KeyError, OSError):
+        return f"{manifest_path} is damaged (not a readable manifest)"
+    for name, entry in (files or {}).items():
+        file = path / name
+        if not file.is_file():
+            return f"{file} is missing"
+        size = file.stat().st_size
+        if size != entry["size"]:
+            return f"{file} has {size} bytes, the manifest says {entry['size']} (truncated or damaged)"
+        if checksums and _sha256(file) != entry["sha256"]:
+            return f"{file} does not match its checksum in {MANIFEST} (damaged)"
+    try:
+        json.loads((path / STATE_FILE).read_text())
+    except (ValueError, OSError):
+        return f"{path / STATE_FILE} is missing or not valid JSON"
+    rng = path / f"random_states_{process_index}.pkl"
+    if not rng.is_file():
+        return f"{rng} is missing (without it the resumed run would not be exact)"
+    return None
+
+
+def check_model_shapes(path: Path, model: torch.nn.Module) -> None:
+    """TwinLMError naming the file when the checkpoint holds a model of another shape than this run's."""
+    file = path / "model.safetensors"
+    if not file.is_file():  # DeepSpeed layouts: its loader checks shapes itself
+        return
+    from safetensors import safe_open
+
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    try:
+        with safe_open(str(file), "pt") as fh:
+            for key in fh.keys():  # noqa: SIM118 - safe_open objects are not iterable
+                shape = tuple(fh.get_slice(key).get_shape())
+                if key in expected and expected[key] != shape:
+                    raise TwinLMError(
+                        f"{file} holds a model of another shape ({key}: {shape} in the checkpoint, "
+                        f"{expected[key]} in this run's model); resume with the config it was trained with, "
+                        "or start a new output_dir"
+                    )
+    except (OSError, RuntimeError, ValueError) as err:  # safetensors raises SafetensorError(Exception)
+        raise TwinLMError(f"{file} is not a readable safetensors file ({err})") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# Resume
+# ------------------------------------------------------------------------------------------------
+def find_resume_checkpoint(
+    accelerator: Accelerator, output_dir: Path, value: str | None, model: torch.nn.Module
+) -> Path | None:
+    """The checkpoint to resume from, verified: 'latest' skips damaged ones (saying why), a path must be intact."""
+    if value is None:
+        return None
+    rank, main = accelerator.process_index, accelerator.is_main_process
+    if value != "latest":
+        path = resolve_checkpoint(output_dir, value)
+        assert path is not None
+        problem = verify_checkpoint(path, rank)
+        if problem:
+            raise TwinLMError(f"training.resume_from_checkpoint: {problem}")
+        check_model_shapes(path, model)
+        return path
+    skipped = []
+    for path in reversed(list_checkpoints(output_dir)):
+        problem = verify_checkpoint(path, rank)
+        if problem is None:
+            check_model_shapes(path, model)
+            return path
+        skipped.append(f"{path.name}: {problem}")
+        if main:
+            print(f"skipping {path.name}: {problem}; trying an older checkpoint")
+    if skipped:
+        raise TwinLMError(
+            f"no intact checkpoint to resume from in {checkpoints_root(output_dir)} ({'; '.join(skipped)}); "
+            "restore one, or start afresh in another output_dir"
+        )
+    return None
+
+
+def load_checkpoint(accelerator: Accelerator, path: Path) -> dict[str, Any]:
+    """Restore model, optimizer, scheduler, RNG states from a checkpoint; return the engine's counters."""
+    try:
+        accelerator.load_state(str(path))
+    except (RuntimeError, OSError, ValueError, EOFError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TwinLMError(f"cannot load checkpoint {path}: {first}") from None
+    return json.loads((Path(path) / STATE_FILE).read_text())
+
+
+# ------------------------------------------------------------------------------------------------
+# Save
+# ------------------------------------------------------------------------------------------------
 def save_checkpoint(
-    accelerator: Accelerator, output_dir: Path, step: int, train_state: dict[str, Any], keep_last: int
+    accelerator: Accelerator,
+    output_dir: Path,
+    step: int,
+    train_state: dict[str, Any],
+    keep_last: int,
+    estimated_bytes: int = 0,
 ) -> Path:
     """Save the full training state as `checkpoints/checkpoint-{step}` atomically; keep the newest `keep_last`.
 
-    Must be called on every process (DeepSpeed writes one shard per rank).
+    Must be called on every process (DeepSpeed writes one shard per rank). `estimated_bytes` (the size of
+    a checkpoint, when none exists yet to measure) goes into the message should the disk fill up.
     """
     root = checkpoints_root(output_dir)
-    final = root / f"checkpoint-{step}"
-    tmp = root / f"checkpoint-{step}.tmp"
-    if final.exists():  # already saved at this step (e.g. save_every and the end coincide)
-        return final
-    if accelerator.is_main_process:
+    final, tmp = root / f"checkpoint-{step}", root / f"checkpoint-{step}.tmp"
+    main = accelerator.is_main_process
+    if final.exists() and verify_checkpoint(final, accelerator.process_index, checksums=False) is None:
+        return final  # already saved at this step (e.g. save_every and the end coincide)
+    if main:
         root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()  # all ranks' files are written before the rename
-    if accelerator.is_main_process:
-        state_path = tmp / STATE_FILE
-        with state_path.open("w") as fh:
-            json.dump(train_state, fh, indent=2)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        for old in list_checkpoints(output_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-        for stale in root.glob("checkpoint-*.tmp"):
+        for stale in (tmp, final):  # a damaged checkpoint-N is replaced by this exact recomputation
             shutil.rmtree(stale, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()  # all ranks' files are written before the manifest and the rename
+        if main:
+            _write_synced(tmp / STATE_FILE, json.dumps(train_state, indent=2))
+            write_manifest(tmp)
+            os.replace(tmp, final)
+            _fsync_dir(root)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise TwinLMError(_save_failure(err, root, tmp, output_dir, estimated_bytes)) from None
+    if main:
+        rotate_checkpoints(output_dir, keep_last)
     accelerator.wait_for_everyone()
     return final
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler, RNG states from a checkpoint; return the loop's counters."""
-    accelerator.load_state(str(path))
-    return json.loads((Path(path) / STATE_FILE).read_text())
+def rotate_checkpoints(output_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` checkpoints, never the newest intact one; drop stale .tmp."""
+    found = list_checkpoints(output_dir)
+    keep = set(found[-keep_last:])
+    for path in reversed(found):
+        if verify_checkpoint(path, checksums=False) is None:
+            keep.add(path)
+            break
+    for old in found:
+        if old not in keep:
+            shutil.rmtree(old, ignore_errors=True)
+    for stale in checkpoints_root(output_dir).glob("checkpoint-*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _save_failure(err: OSError, root: Path, tmp: Path, output_dir: Path, estimated_bytes: int) -> str:
+    """One line: what failed, the space a checkpoint needs and the space left, what is intact."""
+    found = list_checkpoints(output_dir)
+    need = sum(p.stat().st_size for p in found[-1].rglob("*") if p.is_file()) if found else estimated_bytes
+    free = shutil.disk_usage(root if root.exists() else output_dir).free
+    cause = "the disk is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else (err.strerror or str(err))
+    intact = ", ".join(p.name for p in found) or "none yet"
+    return (
+        f"saving {tmp.name.removesuffix('.tmp')} failed: {cause} ({err.filename or tmp}); a checkpoint needs "
+        f"about {need / 1e6:,.1f} MB, {free / 1e6:,.1f} MB are free on {root}; the unfinished {tmp.name} was "
+        f"removed, earlier checkpoints are intact ({intact}): free space and resume with "
+        "training.resume_from_checkpoint=latest"
+    )
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with path.open("w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def _fsync_dir(path: Path) -> None:

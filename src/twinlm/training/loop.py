@@ -18,8 +18,6 @@ import json
 import math
 import os
 import shutil
-import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,29 +33,37 @@ from accelerate.utils import (
     set_seed,
 )
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Sampler
-from tqdm.auto import tqdm
 
 from twinlm.errors import TwinLMError
 from twinlm.training.checkpoint import (
     checkpoints_root,
+    find_resume_checkpoint,
     load_checkpoint,
-    resolve_checkpoint,
     save_checkpoint,
 )
+from twinlm.training.components import Checkpointer, Evaluator, HubPublisher, MetricsLogger, StopSignal
 from twinlm.training.config import RunConfig, dump_run_config, load_run_config
+from twinlm.training.engine import (
+    MODEL_INPUTS,
+    Engine,
+    EngineSettings,
+    NonFiniteError,
+    TrainState,
+    count_lm_targets,
+    model_is_finite,
+)
+from twinlm.training.lock import RunLock
 from twinlm.training.optim import build_optimizer, build_scheduler
 from twinlm.training.tracking import (
     MetricsLog,
-    Throughput,
-    count_parameters,
     flops_per_token,
     init_tracking,
+    parameter_counts,
     peak_flops_per_device,
-    plot_loss_curve,
+    plot_training_curves,
     prepare_wandb_mode,
+    read_metrics,
 )
-
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids", "labels")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -342,34 +348,6 @@ def evaluate(
 
 
 # ------------------------------------------------------------------------------------------------
-# Signals
-# ------------------------------------------------------------------------------------------------
-class StopFlag:
-    """SIGINT/SIGTERM set a flag; the loop checks it after each optimizer step, saves and exits."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopFlag:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: no handlers, no clean stop
-                pass
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-# ------------------------------------------------------------------------------------------------
 # The run
 # ------------------------------------------------------------------------------------------------
 def pretrain(
@@ -381,31 +359,24 @@ def pretrain(
     """
     cfg = load_run_config(config, overrides)
     try:
-        return Trainer(cfg).run()
+        return PretrainingRun(cfg).run()
     finally:
         if _single_process():  # leave no Accelerate state behind for the caller's next Accelerator
             _reset_accelerate_state()
 
 
-class Trainer:
-    """Holds the pieces of one run; `run()` trains and returns the summary."""
+class PretrainingRun:
+    """One pretraining run: setup, then the shared Engine with its components, then export and summary."""
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         self.output_dir = Path(cfg.output_dir)
+        self.hub: HubPublisher | None = None
 
     # -- setup ------------------------------------------------------------------------------------
-    def _setup(self) -> None:
-        cfg, train = self.cfg, self.cfg.training
-        prepare_wandb_mode(cfg.logging.report_to, int(os.environ.get("RANK", "0")) == 0)
-        self.accelerator = acc = build_accelerator(cfg)
-        self.is_deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
-        if acc.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-        acc.wait_for_everyone()
-        set_seed(train.seed)
-
-        # The objective follows the model config, so read it before the tokenizer is trained.
+    def _setup_data(self) -> None:
+        """The model config (objective first: it picks the tokenizer), tokenizer, datasets, loaders."""
+        cfg, train, acc = self.cfg, self.cfg.training, self.accelerator
         from twinlm import TwinLMConfig
 
         source = cfg.model.preset if cfg.model.preset is not None else str(cfg.model.config_file)
@@ -416,8 +387,7 @@ class Trainer:
         except (ValueError, TypeError) as err:
             raise TwinLMError(f"model ({source}): {err}") from None
         check_sequence_length(cfg, probe_config)  # before minutes of tokenizer training, not after
-        causal = bool(probe_config.is_causal)
-        self.tokenizer = build_tokenizer(cfg, acc, causal)
+        self.tokenizer = build_tokenizer(cfg, acc, bool(probe_config.is_causal))
         self.model_config = build_model_config(cfg, self.tokenizer)
         self.causal = bool(self.model_config.is_causal)
 
@@ -426,25 +396,28 @@ class Trainer:
         with acc.main_process_first():
             train_ds, val_ds = build_pretraining_datasets(cfg.data, self.tokenizer, causal=self.causal)
         if self.causal:
-            self.collator = CausalLMCollator(self.tokenizer)
+            collator: Any = CausalLMCollator(self.tokenizer)
         else:
-            self.collator = MaskedLMCollator(
+            collator = MaskedLMCollator(
                 self.tokenizer,
                 mlm_probability=cfg.data.mlm_probability,
                 whole_word_masking=cfg.data.whole_word_masking,
             )
         self.batches = TrainBatches(
-            train_ds, self.collator, train.batch_size, train.seed, acc.process_index, acc.num_processes
+            train_ds, collator, train.batch_size, train.seed, acc.process_index, acc.num_processes
         )
         self.eval_loader = None
         if val_ds is not None and len(val_ds) >= acc.num_processes:
             self.eval_loader = _eval_loader(
-                val_ds, self.collator, train.batch_size, acc.process_index, acc.num_processes
+                val_ds, collator, train.batch_size, acc.process_index, acc.num_processes
             )
 
-        set_seed(train.seed)  # the same initial weights on every process, whatever came before
+    def _setup_model(self) -> None:
+        """Model (same initial weights on every process), optimizer and schedule, prepared by Accelerate."""
+        cfg, train, acc = self.cfg, self.cfg.training, self.accelerator
+        set_seed(train.seed)
         model = build_model(self.model_config)
-        self.n_params, n_flop_params = count_parameters(model)
+        self.n_params, n_flop_params = parameter_counts(model)
         self.flops_per_token = flops_per_token(
             n_flop_params,
             self.model_config.num_hidden_layers,
@@ -459,9 +432,10 @@ class Trainer:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if train.compile:
             model.compile()  # in place: parameter names (and checkpoints) stay those of the model
-        offload = self.is_deepspeed and acc.state.deepspeed_plugin.deepspeed_config.get(
-            "zero_optimization", {}
-        ).get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+        deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
+        offload = deepspeed and acc.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get(
+            "offload_optimizer", {}
+        ).get("device", "none") not in ("none", None)
         optimizer = build_optimizer(model, train, cpu_offload=offload and not _on_cpu())
         # The scheduler drives the torch optimizer's param groups, which DeepSpeed's ZeRO optimizers keep.
         self.scheduler = build_scheduler(optimizer, train)
@@ -470,278 +444,177 @@ class Trainer:
         acc.register_for_checkpointing(self.scheduler)
         set_seed(train.seed, device_specific=True)  # dropout and masking differ between processes
 
-    # -- the loop -----------------------------------------------------------------------------------
-    def run(self) -> dict[str, Any]:
-        self._setup()
-        cfg, train, acc = self.cfg, self.cfg.training, self.accelerator
-        step, epoch, batch_in_epoch, tokens_seen, train_seconds = 0, 0, 0, 0, 0.0
-        resume = resolve_checkpoint(self.output_dir, train.resume_from_checkpoint)
-        if resume is not None:
-            state = load_checkpoint(acc, resume)
+    def _resume(self) -> TrainState:
+        """The verified checkpoint's state (model, optimizer, schedule, RNG, counters), or a fresh one."""
+        acc, train, state = self.accelerator, self.cfg.training, TrainState()
+        model = acc.unwrap_model(self.model)
+        path = find_resume_checkpoint(acc, self.output_dir, train.resume_from_checkpoint, model)
+        if path is not None:
+            state.load_state_dict(load_checkpoint(acc, path))
             for group, lr in zip(self.base_optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
                 group["lr"] = lr
-            step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-            tokens_seen, train_seconds = state["tokens_seen"], state.get("train_seconds", 0.0)
+            if not model_is_finite(model):
+                raise TwinLMError(
+                    f"{path}: the model holds NaN/inf values; resume from an earlier checkpoint"
+                )
             if acc.is_main_process:
-                print(f"resumed from {resume} at step {step}")
+                print(f"resumed from {path} at step {state.step}")
         elif train.resume_from_checkpoint == "latest" and acc.is_main_process:
             print(f"no checkpoint in {self.output_dir / 'checkpoints'} yet: starting from step 0")
+        self.resumed = path is not None
+        return state
 
+    # -- the run ------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        cfg, acc = self.cfg, None
+        prepare_wandb_mode(cfg.logging.report_to, int(os.environ.get("RANK", "0")) == 0)
+        self.accelerator = acc = build_accelerator(cfg)
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        with RunLock(self.output_dir, enabled=acc.is_main_process):
+            acc.wait_for_everyone()
+            set_seed(cfg.training.seed)
+            self._setup_data()
+            self._setup_model()
+            engine = self._engine(self._resume())
+            try:
+                engine.train()
+            except Exception:
+                if self.hub is not None:  # pushes already queued (good checkpoints) still go out
+                    self.hub.finish()
+                raise
+            return self._finish(engine)
+
+    def _engine(self, state: TrainState) -> Engine:
+        cfg, train, acc = self.cfg, self.cfg.training, self.accelerator
         if acc.is_main_process:
             dump_run_config(cfg, self.output_dir / "run_config.yaml")
-        self.metrics = MetricsLog(
-            self.output_dir / "metrics.jsonl", acc.is_main_process, step if resume is not None else None
+        metrics = MetricsLog(
+            self.output_dir / "metrics.jsonl", acc.is_main_process, state.step if self.resumed else None
         )
         init_tracking(acc, cfg.logging, cfg.model_dump(mode="json"), self.output_dir)
-        self.pusher = None
         if cfg.hub.push:
-            from twinlm.hub import BackgroundPusher
-
-            self.pusher = BackgroundPusher(
-                cfg.hub.repo_id,
-                private=cfg.hub.private,
-                revision=cfg.hub.revision,
-                enabled=acc.is_main_process,
-            )
-
+            self.hub = HubPublisher(cfg.hub, enabled=acc.is_main_process)
         peak = peak_flops_per_device(train.peak_flops)
-        meter = Throughput(self.flops_per_token, peak * acc.num_processes if peak else None)
-        last_eval: dict[str, float] = {}
-        last_rates: dict[str, Any] = {"tokens_per_s": None, "mfu": None}
-        all_rates: list[float] = []
-        loss_sum = torch.zeros((), device=acc.device)
-        micro = 0
-        run_start = time.perf_counter()
+        self.logger = MetricsLogger(
+            metrics, train.log_every, train.max_steps, cfg.logging.report_to,
+            self.flops_per_token, peak * acc.num_processes if peak else None, desc="pretrain",
+        )  # fmt: skip
+        evaluator = Evaluator(self._evaluate, train.eval_every, train.eval_on_start, self.logger)
+        self.checkpointer = Checkpointer(self._save, train.save_every)
+        settings = EngineSettings(train.max_steps, train.grad_accum, train.max_grad_norm, train.nonfinite)
+        return Engine(
+            acc, self.model, self.optimizer, self.scheduler,
+            lambda s: self.batches.iterate(s.epoch, s.batch_in_epoch), count_lm_targets(self.causal),
+            settings, [self.logger, evaluator, StopSignal(), self.checkpointer], state,
+        )  # fmt: skip
 
-        def counters() -> dict[str, Any]:
-            return {
-                "step": step,
-                "epoch": epoch,
-                "batch_in_epoch": batch_in_epoch,
-                "tokens_seen": tokens_seen,
-                "train_seconds": train_seconds + (time.perf_counter() - run_start),
-            }
-
-        progress = tqdm(
-            total=train.max_steps,
-            initial=step,
-            desc="pretrain",
-            unit="step",
-            disable=not acc.is_main_process,
-            dynamic_ncols=True,
+    def _evaluate(self) -> dict[str, float]:
+        if self.eval_loader is None:
+            return {}
+        train = self.cfg.training
+        return evaluate(
+            self.model, self.eval_loader, self.accelerator, self.causal, train.eval_batches, train.seed
         )
-        interrupted = None
-        initial_eval: dict[str, float] = {}
-        if train.eval_on_start and step == 0 and self.eval_loader is not None:
-            initial_eval = evaluate(
-                self.model, self.eval_loader, acc, self.causal, train.eval_batches, train.seed
-            )
-            self._log({"step": 0, **initial_eval})
-        self.model.train()
-        with StopFlag() as stop:
-            data = self.batches.iterate(epoch, batch_in_epoch)
-            while step < train.max_steps:
-                epoch, index, batch = next(data)
-                batch = _to_device(batch, acc.device)
-                with acc.accumulate(self.model):
-                    with acc.autocast():
-                        loss = self.model(**batch).loss
-                    acc.backward(loss)
-                    loss_sum += loss.detach().float()
-                    micro += 1
-                    grad_norm = None
-                    if acc.sync_gradients and train.max_grad_norm:
-                        grad_norm = acc.clip_grad_norm_(self.model.parameters(), train.max_grad_norm)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                meter.add(batch["input_ids"].numel() * acc.num_processes)
-                tokens_seen += batch["input_ids"].numel() * acc.num_processes
-                batch_in_epoch = index + 1
-                if not acc.sync_gradients:
-                    continue
-                if not getattr(self.optimizer, "step_was_skipped", False):
-                    self.scheduler.step()
-                step += 1
-                progress.update(1)
 
-                if step % train.log_every == 0 or step == train.max_steps:
-                    mean_loss = acc.reduce(loss_sum / micro, reduction="mean").item()
-                    last_rates = meter.measure()
-                    all_rates.append(last_rates["tokens_per_s"])
-                    record = {
-                        "step": step,
-                        "loss": mean_loss,
-                        "lr": self.scheduler.get_last_lr()[0],
-                        "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                        "epoch": epoch,
-                        "tokens": tokens_seen,
-                        **last_rates,
-                    }
-                    self._log(record)
-                    progress.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{last_rates['tokens_per_s']:.0f}")
-                    loss_sum.zero_()  # the logged loss is the mean over the steps since the last log
-                    micro = 0
-
-                if self.eval_loader is not None and train.eval_every and step % train.eval_every == 0:
-                    paused = meter.pause()
-                    last_eval = evaluate(
-                        self.model, self.eval_loader, acc, self.causal, train.eval_batches, train.seed
-                    )
-                    self._log({"step": step, **last_eval})
-                    meter.resume(paused)
-                stopping = self._stop_requested(stop)
-                if (train.save_every and step % train.save_every == 0) or stopping:
-                    paused = meter.pause()
-                    self._save(step, counters())
-                    meter.resume(paused)
-                if stopping:
-                    interrupted = stop.signum
-                    break
-        progress.close()
-        train_seconds = counters()["train_seconds"]
-
-        checkpoint = self._save(step, counters())
-        if (
-            interrupted is None
-            and self.eval_loader is not None
-            and (not last_eval or train.eval_every == 0 or step % train.eval_every)
-        ):
-            last_eval = evaluate(
-                self.model, self.eval_loader, acc, self.causal, train.eval_batches, train.seed
-            )
-            self._log({"step": step, **last_eval})
-        final_dir = self._export(self.output_dir / "final") if interrupted is None else None
-        summary = self._summary(
-            step,
-            tokens_seen,
-            train_seconds,
-            last_eval,
-            all_rates,
-            last_rates,
-            checkpoint,
-            final_dir,
-            interrupted,
-            initial_eval,
-        )
-        if final_dir is not None and acc.is_main_process:
-            # Read by twinlm.model_card when the folder is pushed (now or later with `twinlm push`).
-            info = {
-                "training_summary": _card_summary(summary),
-                "loss_history": self._loss_history(),
-                "datasets": [s.hub for s in cfg.data.sources if s.hub],
-                "metrics": {k: summary[k] for k in ("val_loss", "val_ppl", "val_accuracy") if k in summary},
-            }
-            (final_dir / "training_info.json").write_text(json.dumps(info, indent=2))
-        if self.pusher is not None:
-            if final_dir is not None:
-                self.pusher.submit(final_dir, f"twinlm pretraining: step {step}")
-            results = self.pusher.close(wait=True)
-            if acc.is_main_process:
-                ok = sum(1 for r in results if r.ok)
-                print(f"  hub          {ok} of {len(results)} pushes to {cfg.hub.repo_id} succeeded")
-                summary["hub_pushes_ok"], summary["hub_pushes"] = ok, len(results)
-        acc.wait_for_everyone()
-        acc.end_training()  # also tears down the process group
-        return summary
-
-    def _stop_requested(self, stop: StopFlag) -> bool:
-        """All processes must stop at the same step (saving is collective): share the flag."""
-        flag = stop.signum is not None
-        if self.accelerator.num_processes > 1:
-            t = torch.tensor([stop.signum or 0], device=self.accelerator.device)
-            t = self.accelerator.reduce(t, reduction="sum")
-            flag = bool(t.item())
-            if flag and stop.signum is None:
-                stop.signum = signal.SIGTERM
-        return flag
-
-    def _log(self, record: dict[str, Any]) -> None:
-        self.metrics.write(record)
-        if self.cfg.logging.report_to != "none":
-            values = {k: v for k, v in record.items() if k != "step" and v is not None}
-            self.accelerator.log(values, step=record["step"])
-
-    def _save(self, step: int, state: dict[str, Any]) -> Path:
+    def _save(self, engine: Engine) -> Path:
+        """A checkpoint of a finite model only (a NaN model never replaces good checkpoints); Hub snapshot."""
+        acc, step = self.accelerator, engine.state.step
+        if not model_is_finite(self.model):
+            raise NonFiniteError(f"the model holds NaN/inf values at step {step}: not checkpointed")
         existed = (checkpoints_root(self.output_dir) / f"checkpoint-{step}").is_dir()
-        path = save_checkpoint(self.accelerator, self.output_dir, step, state, self.cfg.training.keep_last)
-        if self.pusher is not None and self.cfg.hub.push_checkpoints and not existed:
+        estimate = 12 * self.n_params  # float32 weights and two AdamW moments
+        path = save_checkpoint(
+            acc, self.output_dir, step, engine.state.state_dict(), self.cfg.training.keep_last, estimate
+        )
+        if self.hub is not None and self.cfg.hub.push_checkpoints and not existed:
             # The Hub gets a loadable model (not the optimizer state) for each checkpoint, in the background.
             snapshot = self._export(self.output_dir / "hub-snapshot")
-            self.pusher.submit(snapshot, f"twinlm pretraining: checkpoint at step {step}")
-            if self.accelerator.is_main_process:  # submit() took its own copy: leave no second model behind
+            self.hub.submit(snapshot, f"twinlm pretraining: checkpoint at step {step}")
+            if acc.is_main_process:  # submit() took its own copy: leave no second model behind
                 shutil.rmtree(snapshot, ignore_errors=True)
         return path
 
     def _export(self, target: Path) -> Path:
         """save_pretrained into `target` (atomically): safetensors, config, model code, tokenizer."""
-        import shutil
-
         acc = self.accelerator
+        if not model_is_finite(self.model):
+            raise NonFiniteError(f"the model holds NaN/inf values: not exported to {target}")
         tmp = target.with_name(target.name + ".tmp")
         state_dict = acc.get_state_dict(self.model)  # gathers ZeRO-3 shards: every process takes part
         if acc.is_main_process:
-            if tmp.exists():
-                shutil.rmtree(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
             model = acc.unwrap_model(self.model)
             state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
-            model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp)
-            if target.exists():
-                shutil.rmtree(target)
+            try:
+                model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp)
+            except OSError as err:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise TwinLMError(
+                    f"exporting {target} failed: {err.strerror or err} ({err.filename or tmp}); "
+                    f"{shutil.disk_usage(tmp.parent).free / 1e6:,.1f} MB free; the checkpoints are intact"
+                ) from None
+            shutil.rmtree(target, ignore_errors=True)
             os.replace(tmp, target)
         acc.wait_for_everyone()
         return target
 
-    def _loss_history(self) -> list[tuple[int, float]]:
-        from twinlm.training.tracking import read_metrics
+    def _finish(self, engine: Engine) -> dict[str, Any]:
+        """Export (unless stopped), summary.json, model-card info, Hub verdict; returns the summary."""
+        acc, state, interrupted = self.accelerator, engine.state, engine.stop_reason
+        final_dir = self._export(self.output_dir / "final") if interrupted is None else None
+        summary = self._summary(state, final_dir, interrupted)
+        if final_dir is not None and acc.is_main_process:
+            # Read by twinlm.model_card when the folder is pushed (now or later with `twinlm push`).
+            info = {
+                "training_summary": _card_summary(summary),
+                "loss_history": [
+                    (m["step"], m["loss"])
+                    for m in read_metrics(self.logger.metrics.path)
+                    if m.get("loss") is not None
+                ],
+                "datasets": [s.hub for s in self.cfg.data.sources if s.hub],
+                "metrics": {k: summary[k] for k in ("val_loss", "val_ppl", "val_accuracy") if k in summary},
+            }
+            (final_dir / "training_info.json").write_text(json.dumps(info, indent=2))
+        if self.hub is not None:
+            if final_dir is not None:
+                self.hub.submit(final_dir, f"twinlm pretraining: step {state.step}")
+            summary.update(self.hub.finish())
+            if acc.is_main_process:
+                (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            self.hub.check(summary, final_dir or Path(summary["checkpoint"]))
+        acc.wait_for_everyone()
+        acc.end_training()  # also tears down the process group
+        return summary
 
-        path = self.output_dir / "metrics.jsonl"
-        if not path.exists():
-            return []
-        return [(m["step"], m["loss"]) for m in read_metrics(path) if m.get("loss") is not None]
-
-    def _summary(
-        self,
-        step: int,
-        tokens_seen: int,
-        train_seconds: float,
-        last_eval: dict[str, float],
-        all_rates: list[float],
-        last_rates: dict[str, Any],
-        checkpoint: Path,
-        final_dir: Path | None,
-        interrupted: int | None,
-        initial_eval: dict[str, float],
-    ) -> dict[str, Any]:
+    def _summary(self, state: TrainState, final_dir: Path | None, interrupted: str | None) -> dict[str, Any]:
         acc, cfg = self.accelerator, self.cfg
-        rates = all_rates[1:] or all_rates  # the first interval includes warm-up (compilation, allocation)
-        tps = sum(rates) / len(rates) if rates else None
+        tps = state.rate_sum / state.rate_count if state.rate_count else state.rate_first
         peak = peak_flops_per_device(cfg.training.peak_flops)
-        mfu = tps * self.flops_per_token / (peak * acc.num_processes) if (tps and peak) else None
         summary = {
             "output_dir": str(self.output_dir),
             "final_model": str(final_dir) if final_dir else None,
-            "checkpoint": str(checkpoint),
+            "checkpoint": str(self.checkpointer.last),
             "objective": "causal-lm" if self.causal else "masked-lm",
             "parameters": self.n_params,
-            "steps": step,
-            "tokens_seen": tokens_seen,
-            "train_seconds": train_seconds,
+            "steps": state.step,
+            "tokens_seen": state.tokens_seen,
+            "train_seconds": state.train_seconds,
             "processes": acc.num_processes,
             "distributed_type": str(acc.distributed_type),
             "tokens_per_s": tps,
-            "mfu": mfu,
-            "interrupted_by": signal.Signals(interrupted).name if interrupted else None,
-            **last_eval,
-            **{f"initial_{k}": v for k, v in initial_eval.items()},
+            "mfu": tps * self.flops_per_token / (peak * acc.num_processes) if (tps and peak) else None,
+            "interrupted_by": interrupted,
+            "skipped_steps": state.skipped_steps,
+            **state.last_eval,
+            **{f"initial_{k}": v for k, v in state.initial_eval.items()},
         }
         if acc.is_main_process:
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-            from twinlm.training.tracking import read_metrics
-
-            metrics_path = self.output_dir / "metrics.jsonl"
-            plot = plot_loss_curve(
-                read_metrics(metrics_path),
+            plot = plot_training_curves(
+                read_metrics(self.logger.metrics.path),
                 self.output_dir / "loss_curve.png",
                 f"{summary['objective']} ({self.n_params / 1e6:.1f}M parameters)",
             )
@@ -802,4 +675,11 @@ def _format_summary(summary: dict[str, Any], plot: Path | None) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Trainer", "evaluate", "pretrain", "build_accelerator", "build_model_config", "TrainBatches"]
+__all__ = [
+    "PretrainingRun",
+    "evaluate",
+    "pretrain",
+    "build_accelerator",
+    "build_model_config",
+    "TrainBatches",
+]

@@ -47,7 +47,7 @@ def peak_flops_per_device(override: float | None = None) -> float | None:
     return None
 
 
-def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
     """(all parameters, parameters without position-embedding tables), counting tied weights once."""
     seen: set[int] = set()
     total = positions = 0
@@ -151,7 +151,8 @@ def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 class MetricsLog:
-    """metrics.jsonl on the main process: one JSON object per logged step, truncated on resume."""
+    """metrics.jsonl on the main process: one JSON object per logged step; on resume, the lines after
+    the checkpoint's step (and a torn last line of a killed run) are dropped."""
 
     def __init__(self, path: Path, enabled: bool, resume_step: int | None) -> None:
         self.path = path
@@ -161,12 +162,8 @@ class MetricsLog:
         if resume_step is None:
             path.write_text("")
         elif path.exists():
-            kept = [
-                line
-                for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
-            ]
-            path.write_text("".join(line + "\n" for line in kept))
+            kept = [m for m in read_metrics(path) if m.get("step", 0) <= resume_step]
+            path.write_text("".join(json.dumps(m) + "\n" for m in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
@@ -178,11 +175,19 @@ class MetricsLog:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Read a run's metrics.jsonl (for plots and tests)."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """Read a run's metrics.jsonl (for plots, resumes and tests), skipping lines a crash left torn."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            record = json.loads(line) if line.strip() else None
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
-def plot_loss_curve(metrics: list[dict[str, Any]], out_path: Path, title: str) -> Path | None:
+def plot_training_curves(metrics: list[dict[str, Any]], out_path: Path, title: str) -> Path | None:
     """Training and validation loss against optimizer step, as a PNG (matplotlib, no display needed)."""
     train = [(m["step"], m["loss"]) for m in metrics if m.get("loss") is not None]
     val = [(m["step"], m["val_loss"]) for m in metrics if m.get("val_loss") is not None]

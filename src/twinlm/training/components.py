@@ -1,0 +1,230 @@
+"""The engine's components: each decides itself when it runs (see twinlm.training.engine).
+
+StopSignal (SIGINT/SIGTERM -> save and stop), MetricsLogger (metrics.jsonl, trackers, progress bar),
+Evaluator (initial, periodic and final validation), Checkpointer (periodic, on stop and at the end) and
+HubPublisher (background pushes, and a clear verdict when they failed).
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from twinlm.errors import TwinLMError
+from twinlm.training.engine import Engine
+from twinlm.training.tracking import MetricsLog
+
+
+class StopSignal:
+    """SIGINT/SIGTERM set a flag; after each step all processes agree on it, and the engine stops."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def on_start(self, engine: Engine) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handlers, no clean stop
+                pass
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def after_step(self, engine: Engine) -> None:
+        signum = self.signum or 0
+        acc = engine.accelerator
+        if acc.num_processes > 1:  # saving is collective: every process must stop at the same step
+            flags = acc.gather(torch.tensor([signum], device=acc.device))
+            signum = max(flags.tolist())
+        if signum:
+            self.signum = signum
+            engine.request_stop(signal.Signals(signum).name)
+
+    def on_end(self, engine: Engine) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+class MetricsLogger:
+    """Every `log_every` steps (and at the last): the mean window loss since the last line, lr, grad
+    norm, tokens/s and MFU, to metrics.jsonl and the configured tracker; the progress bar each step."""
+
+    def __init__(
+        self,
+        metrics: MetricsLog,
+        log_every: int,
+        max_steps: int,
+        report_to: str,
+        flops_per_token: float | None = None,
+        peak_flops_total: float | None = None,
+        desc: str = "train",
+    ) -> None:
+        self.metrics, self.log_every, self.max_steps, self.report_to = (
+            metrics,
+            log_every,
+            max_steps,
+            report_to,
+        )
+        self.flops_per_token, self.peak_flops_total, self.desc = flops_per_token, peak_flops_total, desc
+        self.last_rates: dict[str, float | None] = {"tokens_per_s": None, "mfu": None}
+        self.progress: Any = None
+
+    def on_start(self, engine: Engine) -> None:
+        state = engine.state
+        self._mark = (state.tokens_seen, state.train_seconds)
+        self.progress = tqdm(
+            total=self.max_steps,
+            initial=state.step,
+            desc=self.desc,
+            unit="step",
+            disable=not engine.accelerator.is_main_process,
+            dynamic_ncols=True,
+        )
+
+    def log(self, engine: Engine, record: dict[str, Any]) -> None:
+        self.metrics.write(record)
+        if self.report_to != "none":
+            values = {k: v for k, v in record.items() if k != "step" and v is not None}
+            engine.accelerator.log(values, step=record["step"])
+
+    def after_step(self, engine: Engine) -> None:
+        state = engine.state
+        self.progress.update(1)
+        if state.step % self.log_every and state.step != self.max_steps:
+            return
+        loss = state.loss_sum / state.loss_steps if state.loss_steps else None
+        record = {
+            "step": state.step,
+            "loss": loss,
+            "lr": engine.scheduler.get_last_lr()[0],
+            "grad_norm": state.last_grad_norm,
+            "epoch": state.epoch,
+            "tokens": state.tokens_seen,
+            **self._rates(state),
+        }
+        self.log(engine, record)
+        if loss is not None and self.last_rates["tokens_per_s"] is not None:
+            self.progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{self.last_rates['tokens_per_s']:.0f}")
+        state.loss_sum, state.loss_steps = 0.0, 0
+
+    def _rates(self, state: Any) -> dict[str, float | None]:
+        tokens, seconds = state.tokens_seen - self._mark[0], state.train_seconds - self._mark[1]
+        self._mark = (state.tokens_seen, state.train_seconds)
+        tps = tokens / max(seconds, 1e-9)
+        mfu = tps * self.flops_per_token / self.peak_flops_total if self.peak_flops_total else None
+        self.last_rates = {"tokens_per_s": tps, "mfu": mfu}
+        if state.rate_first is None:  # a run's first interval includes warm-up: kept apart
+            state.rate_first = tps
+        else:
+            state.rate_sum, state.rate_count = state.rate_sum + tps, state.rate_count + 1
+        return self.last_rates
+
+    def on_end(self, engine: Engine) -> None:
+        self.progress.close()
+
+
+class Evaluator:
+    """Validation before training (optional), every `every` steps, and at the end when the last step
+    had none; results go into the state (so a resumed run's summary still has them) and the log."""
+
+    def __init__(
+        self, evaluate: Callable[[], dict[str, float]], every: int, on_start: bool, logger: MetricsLogger
+    ) -> None:
+        self.evaluate, self.every, self.at_start, self.logger = evaluate, every, on_start, logger
+
+    def _run(self, engine: Engine) -> dict[str, float]:
+        result = self.evaluate()
+        if result:
+            self.logger.log(engine, {"step": engine.state.step, **result})
+        return result
+
+    def on_start(self, engine: Engine) -> None:
+        state = engine.state
+        if self.at_start and state.step == 0 and not state.initial_eval:
+            state.initial_eval = self._run(engine)
+
+    def after_step(self, engine: Engine) -> None:
+        state = engine.state
+        if self.every and state.step % self.every == 0:
+            state.last_eval, state.last_eval_step = self._run(engine), state.step
+
+    def on_end(self, engine: Engine) -> None:
+        state = engine.state
+        if engine.stop_reason is None and state.last_eval_step != state.step:
+            state.last_eval, state.last_eval_step = self._run(engine), state.step
+
+
+class Checkpointer:
+    """Saves every `every` steps, when the run is stopped, and at the end (once per step)."""
+
+    def __init__(self, save: Callable[[Engine], Path], every: int) -> None:
+        self.save, self.every = save, every
+        self.saved_step: int | None = None
+        self.last: Path | None = None
+
+    def _save(self, engine: Engine) -> None:
+        if self.saved_step != engine.state.step:
+            self.last, self.saved_step = self.save(engine), engine.state.step
+
+    def on_start(self, engine: Engine) -> None:
+        pass
+
+    def after_step(self, engine: Engine) -> None:
+        if (self.every and engine.state.step % self.every == 0) or engine.stop_reason is not None:
+            self._save(engine)
+
+    def on_end(self, engine: Engine) -> None:
+        self._save(engine)
+
+
+class HubPublisher:
+    """Background pushes to the Hub (main process); `finish` reports them and, unless the user allows
+    failure (hub.allow_failure), raises when the final push or every push failed."""
+
+    def __init__(self, hub: Any, enabled: bool) -> None:
+        from twinlm.hub import BackgroundPusher
+
+        self.hub = hub
+        self.enabled = enabled
+        self.pusher = BackgroundPusher(
+            hub.repo_id, private=hub.private, revision=hub.revision, enabled=enabled
+        )
+
+    def submit(self, folder: Path, message: str, card_kwargs: dict[str, Any] | None = None) -> None:
+        self.pusher.submit(folder, message, card_kwargs=card_kwargs)
+
+    def finish(self) -> dict[str, Any]:
+        """Wait for the queue; {'hub_pushes', 'hub_pushes_ok', 'hub_failures'} for the summary."""
+        results = self.pusher.close(wait=True)
+        ok = sum(1 for r in results if r.ok)
+        report = {
+            "hub_pushes": len(results),
+            "hub_pushes_ok": ok,
+            "hub_failures": [r.error for r in results if not r.ok],
+            "hub_last_push_ok": results[-1].ok if results else None,
+        }
+        if self.enabled:
+            print(f"  hub          {ok} of {len(results)} pushes to {self.hub.repo_id} succeeded")
+        return report
+
+    def check(self, report: dict[str, Any], saved_at: Path) -> None:
+        """TwinLMError (call it after the summary is written) when the final push or every push failed."""
+        failures = report["hub_failures"]
+        if not self.enabled or not failures or getattr(self.hub, "allow_failure", False):
+            return
+        if report["hub_pushes_ok"] == 0 or not report["hub_last_push_ok"]:
+            raise TwinLMError(
+                f"hub: {len(failures)} of {report['hub_pushes']} pushes to {self.hub.repo_id} failed (last: "
+                f"{failures[-1]}); the model is saved at {saved_at}: push it later with `twinlm push`, or set "
+                "hub.allow_failure=true to accept a run whose pushes fail"
+            )

@@ -1,0 +1,237 @@
+"""The training engine shared by pretraining and fine-tuning, in torchtitan's shape:
+`train()` -> `train_step()` -> `forward_backward_step()`.
+
+The loop itself only steps. Logging, evaluation, checkpoints, Hub pushes and the stop signal are
+components (twinlm.training.components) that decide themselves when they run; every counter they
+need, running loss sums included, lives in one `TrainState` that checkpoints save and restore.
+
+The loss of an accumulation window is the mean over all its target tokens (all micro-batches, all
+processes): the target tokens of the window are counted first, then each micro-batch's loss is
+weighted by its share of them, so `grad_accum=4 x batch 2` steps exactly like `batch 8`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, Literal, Protocol
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+
+from twinlm.errors import TwinLMError
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids", "labels")
+MAX_CONSECUTIVE_SKIPS = 10  # with nonfinite="skip": a model that keeps producing NaN is broken, stop
+
+
+class NonFiniteError(TwinLMError):
+    """A NaN/inf loss or gradient norm: the run stops before the model (or a checkpoint) is spoiled."""
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Every counter of a run; `state_dict()` goes into each checkpoint, so a resume continues exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    tokens_seen: int = 0
+    train_seconds: float = 0.0
+    loss_sum: float = 0.0  # window losses since the last log line
+    loss_steps: int = 0
+    skipped_steps: int = 0  # non-finite steps skipped (nonfinite="skip")
+    consecutive_skips: int = 0
+    last_grad_norm: float | None = None
+    last_loss: float | None = None
+    initial_eval: dict[str, Any] = dataclasses.field(default_factory=dict)
+    last_eval: dict[str, Any] = dataclasses.field(default_factory=dict)
+    last_eval_step: int = -1
+    rate_first: float | None = None  # tokens/s of the first log interval (it includes warm-up)
+    rate_sum: float = 0.0  # tokens/s of the later log intervals
+    rate_count: int = 0
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # a component's own counters
+
+    def state_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, values: dict[str, Any]) -> None:
+        """Restore from a checkpoint; checkpoints of older versions lack some fields (kept at defaults)."""
+        names = {f.name for f in dataclasses.fields(self)}
+        for key, value in values.items():
+            if key in names:
+                setattr(self, key, value)
+
+
+class Component(Protocol):
+    """A piece of the run that decides itself when to act; every method is called on every process."""
+
+    def on_start(self, engine: Engine) -> None: ...
+    def after_step(self, engine: Engine) -> None: ...
+    def on_end(self, engine: Engine) -> None: ...
+
+
+@dataclasses.dataclass
+class EngineSettings:
+    max_steps: int
+    grad_accum: int = 1
+    max_grad_norm: float | None = None
+    nonfinite: Literal["stop", "skip"] = "stop"
+
+
+Batch = tuple[int, int, dict[str, torch.Tensor]]  # (epoch, index of the batch in its epoch, batch)
+
+
+class Engine:
+    """Steps a prepared model: windows of `grad_accum` micro-batches, clip, guard, optimizer, schedule."""
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        batches: Callable[[TrainState], Iterator[Batch]],
+        count_targets: Callable[[dict[str, torch.Tensor]], int],
+        settings: EngineSettings,
+        components: list[Any],
+        state: TrainState | None = None,
+    ) -> None:
+        self.accelerator, self.model, self.optimizer, self.scheduler = (
+            accelerator,
+            model,
+            optimizer,
+            scheduler,
+        )
+        self.batches, self.count_targets, self.settings = batches, count_targets, settings
+        self.components = components
+        self.state = state or TrainState()
+        self.stop_reason: str | None = None  # set by a component: the loop ends after this step
+        self._data: Iterator[Batch] | None = None
+        forward = inspect.signature(accelerator.unwrap_model(model).forward).parameters
+        self.model_normalises = "num_items_in_batch" in forward  # transformers' convention
+
+    def request_stop(self, reason: str) -> None:
+        self.stop_reason = self.stop_reason or reason
+
+    def train(self) -> TrainState:
+        """Run steps until max_steps or a stop request; components act before, between and after."""
+        for component in self.components:
+            component.on_start(self)
+        self.model.train()
+        self._data = self.batches(self.state)
+        while self.state.step < self.settings.max_steps and self.stop_reason is None:
+            started = time.perf_counter()
+            self.train_step()
+            self.state.train_seconds += time.perf_counter() - started
+            for component in self.components:
+                component.after_step(self)
+        for component in self.components:
+            component.on_end(self)
+        return self.state
+
+    def train_step(self) -> None:
+        """One optimizer step over one accumulation window (look ahead: count its target tokens first)."""
+        acc, state = self.accelerator, self.state
+        assert self._data is not None
+        window = [next(self._data) for _ in range(self.settings.grad_accum)]
+        local = torch.tensor([float(self.count_targets(b)) for _, _, b in window], device=acc.device)
+        total = (
+            acc.reduce(local.sum(), reduction="sum").item() if acc.num_processes > 1 else local.sum().item()
+        )
+        loss = torch.zeros((), device=acc.device)
+        for i, (_, _, batch) in enumerate(window):
+            loss += self.forward_backward_step(batch, local[i].item(), max(total, 1.0))
+        grad_norm = self._clip()
+        state.epoch, state.batch_in_epoch = window[-1][0], window[-1][1] + 1
+        state.tokens_seen += sum(b["input_ids"].numel() for _, _, b in window) * acc.num_processes
+        if acc.num_processes > 1:
+            loss = acc.reduce(loss, reduction="sum")
+        if self._finite(loss, grad_norm):
+            self.optimizer.step()
+            state.consecutive_skips = 0
+            state.loss_sum += state.last_loss or 0.0
+            state.loss_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        if not getattr(self.optimizer, "step_was_skipped", False):
+            self.scheduler.step()
+        state.step += 1
+
+    def forward_backward_step(
+        self, batch: dict[str, torch.Tensor], targets: float, total: float
+    ) -> torch.Tensor:
+        """Forward and backward of one micro-batch; returns its share of the window's mean loss."""
+        acc = self.accelerator
+        batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items() if k in MODEL_INPUTS}
+        with acc.accumulate(self.model):
+            with acc.autocast():
+                if self.model_normalises:
+                    share = self.model(**batch, num_items_in_batch=total).loss
+                else:
+                    mean = self.model(**batch).loss  # the mean over this micro-batch's targets
+                    share = mean if targets == total else mean * (targets / total)
+            # Accelerate (or DeepSpeed) divides by grad_accum and DDP averages over processes: undo both,
+            # so the gradient is that of the window's sum over targets / the window's target count.
+            scale = self.settings.grad_accum * acc.num_processes
+            acc.backward(share * scale if scale != 1 else share)
+        return share.detach().float()
+
+    def _clip(self) -> torch.Tensor | None:
+        """The global gradient norm (clipped to max_grad_norm when set); None where DeepSpeed owns it."""
+        acc = self.accelerator
+        if acc.distributed_type == DistributedType.DEEPSPEED:
+            norm = getattr(self.model, "get_global_grad_norm", lambda: None)()
+            return None if norm is None else torch.as_tensor(float(norm))
+        return acc.clip_grad_norm_(self.model.parameters(), self.settings.max_grad_norm or math.inf)
+
+    def _finite(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
+        """Record loss and norm; True if both are finite, else skip (counted) or raise NonFiniteError."""
+        values = torch.stack([loss.float(), (grad_norm if grad_norm is not None else loss).float().to(loss)])
+        loss_value, norm_value = values.tolist()
+        state = self.state
+        state.last_loss, state.last_grad_norm = loss_value, (norm_value if grad_norm is not None else None)
+        if math.isfinite(loss_value) and math.isfinite(norm_value):
+            return True
+        what = (
+            f"loss {loss_value} and gradient norm {norm_value}"
+            if grad_norm is not None
+            else f"loss {loss_value}"
+        )
+        state.skipped_steps += 1
+        state.consecutive_skips += 1
+        if self.settings.nonfinite == "stop" or state.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+            raise NonFiniteError(
+                f"non-finite {what} at step {state.step + 1}: training stopped, the model is not saved; "
+                "resume from the last checkpoint with a lower training.lr (or training.nonfinite=skip "
+                f"to skip such steps, at most {MAX_CONSECUTIVE_SKIPS} in a row)"
+            )
+        if self.accelerator.is_main_process:
+            print(f"skipping step {state.step + 1}: non-finite {what} ({state.skipped_steps} skipped so far)")
+        return False
+
+
+def model_is_finite(model: torch.nn.Module) -> bool:
+    """True when every parameter and buffer is finite (checked before a save, an export or a push)."""
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point() and t.numel()]
+    if not tensors:
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all().item())
+
+
+def count_lm_targets(causal: bool) -> Callable[[dict[str, torch.Tensor]], int]:
+    """Target tokens of a language-model batch: labels != -100 (shifted by one for next-token loss)."""
+
+    def count(batch: dict[str, torch.Tensor]) -> int:
+        labels = batch["labels"][:, 1:] if causal else batch["labels"]
+        return int((labels != -100).sum())
+
+    return count
+
+
+def count_label_targets(batch: dict[str, torch.Tensor]) -> int:
+    """Examples (sequence labels) or tagged tokens (token labels) that carry a loss."""
+    return int((batch["labels"] != -100).sum())
