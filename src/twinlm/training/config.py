@@ -91,6 +91,9 @@ class TrainingSection(_Section):
     resume_from_checkpoint: str | None = Field(None, description="'latest' or a checkpoint directory")
     log_every: int = Field(10, gt=0)
     peak_flops: float | None = Field(None, gt=0, description="per device, for MFU; default: known GPUs")
+    nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="a NaN/inf loss or gradient norm: stop the run, or skip the step (and count it)"
+    )
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -112,6 +115,9 @@ class HubSection(_Section):
     repo_id: str | None = Field(None, description="target repo, e.g. 'user/twinlm-tiny' (needed with push)")
     private: bool = Field(False, description="create the repo as private")
     revision: str | None = Field(None, description="branch to push to (created from main if missing)")
+    allow_failure: bool = Field(
+        False, description="finish with exit status 0 even when the final push (or every push) failed"
+    )
     push_checkpoints: bool = Field(
         True, description="with push: push each checkpoint too; set false to push only the final model"
     )
