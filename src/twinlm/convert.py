@@ -158,6 +158,7 @@ def _gpt2_config(hf: Any) -> dict[str, Any]:
         embedding_dropout_prob=float(hf.embd_pdrop),
         layer_norm_eps=hf.layer_norm_epsilon,
         initializer_range=hf.initializer_range,
+        scale_residual_init=True,  # GPT-2 scales its c_proj init by 1/sqrt(2 * n_layer)
         attention_bias=True,
         mlp_bias=True,
         tie_word_embeddings=hf.tie_word_embeddings,

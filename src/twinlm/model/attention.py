@@ -145,9 +145,6 @@ class TwinLMAttention(nn.Module):
             ), None
         groups = self.num_heads // self.num_kv_heads
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-        if mask.bias is not None and mask.bias.shape[-1] != key.shape[-2]:
-            # a sliding-window cache keeps only the newest keys
-            mask = AttentionMask(bias=mask.bias[..., -key.shape[-2] :], is_causal=mask.is_causal)
         output, weights = self.scoring(query, key, value, mask, dropout, output_attentions)
         output = output.transpose(1, 2).reshape(b, s, -1)
         return self.o_proj(output), weights

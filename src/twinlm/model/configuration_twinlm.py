@@ -4,24 +4,38 @@ This file ships to the Hub as remote code: it imports only transformers, hugging
 standard library.
 """
 
+import difflib
 import math
 import os
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import PreTrainedConfig
+from transformers.utils import logging
 
-# The allowed values of each switch. The model builds one component per switch from a table keyed
-# by these strings, so adding a variant means one new class plus one entry here and there.
+logger = logging.get_logger(__name__)
+
+# The switches, as typed fields (validated by huggingface_hub's @strict). The model builds one component per
+# switch from a table keyed by these strings, so adding a variant means one new class, one table entry and
+# one value here.
+PositionEmbeddingType = Literal["learned", "sinusoidal", "relative", "rope", "alibi", "none"]
+NormType = Literal["layernorm", "rmsnorm", "batchnorm"]
+NormPosition = Literal["post", "pre"]
+HiddenAct = Literal["relu", "gelu", "gelu_new", "swiglu", "geglu"]
+AttentionScoring = Literal["scaled_dot", "dot", "additive"]
+ClassifierPooling = Literal["cls", "mean", "last"]
+
+# field -> allowed values, read off the Literal types above (one source of truth).
 CHOICES: dict[str, tuple[str, ...]] = {
-    "position_embedding_type": ("learned", "sinusoidal", "relative", "rope", "alibi", "none"),
-    "norm_type": ("layernorm", "rmsnorm", "batchnorm"),
-    "norm_position": ("post", "pre"),
-    "hidden_act": ("relu", "gelu", "gelu_new", "swiglu", "geglu"),
-    "attention_scoring": ("scaled_dot", "dot", "additive"),
-    "classifier_pooling": ("cls", "mean", "last"),
+    "position_embedding_type": get_args(PositionEmbeddingType),
+    "norm_type": get_args(NormType),
+    "norm_position": get_args(NormPosition),
+    "hidden_act": get_args(HiddenAct),
+    "attention_scoring": get_args(AttentionScoring),
+    "classifier_pooling": get_args(ClassifierPooling),
 }
 
 # Absolute position encodings: positions past the table (or past what the model was trained on) are
@@ -38,7 +52,39 @@ AUTO_MAP = {
     "AutoModelForTokenClassification": "modeling_twinlm.TwinLMForTokenClassification",
 }
 
+# True while a saved config is being loaded (from_dict): extra keys are then kept, as in every transformers
+# config, instead of being refused as typos (which is right only for configs that people write).
+_LOADING_SAVED_CONFIG: ContextVar[bool] = ContextVar("twinlm_loading_saved_config", default=False)
 
+
+def choice_error(field: str, value: Any) -> str:
+    """The message for a switch set to a value it does not have: field, value, allowed values, a guess."""
+    allowed = CHOICES[field]
+    close = difflib.get_close_matches(value, allowed, n=1, cutoff=0.6) if isinstance(value, str) else []
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{field}={value!r} is not supported; choose one of {', '.join(allowed)}{hint}"
+
+
+def _explain_bad_choices(cls: type) -> type:
+    """@strict checks a Literal field before any custom validator, with a message that has no did-you-mean:
+    check the switch values first, with the message of `choice_error`."""
+    strict_setattr = cls.__setattr__
+
+    def __setattr__(self: Any, name: str, value: Any) -> None:
+        allowed = CHOICES.get(name)
+        if (
+            allowed is not None
+            and value not in allowed
+            and not (value is None and name == "classifier_pooling")
+        ):
+            raise ValueError(choice_error(name, value))
+        strict_setattr(self, name, value)
+
+    cls.__setattr__ = __setattr__
+    return cls
+
+
+@_explain_bad_choices
 @strict
 class TwinLMConfig(PreTrainedConfig):
     r"""Configuration of a twinlm model (BERT-style when `is_causal=False`, GPT-style when True).
@@ -55,6 +101,8 @@ class TwinLMConfig(PreTrainedConfig):
       share_qk: one projection for queries and keys
       scale_embeddings: multiply token embeddings by sqrt(hidden_size) (2017 paper)
       sparse_prediction: masked-LM training runs the LM head on masked positions only
+      scale_residual_init: GPT-2's init: the residual output projections (attention o_proj, MLP down_proj)
+        get std initializer_range / sqrt(2 * num_hidden_layers)
     """
 
     model_type = "twinlm"
@@ -71,15 +119,15 @@ class TwinLMConfig(PreTrainedConfig):
     # variant
     is_causal: bool = False
     # switches
-    position_embedding_type: str = "learned"
+    position_embedding_type: PositionEmbeddingType = "learned"
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
     rope_theta: float | int = 10000.0
-    norm_type: str = "layernorm"
-    norm_position: str = "post"
+    norm_type: NormType = "layernorm"
+    norm_position: NormPosition = "post"
     embedding_norm: bool | None = None
-    hidden_act: str = "gelu"
-    attention_scoring: str = "scaled_dot"
+    hidden_act: HiddenAct = "gelu"
+    attention_scoring: AttentionScoring = "scaled_dot"
     sliding_window: int | None = None
     share_qk: bool = False
     scale_embeddings: bool = False
@@ -90,10 +138,11 @@ class TwinLMConfig(PreTrainedConfig):
     activation_dropout_prob: float | int = 0.0
     classifier_dropout: float | int | None = None
     # heads and the rest
-    classifier_pooling: str | None = None
+    classifier_pooling: ClassifierPooling | None = None
     tie_word_embeddings: bool = True
     layer_norm_eps: float | int = 1e-12
     initializer_range: float | int = 0.02
+    scale_residual_init: bool = False
     attention_bias: bool = True
     mlp_bias: bool = True
     sparse_prediction: bool = False
@@ -105,13 +154,15 @@ class TwinLMConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs: Any) -> None:
         # transformers keeps unknown keyword arguments as plain attributes (checkpoints carry extra
         # metadata); a near-miss of a real field is a typo that would silently do nothing: refuse it.
+        # A saved config.json (from_pretrained) keeps them all, as every transformers config does: tools add
+        # their own keys (e.g. layer_norm_epsilon) and the file must still load.
         typos = {key: _close_field(key) for key in kwargs if not key.startswith("_")}
         typos = {key: close for key, close in typos.items() if close}
         if typos:
-            raise ValueError(
-                "TwinLMConfig: unknown field(s) "
-                + ", ".join(f"{key!r} (did you mean {close!r}?)" for key, close in typos.items())
-            )
+            message = ", ".join(f"{key!r} (did you mean {close!r}?)" for key, close in typos.items())
+            if not _LOADING_SAVED_CONFIG.get():
+                raise ValueError(f"TwinLMConfig: unknown field(s) {message}")
+            logger.warning(f"TwinLMConfig: kept unknown key(s) of a saved config as attributes: {message}")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.embedding_norm is None:
@@ -134,10 +185,6 @@ class TwinLMConfig(PreTrainedConfig):
 
     def validate_architecture(self) -> None:
         """Every switch and size checked here, so that nothing fails later inside a forward pass."""
-        for field, allowed in CHOICES.items():
-            value = getattr(self, field)
-            if value not in allowed:
-                raise ValueError(f"{field}={value!r} is not supported; choose one of {', '.join(allowed)}")
         positive = (
             "vocab_size",
             "hidden_size",
@@ -192,8 +239,22 @@ class TwinLMConfig(PreTrainedConfig):
             raise ValueError(f"initializer_range={self.initializer_range} must be positive")
         if self.rope_theta <= 0:
             raise ValueError(f"rope_theta={self.rope_theta} must be positive")
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(
+                f"pad_token_id={self.pad_token_id} is outside the vocabulary (vocab_size={self.vocab_size}); "
+                f"use an id in [0, {self.vocab_size - 1}] or None"
+            )
 
     # ----------------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> "TwinLMConfig":
+        """transformers' loader (from_pretrained, AutoConfig): a saved config's extra keys are kept."""
+        token = _LOADING_SAVED_CONFIG.set(True)
+        try:
+            return super().from_dict(config_dict, **kwargs)
+        finally:
+            _LOADING_SAVED_CONFIG.reset(token)
+
     @classmethod
     def preset_names(cls) -> list[str]:
         """Names of the presets shipped in configs/model/ (available when twinlm is installed)."""
@@ -204,25 +265,50 @@ class TwinLMConfig(PreTrainedConfig):
     def from_preset(cls, name: str | os.PathLike, **overrides: Any) -> "TwinLMConfig":
         """Build a config from a named preset (e.g. 'bert-base', 'tiny-modern-decoder') or a YAML file.
 
-        Keyword overrides replace preset fields; a key that is not a config field is an error.
+        A preset may name a parent (`extends: gpt2-small`) and state only what differs. Keyword overrides
+        replace preset fields; a key that is not a config field is an error.
         """
-        import yaml  # only needed here, and present wherever twinlm is installed
+        values = load_preset(name)
+        check_config_keys(overrides, source="overrides")
+        return cls(**{**values, **overrides})
 
-        path = Path(name)
-        if not (path.suffix in (".yaml", ".yml") and path.is_file()):
-            directory = _preset_dir()
-            path = directory / f"{name}.yaml" if directory else path
-            if not path.is_file():
-                raise ValueError(
-                    f"unknown preset {str(name)!r}; choose one of {', '.join(cls.preset_names())} "
-                    "or give the path of a YAML file"
-                )
-        values = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: a model preset must be a mapping of config fields")
-        values.update(overrides)
-        check_config_keys(values, source=str(path) if not overrides else f"{path} + overrides")
-        return cls(**values)
+
+def load_preset(name: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The field values of a preset (a name in configs/model/ or a YAML path), its `extends:` chain resolved:
+    the parent's values, then the file's own. Each file's keys are checked against the config fields."""
+    import yaml  # only needed here, and present wherever twinlm is installed
+
+    path = _preset_path(name, _chain[-1].parent if _chain else None)
+    if path in _chain:
+        loop = " -> ".join(p.name for p in (*_chain, path))
+        raise ValueError(f"presets extend each other in a loop: {loop}; remove one of the `extends:`")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: a model preset must be a mapping of config fields")
+    parent = values.pop("extends", None)
+    check_config_keys(values, source=str(path))
+    if parent is None:
+        return values
+    if not isinstance(parent, str):
+        raise ValueError(
+            f"{path}: extends={parent!r} must be the name of a preset or the path of a YAML file"
+        )
+    return {**load_preset(parent, (*_chain, path)), **values}
+
+
+def _preset_path(name: str | os.PathLike, relative_to: Path | None) -> Path:
+    """A YAML file named directly (relative to the extending preset's folder, if any) or a shipped preset."""
+    path = Path(name)
+    candidates = [relative_to / path, relative_to / f"{name}.yaml"] if relative_to else []
+    candidates.append(path)
+    directory = _preset_dir()
+    if directory:
+        candidates.append(directory / f"{name}.yaml")
+    for candidate in candidates:
+        if candidate.suffix in (".yaml", ".yml") and candidate.is_file():
+            return candidate.resolve()
+    names = ", ".join(TwinLMConfig.preset_names())
+    raise ValueError(f"unknown preset {str(name)!r}; choose one of {names} or give the path of a YAML file")
 
 
 def check_config_keys(values: dict[str, Any], source: str = "config") -> None:
@@ -230,8 +316,6 @@ def check_config_keys(values: dict[str, Any], source: str = "config") -> None:
     known = set(TwinLMConfig.__dataclass_fields__) | {"num_labels", "problem_type", "id2label", "label2id"}
     unknown = sorted(set(values) - known)
     if unknown:
-        import difflib
-
         hints = []
         for key in unknown:
             close = difflib.get_close_matches(key, known, n=1)
@@ -241,8 +325,6 @@ def check_config_keys(values: dict[str, Any], source: str = "config") -> None:
 
 def _close_field(key: str) -> str | None:
     """The TwinLMConfig field that `key` (not itself a field) is a misspelling of, if any."""
-    import difflib
-
     fields = [*TwinLMConfig.__dataclass_fields__, "num_labels"]
     if key in fields:
         return None
@@ -259,4 +341,4 @@ def _preset_dir() -> Path | None:
     return None
 
 
-__all__ = ["TwinLMConfig", "CHOICES", "ABSOLUTE_POSITIONS", "check_config_keys"]
+__all__ = ["TwinLMConfig", "CHOICES", "ABSOLUTE_POSITIONS", "check_config_keys", "load_preset"]

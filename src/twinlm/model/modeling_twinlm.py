@@ -10,6 +10,7 @@ This folder ships to the Hub as remote code: it imports only torch, transformers
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -25,12 +26,22 @@ from transformers.modeling_outputs import (
     SequenceClassifierOutput,
     TokenClassifierOutput,
 )
+from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils.deprecation import deprecate_kwarg
-from transformers.utils.generic import is_flash_attention_requested
+from transformers.utils.generic import can_return_tuple, is_flash_attention_requested
+from transformers.utils.output_capturing import capture_outputs
 
 from .attention import AdditiveScoring, AttentionMask, TwinLMAttention
 from .configuration_twinlm import ABSOLUTE_POSITIONS, TwinLMConfig
-from .layers import FEED_FORWARDS, TwinLMBatchNorm, TwinLMRMSNorm, build_feed_forward, build_norm
+from .layers import (
+    FEED_FORWARDS,
+    TwinLMBatchNorm,
+    TwinLMGatedMLP,
+    TwinLMMLP,
+    TwinLMRMSNorm,
+    build_feed_forward,
+    build_norm,
+)
 from .positions import POSITION_ENCODINGS
 
 # ---------------------------------------------------------------------------------------------------
@@ -120,9 +131,13 @@ class TwinLMPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["TwinLMPostNormLayer", "TwinLMPreNormLayer"]
     _supports_sdpa = True
     _supports_flash_attn = True  # where a variant allows it: see check_flash_attention
+    # transformers' output recording (capture_outputs): each block's output is a hidden state (the first
+    # one is the embeddings, the last the final norm's output), each attention module's weights an attention.
+    _can_record_outputs = {"hidden_states": TwinLMLayer, "attentions": TwinLMAttention}
 
     def _init_weights(self, module: nn.Module) -> None:
-        """Normal(0, initializer_range) for matrices and embeddings, the identity for norms."""
+        """Normal(0, initializer_range) for matrices and embeddings, the identity for norms; with
+        scale_residual_init (GPT-2), std / sqrt(2 * layers) for the projections that write the residual."""
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
             init.normal_(module.weight, mean=0.0, std=std)
@@ -141,6 +156,12 @@ class TwinLMPreTrainedModel(PreTrainedModel):
                 init.ones_(module.running_var)
         elif isinstance(module, AdditiveScoring):
             init.normal_(module.score_vector, mean=0.0, std=std)
+        # Children are initialised first, so this overrides the plain init of o_proj / down_proj.
+        if self.config.scale_residual_init and isinstance(
+            module, (TwinLMAttention, TwinLMMLP, TwinLMGatedMLP)
+        ):
+            residual = module.o_proj if isinstance(module, TwinLMAttention) else module.down_proj
+            init.normal_(residual.weight, mean=0.0, std=std / math.sqrt(2 * self.config.num_hidden_layers))
 
 
 class TwinLMModel(TwinLMPreTrainedModel):
@@ -164,6 +185,7 @@ class TwinLMModel(TwinLMPreTrainedModel):
         self.embeddings.word_embeddings = value
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -173,90 +195,89 @@ class TwinLMModel(TwinLMPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         config = self.config
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        output_attentions = output_attentions if output_attentions is not None else config.output_attentions
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else config.output_hidden_states
-        )
-        use_cache = (
-            config.is_causal
-            and not self.training
-            and (use_cache if use_cache is not None else config.use_cache)
-        )
-        if use_cache and cache is None:
-            cache = DynamicCache()
-        if not use_cache:
-            cache = None
-
         batch, q_len = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         device = (input_ids if input_ids is not None else inputs_embeds).device
-        past = cache.get_seq_length() if cache is not None else 0
-        k_len = past + q_len
-        if config.position_embedding_type in ABSOLUTE_POSITIONS and k_len > config.max_position_embeddings:
-            raise ValueError(
-                f"sequence length {k_len} exceeds max_position_embeddings={config.max_position_embeddings} "
-                f"of this model's {config.position_embedding_type} positions; use shorter inputs (or a model "
-                "with rope/alibi/relative positions, which have no such limit)"
-            )
-        if attention_mask is not None and attention_mask.shape[-1] != k_len:
-            raise ValueError(
-                f"attention_mask covers {attention_mask.shape[-1]} positions but the input (with cache) has {k_len}"
-            )
+        if q_len == 0:
+            raise ValueError(f"the input has no tokens (shape ({batch}, 0)); give at least one token per row")
+        output_attentions = kwargs.get("output_attentions")
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        use_cache = config.use_cache if use_cache is None else use_cache
+        cache = self._cache(cache, use_cache)
+        # Where the queries and the keys sit in the sequence: a static cache's keys are all its slots
+        # (unfilled ones masked as the future), a sliding-window cache's only the newest.
+        past = cache.get_query_offset(0) if cache is not None else 0
+        kv_len, kv_offset = cache.get_mask_sizes(q_len, 0) if cache is not None else (q_len, 0)
 
         # Packed batches: explicit position_ids that restart at 0 start a new document.
-        documents = position_ids is not None and past == 0 and q_len > 1
+        documents = q_len > 1 and position_ids is not None and cache_is_empty(cache)
         if position_ids is None:
             if attention_mask is not None:  # left padding: real tokens count from 0
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q_len:]
             else:
-                position_ids = torch.arange(past, k_len, device=device).expand(batch, -1)
+                position_ids = (torch.arange(q_len, device=device) + past).expand(batch, -1)
+        if not torch.compiler.is_compiling():  # data-dependent checks; a compiled decode step skips them
+            self._check_inputs(attention_mask, position_ids, past + q_len)
         token_mask = attention_mask[:, -q_len:].bool() if attention_mask is not None else None
 
+        geometry = MaskGeometry(
+            q_len, past, kv_len, kv_offset, exact=cache is None or not cache.is_compileable
+        )
         mask = self._attention_mask(
-            attention_mask, position_ids if documents else None, q_len, k_len, device, output_attentions
+            attention_mask, position_ids if documents else None, geometry, device, output_attentions
         )
         rotary = self.positions.rotary(position_ids)
         hidden = self.embeddings(
             input_ids, inputs_embeds, token_type_ids, self.positions.absolute(position_ids), token_mask
         )
-
-        all_hidden, all_attentions = [], []
         for layer in self.layers:
-            if output_hidden_states:
-                all_hidden.append(hidden)
-            hidden, weights = layer(
+            hidden, _ = layer(
                 hidden, token_mask, mask, rotary, cache=cache, output_attentions=output_attentions
             )
-            if output_attentions:
-                all_attentions.append(weights)
         hidden = self.final_norm(hidden, token_mask)
-        if output_hidden_states:
-            all_hidden.append(hidden)
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden,
-            cache=cache,
-            hidden_states=tuple(all_hidden) if output_hidden_states else None,
-            attentions=tuple(all_attentions) if output_attentions else None,
-        )
+        return BaseModelOutputWithPast(last_hidden_state=hidden, cache=cache)
+
+    def _cache(self, cache: Cache | None, use_cache: bool) -> Cache | None:
+        """The KV cache to fill: only causal models in eval mode keep one (an encoder attends both ways)."""
+        if not (self.config.is_causal and not self.training and use_cache):
+            return None
+        # With the config, a sliding-window model's cache keeps only the window (as transformers' own models).
+        return DynamicCache(config=self.config) if cache is None else cache
+
+    def _check_inputs(
+        self, attention_mask: torch.Tensor | None, position_ids: torch.Tensor, seen: int
+    ) -> None:
+        """Clear errors for a mask of the wrong size and positions past an absolute position table."""
+        config = self.config
+        if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[-1] != seen):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}; it must be 2D (batch, {int(seen)}): one "
+                "entry per token of the input and the cache, 1 = real token, 0 = padding"
+            )
+        # The largest position id counts, not the row length: a padding-free packed row (documents whose
+        # position ids restart at 0) may be longer than the table.
+        largest = int(position_ids.max())
+        if config.position_embedding_type in ABSOLUTE_POSITIONS and largest >= config.max_position_embeddings:
+            raise ValueError(
+                f"position id {largest} is past max_position_embeddings={config.max_position_embeddings} of this "
+                f"model's {config.position_embedding_type} positions; use shorter inputs or documents (packed "
+                "documents restart their position ids at 0), or a model with rope/alibi/relative positions"
+            )
 
     def _attention_mask(
         self,
         attention_mask: torch.Tensor | None,
         document_positions: torch.Tensor | None,
-        q_len: int,
-        k_len: int,
+        geometry: "MaskGeometry",
         device: torch.device,
         output_attentions: bool,
     ) -> AttentionMask:
         """Fold padding, causality, the sliding window, document boundaries and position biases into
-        one additive bias of shape (batch or 1, heads or 1, q_len, k_len); -inf where attention is
+        one additive bias of shape (batch or 1, heads or 1, q_len, kv_len); -inf where attention is
         forbidden. No bias (with is_causal) when nothing but plain causality applies: the fast path.
         Flash kernels take no bias: they get the padding mask and packed position ids instead.
         """
@@ -272,18 +293,23 @@ class TwinLMModel(TwinLMPreTrainedModel):
                 padding_mask=attention_mask,
                 packed_position_ids=document_positions if attention_mask is None else None,
             )
-        position_bias = self.positions.attention_bias(q_len, k_len, device)
+        q_idx, k_idx = geometry.indices(device)
+        position_bias = self.positions.attention_bias(k_idx - q_idx)
+        q_len, kv_len = geometry.q_len, geometry.kv_len
         plain = attention_mask is None and document_positions is None and config.sliding_window is None
-        # Without a mask: a causal query block that is the whole sequence is SDPA's is_causal, and a
-        # single new token with a cache may see every key. Several new tokens after a cache need the
-        # explicit (bottom-right aligned) mask: SDPA's is_causal aligns top-left.
-        if plain and position_bias is None and (not config.is_causal or q_len == 1 or q_len == k_len):
+        # Without a mask, when the keys are exactly the tokens so far: a causal query block that is the whole
+        # sequence is SDPA's is_causal, and a single new token may see every key. Several new tokens after a
+        # cache need the explicit (bottom-right aligned) mask: SDPA's is_causal aligns top-left.
+        if (
+            plain
+            and position_bias is None
+            and geometry.exact
+            and (not config.is_causal or q_len in (1, kv_len))
+        ):
             return AttentionMask(is_causal=config.is_causal and q_len > 1)
 
-        q_idx = torch.arange(k_len - q_len, k_len, device=device)[:, None]
-        k_idx = torch.arange(k_len, device=device)[None, :]
-        allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=device)
-        if config.is_causal:
+        allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=device)
+        if config.is_causal:  # also hides a static cache's unfilled slots (they lie in the future)
             allowed &= k_idx <= q_idx
         if config.sliding_window is not None:
             # causal: the current and sliding_window - 1 previous tokens; bidirectional: sliding_window // 2
@@ -296,18 +322,51 @@ class TwinLMModel(TwinLMPreTrainedModel):
             )
         allowed = allowed[None, None]  # (1, 1, q, k)
         if attention_mask is not None:
-            allowed = allowed & attention_mask.bool()[:, None, None, :]
-        if document_positions is not None:
+            allowed = allowed & geometry.key_padding(attention_mask)[:, None, None, :]
+        if document_positions is not None:  # only without a past: keys are the queries (plus unfilled slots)
             document = (document_positions == 0).long().cumsum(-1)  # (batch, seq): a new id at each restart
-            allowed = allowed & (document[:, :, None] == document[:, None, :])[:, None]
+            key_document = F.pad(document, (0, kv_len - q_len), value=-1)
+            allowed = allowed & (document[:, :, None] == key_document[:, None, :])[:, None]
         # Every query may see itself: padding queries get a harmless row instead of NaNs from an
         # all -inf softmax (their outputs are never used).
         allowed = allowed | (q_idx == k_idx)
-        dtype = torch.float32
-        bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))
+        bias = torch.zeros(allowed.shape, dtype=torch.float32, device=device).masked_fill(
+            ~allowed, float("-inf")
+        )
         if position_bias is not None:
-            bias = bias + position_bias.to(dtype)
+            bias = bias + position_bias.float()
         return AttentionMask(bias=bias)
+
+
+@dataclass
+class MaskGeometry:
+    """Where the q_len queries and kv_len keys of one forward sit in the sequence: query i is token past + i,
+    key j is token kv_offset + j (transformers' Cache.get_mask_sizes). `exact`: the keys are exactly the
+    tokens so far (no cache, or a dynamic one), so that SDPA's is_causal can stand for the mask."""
+
+    q_len: int
+    past: int | torch.Tensor  # a static cache counts in a tensor (no recompilation per step)
+    kv_len: int
+    kv_offset: int
+    exact: bool
+
+    def indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token indices of the queries (q_len, 1) and of the keys (1, kv_len)."""
+        q_idx = (torch.arange(self.q_len, device=device) + self.past)[:, None]
+        k_idx = (torch.arange(self.kv_len, device=device) + self.kv_offset)[None, :]
+        return q_idx, k_idx
+
+    def key_padding(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The (batch, kv_len) padding mask of the keys. The 2D mask covers the tokens so far; a static
+        cache's slots past them are future tokens (hidden by causality), so they count as real here."""
+        end = self.kv_offset + self.kv_len
+        padding = F.pad(attention_mask.bool(), (0, max(end - attention_mask.shape[-1], 0)), value=True)
+        return padding[:, self.kv_offset : end]
+
+
+def cache_is_empty(cache: Cache | None) -> bool:
+    """No tokens cached yet (the first forward of a generation, or no cache)."""
+    return cache is None or cache.get_seq_length() == 0
 
 
 def check_flash_attention(config: TwinLMConfig, output_attentions: bool) -> None:
@@ -355,6 +414,7 @@ class TwinLMForMaskedLM(TwinLMPreTrainedModel):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -363,33 +423,30 @@ class TwinLMForMaskedLM(TwinLMPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
     ) -> MaskedLMOutput:
+        """Loss through transformers' ForMaskedLMLoss: honours num_items_in_batch (Trainer's gradient
+        accumulation) and ignore_index (default -100)."""
         outputs = self.model(
             input_ids,
             attention_mask,
             token_type_ids,
             position_ids,
             inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            **kwargs,
         )
         hidden = outputs.last_hidden_state
         token_mask = attention_mask.bool() if attention_mask is not None else None
         if self.config.sparse_prediction and labels is not None and self.training:
             # Run the (vocabulary-sized) head only where there is something to predict: the logits
-            # come back as (num_masked, vocab), in the order of `labels != -100`.
-            selected = labels != -100
+            # come back as (num_masked, vocab), in the order of `labels != ignore_index`.
+            selected = labels != kwargs.get("ignore_index", -100)
             hidden, labels, token_mask = hidden[selected], labels[selected], None
         logits = self.lm_head(self.head_norm(self.head_act(self.head_dense(hidden)), token_mask))
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100
-            )
+            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
         return MaskedLMOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
@@ -417,6 +474,7 @@ class TwinLMForCausalLM(TwinLMPreTrainedModel, GenerationMixin):
         self.lm_head = value
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -427,12 +485,12 @@ class TwinLMForCausalLM(TwinLMPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        """Position t predicts token t+1. Loss through transformers' ForCausalLMLoss: it shifts `labels`
+        (or takes `shift_labels` as given, as context parallelism sends them) and honours
+        num_items_in_batch and ignore_index."""
         outputs = self.model(
             input_ids,
             attention_mask,
@@ -441,20 +499,13 @@ class TwinLMForCausalLM(TwinLMPreTrainedModel, GenerationMixin):
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            **kwargs,
         )
-        hidden = outputs.last_hidden_state
-        if logits_to_keep:  # generation needs only the last position's logits
-            hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm_head(hidden)
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
         loss = None
-        if labels is not None:
-            # Position t predicts token t+1 (labels are the inputs, shifted here, as in transformers).
-            shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
-            loss = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]).float(), shifted.reshape(-1), ignore_index=-100
-            )
+        if labels is not None or kwargs.get("shift_labels") is not None:
+            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -462,6 +513,13 @@ class TwinLMForCausalLM(TwinLMPreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
+
+    def create_masks_for_generate(
+        self, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> torch.Tensor | None:
+        """generate() turns the 2D padding mask into transformers' 4D mask for compilable (static) caches;
+        twinlm builds its own (windows, documents, position biases) from the 2D mask and the cache's sizes."""
+        return attention_mask
 
 
 class TwinLMPooler(nn.Module):
@@ -508,9 +566,10 @@ class TwinLMClassifier(TwinLMPreTrainedModel):
     def features(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def compute_loss(self, logits: torch.Tensor, labels: torch.Tensor, **kwargs) -> torch.Tensor:
         raise NotImplementedError
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -519,11 +578,8 @@ class TwinLMClassifier(TwinLMPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ):
+    ) -> SequenceClassifierOutput | TokenClassifierOutput:
         outputs = self.model(
             input_ids,
             attention_mask,
@@ -531,12 +587,12 @@ class TwinLMClassifier(TwinLMPreTrainedModel):
             position_ids,
             inputs_embeds=inputs_embeds,
             use_cache=False,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            **kwargs,
         )
         logits = self.classifier(self.dropout(self.features(outputs.last_hidden_state, attention_mask)))
         return self.output_class(
-            loss=self.loss(logits, labels) if labels is not None else None,
+            loss=self.compute_loss(logits, labels, **kwargs) if labels is not None else None,
             logits=logits,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
@@ -556,21 +612,15 @@ class TwinLMForSequenceClassification(TwinLMClassifier):
     def features(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         return self.pooler(hidden, attention_mask)
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """transformers' problem_type convention: regression, single- or multi-label classification."""
-        config = self.config
-        if config.problem_type is None:
-            if config.num_labels == 1:
-                config.problem_type = "regression"
-            elif labels.dtype in (torch.long, torch.int):
-                config.problem_type = "single_label_classification"
-            else:
-                config.problem_type = "multi_label_classification"
-        if config.problem_type == "regression":
-            return F.mse_loss(logits.squeeze(-1).float(), labels.float().view(-1))
-        if config.problem_type == "multi_label_classification":
-            return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
-        return F.cross_entropy(logits.float().view(-1, config.num_labels), labels.view(-1))
+    def compute_loss(self, logits: torch.Tensor, labels: torch.Tensor, **kwargs) -> torch.Tensor:
+        """transformers' ForSequenceClassificationLoss (problem_type: regression, single- or multi-label).
+        Its cross-entropy honours num_items_in_batch; its MSE and BCE are a mean per call, which gradient
+        accumulation would add up: with num_items_in_batch they become sum / num_items_in_batch here too."""
+        loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config, **kwargs)
+        num_items = kwargs.get("num_items_in_batch")
+        if num_items is not None and self.config.problem_type != "single_label_classification":
+            loss = loss * labels.numel() / num_items
+        return loss
 
 
 class TwinLMForTokenClassification(TwinLMClassifier):
@@ -585,8 +635,10 @@ class TwinLMForTokenClassification(TwinLMClassifier):
     def features(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         return hidden
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float().view(-1, self.num_labels), labels.view(-1), ignore_index=-100)
+    def compute_loss(self, logits: torch.Tensor, labels: torch.Tensor, **kwargs) -> torch.Tensor:
+        """transformers' ForTokenClassification loss: ignore_index (-100, e.g. non-first sub-tokens) and
+        num_items_in_batch honoured."""
+        return self.loss_function(logits, labels, self.config, **kwargs)
 
 
 __all__ = [

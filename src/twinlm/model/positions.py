@@ -4,11 +4,12 @@ Each encoding contributes through at most one of three hooks, and the base class
 no-ops, so the model calls all three and never branches on the config:
   absolute(position_ids)            -> added to the token embeddings (learned, sinusoidal)
   rotary(position_ids)              -> (cos, sin) applied to queries and keys (rope)
-  attention_bias(q_len, k_len, ...) -> added to the attention scores (relative, alibi)
+  attention_bias(distance)          -> added to the attention scores (relative, alibi)
 
-Attention biases are computed from token *indices*, not position ids: within one document of a packed
-batch and among the real tokens of a left-padded batch the two differ by a constant, so distances are
-the same, and index distances stay valid when a sliding-window cache drops old keys.
+Attention biases are computed from token *indices* (the model passes key index - query index, with the
+indices a cache's keys really have), not position ids: within one document of a packed batch and among the
+real tokens of a left-padded batch the two differ by a constant, so distances are the same, and index
+distances stay valid when a sliding-window cache drops old keys or a static cache has unfilled slots.
 No buffers are registered: frequencies and slopes are recomputed on the fly (cheap), which keeps
 `from_pretrained` (meta-device init) and device moves trivially correct.
 """
@@ -34,15 +35,9 @@ class PositionEncoding(nn.Module):
     def rotary(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None
 
-    def attention_bias(self, q_len: int, k_len: int, device: torch.device) -> torch.Tensor | None:
+    def attention_bias(self, distance: torch.Tensor) -> torch.Tensor | None:
+        """An additive (1, heads, q, k) bias from `distance` = key index - query index, (q, k)."""
         return None
-
-
-def index_distances(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
-    """key index - query index, (q_len, k_len); the queries are the last q_len of the k_len tokens."""
-    q_idx = torch.arange(k_len - q_len, k_len, device=device)[:, None]
-    k_idx = torch.arange(k_len, device=device)[None, :]
-    return k_idx - q_idx
 
 
 class LearnedPositions(PositionEncoding):
@@ -94,9 +89,9 @@ class RelativePositions(PositionEncoding):
         super().__init__(config)
         self.bias = nn.Embedding(config.relative_attention_num_buckets, config.num_attention_heads)
 
-    def attention_bias(self, q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+    def attention_bias(self, distance: torch.Tensor) -> torch.Tensor:
         buckets = relative_position_bucket(
-            index_distances(q_len, k_len, device),
+            distance,
             bidirectional=not self.config.is_causal,
             num_buckets=self.config.relative_attention_num_buckets,
             max_distance=self.config.relative_attention_max_distance,
@@ -128,10 +123,10 @@ def relative_position_bucket(
 class AlibiPositions(PositionEncoding):
     """ALiBi (Press et al. 2022): a fixed, per-head linear penalty on distance; no parameters."""
 
-    def attention_bias(self, q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
-        slopes = alibi_slopes(self.config.num_attention_heads, device)
-        distance = index_distances(q_len, k_len, device).abs().float()  # causal masking hides the future
-        return -(slopes[:, None, None] * distance)[None]  # (1, heads, q, k)
+    def attention_bias(self, distance: torch.Tensor) -> torch.Tensor:
+        slopes = alibi_slopes(self.config.num_attention_heads, distance.device)
+        # |distance|: causal masking hides the future; a bidirectional model penalises both directions.
+        return -(slopes[:, None, None] * distance.abs().float())[None]  # (1, heads, q, k)
 
 
 def alibi_slopes(num_heads: int, device: torch.device) -> torch.Tensor:
