@@ -1,0 +1,570 @@
+"""`twinlm ablate QUESTION.yaml`: answer a Transformer design question by experiment.
+
+An ablation config is one base pretraining run (a run config plus overrides: model, data, budget) and
+named variants (more overrides), trained with the same data order, seeds and budget, at least two seeds
+each so that differences are judged against the seed-to-seed spread. Each run is a normal twinlm run
+(resumable; finished runs are not rerun). After training, the measurements the config names are taken
+on each final model (see MEASURES). The report (report.md, results.json, PNG plots) gives the table,
+a short answer computed from the numbers ("no measurable difference" where the gap is within the
+spread) and flags where the numbers disagree with the textbook answer.
+
+    twinlm ablate configs/ablations/scaled-attention.yaml --out docs/ablations/scaled-attention
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from twinlm.errors import TwinLMError
+
+MEASURES_FILE = "measures.json"
+
+
+# ------------------------------------------------------------------------------------------------
+# Config
+# ------------------------------------------------------------------------------------------------
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BaseRun(_Section):
+    config: Path = Field(description="a pretraining run config, e.g. configs/pretrain/tiny-clm.yaml")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="dotted keys: training.max_steps")
+
+
+class Measure(_Section):
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class AblationConfig(_Section):
+    """One question: base run, variants (overrides), seeds, the metric that answers it."""
+
+    question: str
+    textbook: str = Field(description="the textbook answer, checked against the numbers")
+    expect: str | None = Field(None, description="the variant the textbook says wins on `metric`")
+    base: BaseRun
+    variants: dict[str, dict[str, Any]] = Field(min_length=2)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=2)
+    metric: str = "val_loss"
+    lower_is_better: bool = True
+    measures: list[Measure] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _known(self) -> AblationConfig:
+        unknown = [m.name for m in self.measures if m.name not in MEASURES]
+        if unknown:
+            raise ValueError(f"unknown measure(s) {unknown}; choose from {sorted(MEASURES)}")
+        if self.expect is not None and self.expect not in self.variants:
+            raise ValueError(f"expect={self.expect!r} is not a variant ({', '.join(self.variants)})")
+        return self
+
+
+def load_ablation(path: str | Path) -> AblationConfig:
+    """Read an ablation YAML; a one-line TwinLMError naming the key on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise TwinLMError(f"{str(path)!r} does not exist; e.g. configs/ablations/scaled-attention.yaml")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        config = AblationConfig.model_validate(data)
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise TwinLMError(f"{path}: not a readable YAML file ({err.__class__.__name__})") from None
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise TwinLMError(f"{path}: {where}: {first['msg']}") from None
+    if not config.base.config.is_file():
+        raise TwinLMError(f"{path}: base.config {str(config.base.config)!r} does not exist")
+    return config
+
+
+# ------------------------------------------------------------------------------------------------
+# Measurements on a trained run: each takes (run folder, its summary, params) and returns numbers.
+# ------------------------------------------------------------------------------------------------
+def _load_final(run_dir: Path, **kwargs: Any) -> tuple[Any, Any]:
+    from transformers import AutoTokenizer
+
+    import twinlm
+
+    final = run_dir / "final"
+    config = twinlm.TwinLMConfig.from_pretrained(final, **kwargs)
+    cls = twinlm.TwinLMForCausalLM if config.is_causal else twinlm.TwinLMForMaskedLM
+    return cls.from_pretrained(final, config=config).eval(), AutoTokenizer.from_pretrained(final)
+
+
+def _validation_stream(run_dir: Path, tokenizer: Any, max_tokens: int) -> tuple[list[int], int]:
+    """The run's validation documents as one token stream (and their UTF-8 byte count)."""
+    from twinlm.data import load_texts, split_documents
+    from twinlm.training.config import load_run_config
+
+    cfg = load_run_config(run_dir / "run_config.yaml")
+    _, val_docs = split_documents(load_texts(cfg.data), cfg.data)
+    ids: list[int] = []
+    n_bytes = 0
+    for text in val_docs["text"]:
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"]
+        n_bytes += len(text.encode("utf-8"))
+        if len(ids) >= max_tokens:
+            break
+    return ids, n_bytes
+
+
+def _stream_loss(model: Any, tokenizer: Any, ids: list[int], seq_len: int, max_blocks: int) -> float | None:
+    """Mean loss over contiguous blocks of `seq_len` (positions 0..seq_len-1: no per-document restart)."""
+    import torch
+
+    from twinlm.data import CausalLMCollator, MaskedLMCollator
+
+    blocks = [ids[i : i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)][:max_blocks]
+    if not blocks:
+        return None
+    causal = model.config.is_causal
+    collate = (
+        CausalLMCollator(tokenizer)
+        if causal
+        else MaskedLMCollator(tokenizer, generator=torch.Generator().manual_seed(0))
+    )
+    batch = collate([{"input_ids": b} for b in blocks])
+    batch.pop("position_ids", None)
+    with torch.no_grad():
+        return float(model(**batch).loss)
+
+
+def measure_length(run_dir: Path, summary: dict, params: dict) -> dict[str, Any]:
+    """Validation perplexity at multiples of the training length (None where positions cannot go)."""
+    model, tokenizer = _load_final(run_dir)
+    from twinlm.training.config import load_run_config
+
+    train_len = int(params.get("train_len") or load_run_config(run_dir / "run_config.yaml").data.seq_len)
+    factors = params.get("factors", [1, 2, 4])
+    ids, _ = _validation_stream(run_dir, tokenizer, train_len * max(factors) * params.get("blocks", 8))
+    out = {}
+    for f in factors:
+        length = train_len * f
+        try:
+            loss = _stream_loss(model, tokenizer, ids, length, params.get("blocks", 8))
+        except ValueError as err:  # learned/sinusoidal positions past their table: reported, not a crash
+            out[f"ppl@{f}L"] = None
+            out[f"note@{f}L"] = str(err).split(";")[0]
+            continue
+        out[f"ppl@{f}L"] = math.exp(min(loss, 50)) if loss is not None else None
+    return out
+
+
+def measure_attention(run_dir: Path, summary: dict, params: dict) -> dict[str, Any]:
+    """Per-layer attention entropy (nats) and saturation (share of rows whose top weight > 0.99)."""
+    import torch
+
+    model, tokenizer = _load_final(run_dir, attn_implementation="eager")
+    ids, _ = _validation_stream(run_dir, tokenizer, 4 * 128)
+    seq = min(128, model.config.max_position_embeddings)
+    batch = torch.tensor([ids[i : i + seq] for i in range(0, len(ids) - seq + 1, seq)][:4])
+    with torch.no_grad():
+        attentions = model(input_ids=batch, output_attentions=True).attentions
+    out = {}
+    for layer, weights in enumerate(attentions):
+        if model.config.is_causal:  # the first query sees one key only: always "saturated"
+            weights = weights[:, :, 1:]
+        entropy = -(weights * weights.clamp_min(1e-12).log()).sum(-1)
+        out[f"entropy_L{layer}"] = float(entropy.mean())
+        out[f"saturation_L{layer}"] = float((weights.max(-1).values > 0.99).float().mean())
+    out["entropy"] = statistics.fmean(v for k, v in out.items() if k.startswith("entropy_"))
+    out["saturation"] = statistics.fmean(v for k, v in out.items() if k.startswith("saturation_"))
+    return out
+
+
+def measure_train_eval_gap(run_dir: Path, summary: dict, params: dict) -> dict[str, Any]:
+    """Validation loss in train mode vs eval mode (BatchNorm statistics, dropout) on the same batch."""
+    import torch
+
+    model, tokenizer = _load_final(run_dir)
+    ids, _ = _validation_stream(run_dir, tokenizer, 8 * 128)
+    seq = min(128, model.config.max_position_embeddings)
+    eval_loss = _stream_loss(model, tokenizer, ids, seq, 8)
+    model.train()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        train_loss = _stream_loss(model, tokenizer, ids, seq, 8)
+    return {
+        "eval_mode_loss": eval_loss,
+        "train_mode_loss": train_loss,
+        "train_minus_eval": train_loss - eval_loss,
+    }
+
+
+def measure_bits_per_byte(run_dir: Path, summary: dict, params: dict) -> dict[str, Any]:
+    """Validation loss in bits per UTF-8 byte (comparable across tokenizers), and tokens per byte."""
+    _, tokenizer = _load_final(run_dir)
+    ids, n_bytes = _validation_stream(run_dir, tokenizer, 10**9)
+    loss = summary.get("val_loss")
+    tokens_per_byte = len(ids) / max(n_bytes, 1)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    return {
+        "bits_per_byte": loss / math.log(2) * tokens_per_byte if loss is not None else None,
+        "tokens_per_byte": tokens_per_byte,
+        "unk_rate": sum(1 for i in ids if i == unk) / max(len(ids), 1) if unk is not None else 0.0,
+    }
+
+
+def _step_cost(config: Any, batch: int, seq: int, repeats: int = 3) -> tuple[float, int]:
+    """Median seconds of a forward+backward and the bytes of activations saved for backward."""
+    import torch
+
+    import twinlm
+
+    cls = twinlm.TwinLMForCausalLM if config.is_causal else twinlm.TwinLMForMaskedLM
+    model = cls(config)
+    ids = torch.randint(0, config.vocab_size, (batch, seq))
+    saved = [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[0] += t.numel() * t.element_size()
+        return t
+
+    times = []
+    for _ in range(repeats + 1):
+        saved[0] = 0
+        start = time.perf_counter()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:]), saved[0]
+
+
+def measure_cost(run_dir: Path, summary: dict, params: dict) -> dict[str, Any]:
+    """Step time and activation memory of the variant's architecture against one size (the O(n^2) curve)."""
+    import twinlm
+
+    base = twinlm.TwinLMConfig.from_pretrained(run_dir / "final")
+    field, values = params.get("sweep", "seq_len"), params.get("values", [128, 256, 512])
+    out = {}
+    for value in values:
+        seq = value if field == "seq_len" else params.get("seq_len", 128)
+        changes = {} if field == "seq_len" else {field: value}
+        if field == "hidden_size":
+            changes["intermediate_size"] = 4 * value
+        config = base.__class__(
+            **{**base.to_dict(), "max_position_embeddings": max(seq, base.max_position_embeddings), **changes}
+        )
+        seconds, saved = _step_cost(config, params.get("batch", 4), seq)
+        out[f"seconds@{value}"], out[f"activation_MB@{value}"] = seconds, saved / 2**20
+    return out
+
+
+def measure_generation(run_dir: Path, summary: dict, params: dict) -> dict[str, Any]:
+    """KV-cache size and greedy generation speed (tokens/s) of the trained causal model."""
+    import torch
+
+    model, tokenizer = _load_final(run_dir)
+    new = params.get("new_tokens", 64)
+    prompt = torch.randint(5, model.config.vocab_size, (params.get("batch", 1), 8))
+    model.generate(prompt, max_new_tokens=4, do_sample=False)  # warm-up
+    start = time.perf_counter()
+    out = model.generate(prompt, max_new_tokens=new, do_sample=False, return_dict_in_generate=True)
+    seconds = time.perf_counter() - start
+    cache = out.past_key_values
+    cache_bytes = sum(
+        t.numel() * t.element_size()
+        for layer in cache.layers
+        for t in (layer.keys, layer.values)
+        if t is not None
+    )
+    return {"kv_cache_MB": cache_bytes / 2**20, "generate_tokens_per_s": prompt.shape[0] * new / seconds}
+
+
+def measure_downstream(run_dir: Path, summary: dict, params: dict) -> dict[str, Any]:
+    """The evaluation suite (`twinlm evaluate`) on the final model: suite average of the checkpoint."""
+    from twinlm.evaluation import evaluate_checkpoints
+
+    report = evaluate_checkpoints([str(run_dir / "final")], params["suite"], run_dir / "evaluate")
+    model = report["models"][0]
+    return {"suite_average": model["average"]["mean"], **{k: v["mean"] for k, v in model["tasks"].items()}}
+
+
+def measure_curve(run_dir: Path, summary: dict, params: dict) -> dict[str, Any]:
+    """From metrics.jsonl: largest gradient norm, whether the loss diverged, the last train loss."""
+    rows = _metrics(run_dir)
+    losses = [r["loss"] for r in rows if r.get("loss") is not None]
+    norms = [r["grad_norm"] for r in rows if r.get("grad_norm") is not None]
+    return {
+        "max_grad_norm": max(norms) if norms else None,
+        "final_train_loss": losses[-1] if losses else None,
+        "diverged": bool(losses) and (not math.isfinite(losses[-1]) or losses[-1] > losses[0]),
+    }
+
+
+MEASURES: dict[str, Callable[[Path, dict, dict], dict[str, Any]]] = {
+    "length": measure_length,
+    "attention": measure_attention,
+    "train_eval_gap": measure_train_eval_gap,
+    "bits_per_byte": measure_bits_per_byte,
+    "cost": measure_cost,
+    "generation": measure_generation,
+    "downstream": measure_downstream,
+    "curve": measure_curve,
+}
+
+
+def _metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a torn last line of an interrupted run
+                continue
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# Running
+# ------------------------------------------------------------------------------------------------
+def _dotted(overrides: dict[str, Any]) -> list[str]:
+    return [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in overrides.items()]
+
+
+def _shared_tokenizer(config: AblationConfig, name: str, seed: int, runs: Path) -> dict[str, Any]:
+    """Runs that do not change the tokenizer share the one trained by the first such run (same tokens)."""
+    plain = [v for v in config.variants if not any(k.startswith("tokenizer.") for k in config.variants[v])]
+    if name not in plain or (name, seed) == (plain[0], config.seeds[0]):
+        return {}
+    trained = runs / plain[0] / f"seed{config.seeds[0]}" / "tokenizer"
+    return (
+        {"tokenizer.path": str(trained), "tokenizer.train": None}
+        if (trained / "tokenizer.json").is_file()
+        else {}
+    )
+
+
+def run_variant(config: AblationConfig, name: str, seed: int, runs: Path) -> dict[str, Any]:
+    """Train one (variant, seed) run under RUNS (or read it back when finished) and take the measurements."""
+    run_dir = runs / name / f"seed{seed}"
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    if not summary.get("final_model"):
+        from twinlm.training import pretrain
+
+        overrides = {
+            **_shared_tokenizer(config, name, seed, runs),
+            **config.base.overrides,
+            **config.variants[name],
+            "training.seed": seed,
+            "output_dir": str(run_dir),
+            "training.resume_from_checkpoint": "latest",
+        }
+        summary = pretrain(config.base.config, _dotted(overrides))
+    measured_path = run_dir / MEASURES_FILE
+    measured = json.loads(measured_path.read_text()) if measured_path.is_file() else {}
+    for measure in config.measures:
+        if measure.name not in measured:
+            measured[measure.name] = MEASURES[measure.name](run_dir, summary, measure.params)
+            measured_path.write_text(json.dumps(measured, indent=2))
+    values = {
+        k: summary.get(k) for k in ("val_loss", "val_ppl", "train_seconds", "tokens_per_s", "parameters")
+    }
+    for group in measured.values():
+        values.update(group)
+    return {
+        "variant": name,
+        "seed": seed,
+        "values": values,
+        "curve": [(r["step"], r["loss"]) for r in _metrics(run_dir) if r.get("loss") is not None],
+    }
+
+
+def _aggregate(runs: list[dict[str, Any]], variants: list[str]) -> dict[str, dict[str, dict[str, float]]]:
+    """variant -> metric -> {mean, std, n} over seeds (numbers only)."""
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for name in variants:
+        values = [r["values"] for r in runs if r["variant"] == name]
+        keys = [
+            k
+            for k in values[0]
+            if all(isinstance(v.get(k), (int, float)) and not isinstance(v.get(k), bool) for v in values)
+        ]
+        table[name] = {
+            k: {
+                "mean": statistics.fmean(v[k] for v in values),
+                "std": statistics.stdev([v[k] for v in values]) if len(values) > 1 else 0.0,
+                "n": len(values),
+            }
+            for k in keys
+        }
+    return table
+
+
+def answer(config: AblationConfig, table: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
+    """The best variant on the metric, whether its lead over the runner-up exceeds the seed spread,
+    and whether that agrees with the textbook's expected winner."""
+    metric = config.metric
+    scored = {
+        name: row[metric]
+        for name, row in table.items()
+        if metric in row and math.isfinite(row[metric]["mean"])
+    }
+    if len(scored) < 2:
+        return {"text": f"not enough finite {metric} values to compare", "winner": None, "measurable": False}
+    order = sorted(scored, key=lambda n: scored[n]["mean"], reverse=not config.lower_is_better)
+    best, second = order[0], order[1]
+    gap = abs(scored[best]["mean"] - scored[second]["mean"])
+    spread = scored[best]["std"] + scored[second]["std"]
+    measurable = gap > spread
+    text = (
+        f"{best} is best on {metric} ({scored[best]['mean']:.4f} vs {second} {scored[second]['mean']:.4f}, "
+        f"gap {gap:.4f} vs seed spread {spread:.4f})"
+        if measurable
+        else f"no measurable difference on {metric} between {best} and {second} (gap {gap:.4f} within the seed "
+        f"spread {spread:.4f})"
+    )
+    disagrees = None
+    if config.expect is not None:
+        expected = scored.get(config.expect)
+        beaten = expected is not None and any(
+            (scored[n]["mean"] < expected["mean"]) == config.lower_is_better
+            and abs(scored[n]["mean"] - expected["mean"]) > scored[n]["std"] + expected["std"]
+            for n in scored
+            if n != config.expect
+        )
+        disagrees = bool(beaten)
+        if disagrees:
+            text += f". DISAGREES with the textbook, which expects {config.expect} to win"
+        elif measurable and best == config.expect:
+            text += ". Agrees with the textbook"
+    return {
+        "text": text,
+        "winner": best if measurable else None,
+        "measurable": measurable,
+        "disagrees": disagrees,
+    }
+
+
+def run_ablation(
+    path: str | Path, out: str | Path | None = None, runs_dir: str | Path | None = None
+) -> dict[str, Any]:
+    """Run every (variant, seed) under `runs_dir` (default OUT/runs), measure, and write report.md,
+    results.json and plots into `out` (default outputs/ablations/NAME)."""
+    config = load_ablation(path)
+    out = Path(out) if out is not None else Path("outputs/ablations") / Path(path).stem
+    out.mkdir(parents=True, exist_ok=True)
+    where = Path(runs_dir) if runs_dir is not None else out / "runs"
+    runs = [run_variant(config, name, seed, where) for name in config.variants for seed in config.seeds]
+    table = _aggregate(runs, list(config.variants))
+    result = {
+        "question": config.question,
+        "textbook": config.textbook,
+        "metric": config.metric,
+        "seeds": config.seeds,
+        "table": table,
+        "answer": answer(config, table),
+        "runs": [{k: r[k] for k in ("variant", "seed", "values")} for r in runs],
+    }
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    plots = plot_ablation(config, runs, table, out)
+    (out / "report.md").write_text(format_report(config, result, plots))
+    print(f"\n{config.question}\n  answer: {result['answer']['text']}\n  report: {out / 'report.md'}")
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# Report and plots
+# ------------------------------------------------------------------------------------------------
+def format_report(config: AblationConfig, result: dict[str, Any], plots: list[Path]) -> str:
+    table = result["table"]
+    # per-layer values stay in results.json; the table shows the headline numbers
+    per_layer = re.compile(r"_L\d+$")
+    names = {k for row in table.values() for k in row if not per_layer.search(k)}
+    columns = [config.metric] + sorted(names - {config.metric})
+    lines = [
+        f"# {config.question}",
+        "",
+        f"**Textbook:** {config.textbook}",
+        "",
+        f"**Measured answer:** {result['answer']['text']}.",
+        "",
+        f"{len(config.seeds)} seeds per variant (mean ± std); base run `{config.base.config}` with "
+        f"`{json.dumps(config.base.overrides)}`.",
+        "",
+        "| variant | overrides | " + " | ".join(columns) + " |",
+        "|---|---|" + "---|" * len(columns),
+    ]
+    for name, row in table.items():
+        cells = [f"{row[c]['mean']:.4g} ± {row[c]['std']:.2g}" if c in row else "n/a" for c in columns]
+        lines.append(f"| {name} | `{json.dumps(config.variants[name])}` | " + " | ".join(cells) + " |")
+    lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def plot_ablation(config: AblationConfig, runs: list[dict], table: dict, out: Path) -> list[Path]:
+    """Training-loss curves (mean over seeds) and a bar chart of the metric with seed error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (curves, bars) = plt.subplots(1, 2, figsize=(11, 4))
+    for name in config.variants:
+        per_seed = [dict(r["curve"]) for r in runs if r["variant"] == name and r["curve"]]
+        steps = sorted(set.intersection(*(set(c) for c in per_seed))) if per_seed else []
+        if steps:
+            curves.plot(steps, [statistics.fmean(c[s] for c in per_seed) for s in steps], label=name)
+    curves.set_xlabel("step")
+    curves.set_ylabel("train loss")
+    curves.legend(fontsize=8)
+    names = [n for n in config.variants if config.metric in table[n]]
+    bars.bar(
+        names,
+        [table[n][config.metric]["mean"] for n in names],
+        yerr=[table[n][config.metric]["std"] for n in names],
+        capsize=4,
+    )
+    bars.set_ylabel(config.metric)
+    bars.tick_params(axis="x", rotation=30)
+    fig.suptitle(config.question, fontsize=10)
+    fig.tight_layout()
+    path = out / "results.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> int:
+    many = len(args.configs) > 1
+    for path in args.configs:
+        name = Path(path).stem
+        out = None if args.out is None else Path(args.out) / name if many else Path(args.out)
+        runs = None if args.runs is None else Path(args.runs) / name if many else Path(args.runs)
+        run_ablation(path, out, runs)
+    return 0
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "ablate",
+        help="answer a Transformer design question by experiment (variants x seeds, report, plots)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "configs", nargs="+", help="ablation YAML(s), e.g. configs/ablations/scaled-attention.yaml"
+    )
+    parser.add_argument("--out", default=None, help="report folder (default: outputs/ablations/NAME)")
+    parser.add_argument("--runs", default=None, help="where the training runs go (default: OUT/runs)")
+    parser.set_defaults(func=run)
+    return parser
