@@ -198,7 +198,7 @@ def save_checkpoint(
     root = checkpoints_root(output_dir)
     final, tmp = root / f"checkpoint-{step}", root / f"checkpoint-{step}.tmp"
     main = accelerator.is_main_process
-    if final.exists() and verify_checkpoint(final, accelerator.process_index, checksums=False) is None:
+    if final.exists() and verify_checkpoint(final, accelerator.process_index) is None:
         return final  # already saved at this step (e.g. save_every and the end coincide)
     if main:
         root.mkdir(parents=True, exist_ok=True)
