@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # The CPU build of torch; users with GPUs install their own build first (pyproject's range stays open).
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test test-fast lint format clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ demo: install
 test: install
 	DS_ACCELERATOR=cpu WANDB_MODE=disabled HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
 		$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+# The same without the multi-process and subprocess tests (marked slow): a quick check while editing.
+test-fast: install
+	DS_ACCELERATOR=cpu WANDB_MODE=disabled HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+		$(VENV)/bin/pytest -q -m "not slow" $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check src tests scripts

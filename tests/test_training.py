@@ -334,6 +334,7 @@ def test_resume_reproduces_the_uninterrupted_run(
 
 
 @needs_corpus
+@pytest.mark.slow  # a subprocess
 def test_sigterm_saves_a_checkpoint_that_resumes_and_exports(assets: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "run"
     config = tmp_path / "run.yaml"
