@@ -17,6 +17,7 @@ from torch.nn import functional as F
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_twinlm import TwinLMConfig
+from .layers import ResidualProjection
 from .positions import apply_rotary
 
 
@@ -118,7 +119,7 @@ class TwinLMAttention(nn.Module):
             else nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         )
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.o_proj = ResidualProjection(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
         self.scoring = SCORINGS[config.attention_scoring](config)
         self.dropout = config.attention_probs_dropout_prob
 

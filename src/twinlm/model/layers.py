@@ -103,13 +103,20 @@ def build_norm(config: TwinLMConfig, enabled: bool = True) -> nn.Module:
 # Feed-forward networks
 
 
+class ResidualProjection(nn.Linear):
+    """A linear layer whose output is added to the residual stream (attention o_proj, MLP down_proj): a
+    type of its own so that the init can find it (GPT-2 scales it by 1/sqrt(2 * layers))."""
+
+
 class TwinLMMLP(nn.Module):
     """down(act(up(x))): the 2017/BERT/GPT-2 feed-forward block."""
 
     def __init__(self, config: TwinLMConfig, activation: nn.Module):
         super().__init__()
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.down_proj = ResidualProjection(
+            config.intermediate_size, config.hidden_size, bias=config.mlp_bias
+        )
         self.act = activation
         self.dropout = nn.Dropout(config.activation_dropout_prob)
 
@@ -124,7 +131,9 @@ class TwinLMGatedMLP(nn.Module):
         super().__init__()
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.down_proj = ResidualProjection(
+            config.intermediate_size, config.hidden_size, bias=config.mlp_bias
+        )
         self.act = activation
         self.dropout = nn.Dropout(config.activation_dropout_prob)
 

@@ -35,9 +35,8 @@ from .attention import AdditiveScoring, AttentionMask, TwinLMAttention
 from .configuration_twinlm import ABSOLUTE_POSITIONS, TwinLMConfig
 from .layers import (
     FEED_FORWARDS,
+    ResidualProjection,
     TwinLMBatchNorm,
-    TwinLMGatedMLP,
-    TwinLMMLP,
     TwinLMRMSNorm,
     build_feed_forward,
     build_norm,
@@ -140,6 +139,8 @@ class TwinLMPreTrainedModel(PreTrainedModel):
         scale_residual_init (GPT-2), std / sqrt(2 * layers) for the projections that write the residual."""
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
+            if isinstance(module, ResidualProjection) and self.config.scale_residual_init:
+                std = std / math.sqrt(2 * self.config.num_hidden_layers)
             init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
@@ -156,12 +157,6 @@ class TwinLMPreTrainedModel(PreTrainedModel):
                 init.ones_(module.running_var)
         elif isinstance(module, AdditiveScoring):
             init.normal_(module.score_vector, mean=0.0, std=std)
-        # Children are initialised first, so this overrides the plain init of o_proj / down_proj.
-        if self.config.scale_residual_init and isinstance(
-            module, (TwinLMAttention, TwinLMMLP, TwinLMGatedMLP)
-        ):
-            residual = module.o_proj if isinstance(module, TwinLMAttention) else module.down_proj
-            init.normal_(residual.weight, mean=0.0, std=std / math.sqrt(2 * self.config.num_hidden_layers))
 
 
 class TwinLMModel(TwinLMPreTrainedModel):
