@@ -128,3 +128,14 @@ def test_flash_refuses_what_it_cannot_compute(flash, overrides, named):
     )
     with pytest.raises(ValueError, match="output_attentions"):
         rope(torch.randint(5, 97, (1, 5)), output_attentions=True)
+
+
+def test_flash_with_a_static_cache_is_a_clear_error(flash):
+    model = flash(
+        TwinLMForCausalLM(tiny_config(is_causal=True, position_embedding_type="rope")).eval(),
+        "flash_attention_2",
+    )
+    with pytest.raises(ValueError, match="static cache is not supported.*cache_implementation='dynamic'"):
+        model.generate(
+            torch.randint(5, 97, (1, 5)), max_new_tokens=3, cache_implementation="static", pad_token_id=0
+        )

@@ -255,8 +255,10 @@ class TwinLMModel(TwinLMPreTrainedModel):
             )
         # The largest position id counts, not the row length: a padding-free packed row (documents whose
         # position ids restart at 0) may be longer than the table.
+        if config.position_embedding_type not in ABSOLUTE_POSITIONS:
+            return
         largest = int(position_ids.max())
-        if config.position_embedding_type in ABSOLUTE_POSITIONS and largest >= config.max_position_embeddings:
+        if largest >= config.max_position_embeddings:
             raise ValueError(
                 f"position id {largest} is past max_position_embeddings={config.max_position_embeddings} of this "
                 f"model's {config.position_embedding_type} positions; use shorter inputs or documents (packed "
@@ -279,6 +281,12 @@ class TwinLMModel(TwinLMPreTrainedModel):
         config = self.config
         if is_flash_attention_requested(config):
             check_flash_attention(config, output_attentions)
+            if not geometry.exact:
+                raise ValueError(
+                    f"attn_implementation={config._attn_implementation!r} with a static cache is not supported by "
+                    "twinlm (its unfilled slots would need un-padding); use cache_implementation='dynamic' or "
+                    "attn_implementation='sdpa'"
+                )
             # transformers' flash path takes padding (un-padding) or packed documents (variable-length
             # rows), not both: with a padding mask (generate() passes both, and then the documents are
             # the padding's), padding wins.
