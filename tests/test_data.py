@@ -84,13 +84,13 @@ def _split_stream(ids: list[int], sep: int) -> list[tuple[int, ...]]:
 @pytest.mark.parametrize(
     "raw, fragment",
     [
-        ({"seq_len": 64, "sourcez": []}, "sourcez: unknown key"),
+        ({"seq_len": 64, "sourcez": []}, "unknown key 'sourcez' (did you mean 'sources'?)"),
         ({"seq_len": "long"}, "seq_len"),
         ({"seq_len": 1}, "seq_len"),
         ({"mlm_probability": 1.5}, "mlm_probability"),
         ({"validation_fraction": -0.1}, "validation_fraction"),
         ({"text_document_split": "sentence"}, "text_document_split"),
-        ({"sources": [{"pth": "a.txt"}]}, "sources.0.pth: unknown key"),
+        ({"sources": [{"pth": "a.txt"}]}, "unknown key 'sources.0.pth' (did you mean 'sources.0.path'?)"),
         ({"sources": [{"text_column": "body"}]}, "exactly one of path, hub or default"),
         ({"sources": [{"path": "a.txt", "hub": "x/y"}]}, "got path and hub"),
         ({"sources": [{"hub": "x/y", "type": "csv"}]}, "type applies only"),

@@ -39,10 +39,41 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+def _leaf_parser(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser:
+    """The (sub-)parser that argparse will hand the arguments of `argv` to, e.g. `tokenizer train`'s."""
+    for token in argv:
+        subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subparsers:
+            break
+        parser = subparsers[0].choices.get(token, parser)
+    return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse a command line; a command whose parser has an `overrides` default takes config overrides
+    (`section.key=value`, `--section.key value`) anywhere, the same way for every command."""
     command = next((arg for arg in argv if not arg.startswith("-")), None)
-    args = build_parser(command if command in COMMANDS else None).parse_args(argv)
+    parser = build_parser(command if command in COMMANDS else None)
+    leaf = _leaf_parser(parser, argv)
+    overrides: list[str] = []
+    if leaf.get_default("overrides") is not None:
+        from twinlm.config import split_overrides
+
+        argv, overrides = split_overrides(argv, leaf._option_string_actions)
+    args = parser.parse_args(argv)
+    if leaf.get_default("overrides") is not None:
+        args.overrides = [*args.overrides, *overrides]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one `twinlm` command; bad input is one line on stderr and exit status 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = parse_args(argv)
+    except TwinLMError as err:
+        print(f"twinlm: error: {err}", file=sys.stderr)
+        return 2
     try:
         return int(args.func(args) or 0)
     except TwinLMError as err:

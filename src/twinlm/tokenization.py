@@ -20,11 +20,11 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 
-from twinlm.data.config import SourceConfig, pydantic_error_message
+from twinlm.config import Section, apply_overrides, parse_overrides, read_config_file, validate
+from twinlm.data.config import SourceConfig
 from twinlm.errors import TwinLMError
 
 if TYPE_CHECKING:
@@ -68,7 +68,11 @@ BPE_SPECIAL_TOKENS = {
 }
 _BYTE_ALPHABET = 256
 _BATCH = 1000
-_LINE_PIECE = 1 << 20  # the longest piece of one line handed to the trainer at once (characters)
+_LINE_PIECE = 1 << 20  # the longest piece of one line read from a file at once (characters)
+# The longest text handed to a `tokenizers` trainer at once (characters). BPE training time grows faster
+# than quadratically with the length of one pre-token (a 60 KB run without spaces: seconds; 1 MB: many
+# minutes), so longer texts are cut, just before a whitespace character where there is one.
+_PIECE = 1000
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -94,7 +98,7 @@ def _iter_line_batches(
     """The lines of UTF-8 text files (newlines kept, as byte-level BPE learns them) in lists, streaming.
 
     A line longer than 1 MiB is handed on in 1 MiB pieces, so even a file that is one enormous line never
-    has to fit in memory. Check the files first with `twinlm.data.sources.check_text_files`.
+    has to fit in memory. Check the files first with `twinlm.data.textfiles.check_text_files`.
     """
 
     def lines() -> Iterator[str]:
@@ -221,7 +225,7 @@ class TextSource(BaseModel):
         Returns the plain-text check's counts (its lines are the trainer's progress total) when the source
         is plain-text files only, else None.
         """
-        from twinlm.data.sources import check_text_files
+        from twinlm.data.textfiles import check_text_files
 
         text_files, others = self._resolve()
         if not text_files:
@@ -460,8 +464,26 @@ def _train_timed(
     return tokenizer, seconds
 
 
+def bounded_pieces(text: str, limit: int = _PIECE) -> Iterator[str]:
+    """`text` in pieces of at most `limit` characters, each cut just before a space, newline or tab where
+    the window has one, so that the pre-tokenizers see the same words as in the whole text."""
+    start = 0
+    while len(text) - start > limit:
+        stop = start + limit + 1
+        cut = max(
+            text.rfind(" ", start + 1, stop),
+            text.rfind("\n", start + 1, stop),
+            text.rfind("\t", start + 1, stop),
+        )
+        cut = cut if cut > start else start + limit
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
 class _TextCounter:
-    """Pass batches through to the trainer, noting whether any non-blank text went by."""
+    """Pass batches through to the trainer in bounded pieces (see `bounded_pieces`), noting whether any
+    non-blank text went by."""
 
     def __init__(self, batches: Iterable[list[str]]) -> None:
         self.batches = batches
@@ -474,6 +496,8 @@ class _TextCounter:
                 if bad is not None:
                     raise TwinLMError(f"texts must be strings, got {bad}")
                 self.has_text = any(t.strip() for t in batch)
+            if any(isinstance(t, str) and len(t) > _PIECE for t in batch):
+                batch = [piece for t in batch for piece in bounded_pieces(t)]
             yield batch
 
 
@@ -571,14 +595,12 @@ def format_stats_table(stats: Sequence[dict[str, Any]]) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 
-class TokenizerTrainConfig(BaseModel):
+class TokenizerTrainConfig(Section):
     """A tokenizer training run as YAML (see configs/tokenizer/); command-line flags override it.
 
     `sources` takes the pretraining `data.sources` schema (a list of `twinlm.data.SourceConfig`; empty
     means the embedded default corpus) and `streaming` applies to Hub datasets and non-text files.
     """
-
-    model_config = ConfigDict(extra="forbid")
 
     type: Literal["wordpiece", "bpe"]
     vocab_size: int
@@ -600,18 +622,10 @@ class TokenizerTrainConfig(BaseModel):
         return TextSource(sources=self.sources, streaming=self.streaming)
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike[str]) -> TokenizerTrainConfig:
-        """Read and validate a YAML config; errors name the file and every bad or unknown key."""
-        path = Path(path)
-        if not path.is_file():
-            raise TwinLMError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-            return cls.model_validate(data)
-        except ValidationError as err:
-            raise TwinLMError(pydantic_error_message(err, f"tokenizer config {path}")) from None
-        except yaml.YAMLError as err:
-            raise TwinLMError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    def from_yaml(cls, path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> TokenizerTrainConfig:
+        """Read and validate a YAML config (with overrides); errors name the file and every bad key."""
+        values = read_config_file(path, "tokenizer config", "configs/tokenizer/wordpiece.yaml")
+        return validate(cls, apply_overrides(values, parse_overrides(overrides)), f"tokenizer config {path}")
 
 
 def _add_source_args(parser: argparse.ArgumentParser) -> None:
@@ -621,7 +635,11 @@ def _add_source_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--dataset-config", help="dataset configuration name")
     group.add_argument("--split", default=None, help="dataset split (default: train)")
-    group.add_argument("--text-column", default=None, help="column holding the text (default: text)")
+    group.add_argument(
+        "--text-column",
+        default=None,
+        help="column holding the text in .csv/.tsv/.json/.parquet (default: text)",
+    )
     group.add_argument("--no-streaming", action="store_true", help="download/load the dataset fully first")
 
 
@@ -634,20 +652,38 @@ def _source_from_args(args: argparse.Namespace, files: Sequence[str], base: Text
         )
         return TextSource(sources=[source], streaming=not args.no_streaming)
     if files:
-        return TextSource.from_files(files)
+        return TextSource.from_files(files, text_column=args.text_column or "text")
     return base or TextSource()
 
 
+def _train_config(args: argparse.Namespace) -> TokenizerTrainConfig:
+    """--config (if any), then `key=value` overrides, then flags, validated as one TokenizerTrainConfig."""
+    values = (
+        read_config_file(args.config, "tokenizer config", "configs/tokenizer/wordpiece.yaml")
+        if args.config
+        else {}
+    )
+    flags = ("type", "vocab_size", "min_frequency", "lowercase", "model_max_length", "out")
+    pairs = parse_overrides(args.overrides) + [
+        (k, getattr(args, k)) for k in flags if getattr(args, k) is not None
+    ]
+    values = apply_overrides(values, pairs)
+    if values.get("type") is not None:  # aliases (byte-level-bpe, ...) and a message naming the types
+        values["type"] = _check_kind(values["type"])
+    if not args.config and set(values) <= set(TokenizerTrainConfig.model_fields):  # else: name unknown keys
+        for key, flag in (("type", "--type"), ("vocab_size", "--vocab-size")):
+            if values.get(key) is None:
+                raise TwinLMError(f"{flag} is required (on the command line or in --config)")
+    config = validate(TokenizerTrainConfig, values, f"tokenizer config {args.config or '(flags)'}")
+    if config.out is None:
+        raise TwinLMError("--out is required (on the command line or in --config)")
+    return config
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
-    config = TokenizerTrainConfig.from_yaml(args.config) if args.config else None
-    values: dict[str, Any] = config.model_dump(exclude={"sources", "streaming"}) if config else {}
-    for key in ("type", "vocab_size", "min_frequency", "lowercase", "model_max_length", "out"):
-        if getattr(args, key) is not None:
-            values[key] = getattr(args, key)
-    for key, flag in (("type", "--type"), ("vocab_size", "--vocab-size"), ("out", "--out")):
-        if values.get(key) is None:
-            raise TwinLMError(f"{flag} is required (on the command line or in --config)")
-    source = _source_from_args(args, args.files, config.text_source if config else None)
+    config = _train_config(args)
+    values = config.model_dump(exclude={"sources", "streaming"})
+    source = _source_from_args(args, args.files, config.text_source)
     kind = _check_kind(values["type"])
     print(
         f"training a {kind} tokenizer ({values['vocab_size']:,} tokens) on {source.describe()}",
@@ -725,7 +761,8 @@ def add_parser(subparsers: Any) -> None:
     train.add_argument("--config", type=Path, help="YAML file with these options (flags override it)")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_source_args(train)
-    train.set_defaults(func=_cmd_train)
+    # an `overrides` default: config keys as `key=value` / `--key value` too (see twinlm.cli.parse_args)
+    train.set_defaults(func=_cmd_train, overrides=[])
 
     stats = sub.add_parser("stats", help="measure one tokenizer, or two side by side, on held-out text")
     stats.add_argument(

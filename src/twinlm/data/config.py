@@ -6,23 +6,21 @@ import os
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from twinlm.errors import TwinLMError
+from twinlm.config import Section, validate
 
-__all__ = ["DataConfig", "SourceConfig", "SourceType", "parse_data_config", "pydantic_error_message"]
+__all__ = ["DataConfig", "SourceConfig", "SourceType", "parse_data_config"]
 
-SourceType = Literal["text", "json", "csv", "parquet"]
+SourceType = Literal["text", "json", "csv", "tsv", "parquet"]
 
 
-class SourceConfig(BaseModel):
+class SourceConfig(Section):
     """One text source: a local `path` (file, directory or glob), a Hub dataset (`hub`), or `default: true`.
 
     A plain string in `DataConfig.sources` is shorthand for `{path: <string>}`. `split` and `config`
     apply to Hub datasets only (local files are one "train" split).
     """
-
-    model_config = ConfigDict(extra="forbid")
 
     path: str | None = None
     type: SourceType | None = Field(
@@ -63,10 +61,8 @@ class SourceConfig(BaseModel):
         return "default corpus"
 
 
-class DataConfig(BaseModel):
+class DataConfig(Section):
     """Everything that decides the pretraining blocks; an empty `sources` means the embedded corpus."""
-
-    model_config = ConfigDict(extra="forbid")
 
     sources: list[SourceConfig] = Field(default_factory=list)
     seq_len: int = Field(default=128, ge=2)
@@ -97,23 +93,8 @@ class DataConfig(BaseModel):
         return self.num_proc or max(1, min(4, os.cpu_count() or 1))
 
 
-def pydantic_error_message(error: ValidationError, what: str) -> str:
-    """One line naming every bad key of a pydantic ValidationError, e.g. `sources.0.path: ...`."""
-    parts = []
-    for err in error.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        parts.append(f"{loc}: {msg}")
-    return f"invalid {what}: " + "; ".join(parts)
-
-
 def parse_data_config(value: Mapping[str, Any] | DataConfig | None) -> DataConfig:
     """Build a DataConfig from a mapping (e.g. a YAML section), raising TwinLMError naming bad keys."""
     if isinstance(value, DataConfig):
         return value
-    try:
-        return DataConfig.model_validate(value or {})
-    except ValidationError as e:
-        raise TwinLMError(pydantic_error_message(e, "data config")) from None
+    return validate(DataConfig, value or {}, "data config")

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import codecs
 import glob
 import hashlib
-import os
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import datasets
 import pyarrow as pa
 from datasets import Dataset, IterableDataset
-from tqdm.auto import tqdm
 
 from twinlm.data.config import DataConfig, SourceConfig
+from twinlm.data.textfiles import TextFilesInfo, check_text_files
 from twinlm.errors import TwinLMError
 
 __all__ = [
@@ -43,7 +39,6 @@ _EXTENSIONS: dict[str, str] = {
 _COMPRESSION = {".gz", ".bz2", ".xz", ".zst", ".lz4"}
 _GLOB_CHARS = set("*?[")
 _SAMPLE_BY = {"line": "line", "paragraph": "paragraph", "file": "document"}
-_CHUNK = 1 << 20  # bytes read at a time by check_text_files
 
 
 def infer_source_type(path: str | Path) -> str | None:
@@ -88,7 +83,7 @@ def resolve_files(source: SourceConfig, where: str) -> dict[str, list[str]]:
         if kind is None:
             raise TwinLMError(
                 f"{where} ({source.describe()}): cannot tell the type of {f}; "
-                f"set type to one of text, json, csv, parquet"
+                f"set type to one of text, json, csv, tsv, parquet"
             )
         if kind == "csv" and infer_source_type(f) == "tsv":
             kind = "tsv"
@@ -96,78 +91,25 @@ def resolve_files(source: SourceConfig, where: str) -> dict[str, list[str]]:
     return groups
 
 
-@dataclass(frozen=True)
-class TextFilesInfo:
-    """What `check_text_files` found."""
-
-    files: tuple[Path, ...]
-    n_bytes: int
-    n_lines: int
-    has_text: bool  # whether any non-whitespace character was seen
-
-
-def check_text_files(
-    files: Sequence[str | os.PathLike[str]], show_progress: bool = False, where: str | None = None
-) -> TextFilesInfo:
-    """Check that plain-text files exist and are UTF-8; count their bytes and lines.
-
-    Streams each file in 1 MiB chunks (constant memory), so bad input becomes a one-line `TwinLMError`
-    naming the file (prefixed by `where`) before anything is loaded, trained or written.
-    """
-    prefix = f"{where}: " if where else ""
-    paths = tuple(Path(f) for f in files)
-    for path in paths:
-        if not path.exists():
-            raise TwinLMError(f"{prefix}text file not found: {path}")
-        if not path.is_file():
-            raise TwinLMError(f"{prefix}not a regular file: {path} (give text files, not directories)")
-    total = sum(p.stat().st_size for p in paths)
-    n_lines = 0
-    has_text = False
-    with tqdm(total=total, unit="B", unit_scale=True, desc="checking text", disable=not show_progress) as bar:
-        for path in paths:
-            decoder = codecs.getincrementaldecoder("utf-8")("strict")
-            offset, last = 0, b"\n"
-            with open(path, "rb") as f:
-                while chunk := f.read(_CHUNK):
-                    try:
-                        has_text = bool(decoder.decode(chunk).strip()) or has_text
-                    except UnicodeDecodeError as err:
-                        raise TwinLMError(
-                            f"{prefix}{path} is not UTF-8 text (invalid byte at offset {offset + err.start}): "
-                            "convert it to UTF-8 first"
-                        ) from None
-                    n_lines += chunk.count(b"\n")
-                    offset += len(chunk)
-                    last = chunk[-1:]
-                    bar.update(len(chunk))
-            try:
-                decoder.decode(b"", final=True)
-            except UnicodeDecodeError:
-                raise TwinLMError(
-                    f"{prefix}{path} is not UTF-8 text (truncated character at the end)"
-                ) from None
-            n_lines += last != b"\n"  # a last line without its newline
-    return TextFilesInfo(files=paths, n_bytes=total, n_lines=n_lines, has_text=has_text)
-
-
 def _load_local(source: SourceConfig, cfg: DataConfig, where: str) -> list[TextDataset]:
     parts = []
     for kind, files in resolve_files(source, where).items():
         kwargs: dict[str, Any] = {}
         builder = kind
-        if kind == "text":
-            # Name a non-UTF-8 file up front; leave out files with no text (datasets fails on them with
-            # a message that names nothing), and say so when that leaves nothing.
-            blank = {
-                f
+        label = f"{where} ({source.describe()})"
+        if kind != "parquet":  # a binary or non-UTF-8 file is named up front, not deep inside `datasets`
+            checked = {
+                f: check_text_files([f], where=label)
                 for f in files
                 if Path(f).suffix.lower() not in _COMPRESSION
-                and not check_text_files([f], where=f"{where} ({source.describe()})").has_text
             }
+        if kind == "text":
+            # leave out files with no text (datasets fails on them with a message that names nothing),
+            # and say so when that leaves nothing.
+            blank = {f for f, info in checked.items() if not info.has_text}
             files = [f for f in files if f not in blank]
             if not files:
-                raise TwinLMError(f"{where} ({source.describe()}): no text in {', '.join(sorted(blank))}")
+                raise TwinLMError(f"{label}: no text in {', '.join(sorted(blank))}")
             kwargs["sample_by"] = _SAMPLE_BY[cfg.text_document_split]
         elif kind == "tsv":
             builder, kwargs["delimiter"] = "csv", "\t"
@@ -231,7 +173,8 @@ def _normalise(ds: TextDataset, source: SourceConfig, where: str, cfg: DataConfi
     names = _column_names(ds)
     if names is not None and col not in names:
         raise TwinLMError(
-            f"{where} ({source.describe()}): no column {col!r} (columns: {', '.join(names)}); set text_column"
+            f"{where} ({source.describe()}): no column {col!r} (columns: {', '.join(names)}); "
+            "set text_column (twinlm tokenizer: --text-column)"
         )
     ds = ds.select_columns([col])
     if col != "text":

@@ -33,7 +33,8 @@ def build_arg_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.add_argument(
         "--config", "-c", required=True, help="fine-tuning config YAML (e.g. configs/finetune/sst2.yaml)"
     )
-    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="config overrides: section.key=value ...")
+    # an `overrides` default marks a command that takes config overrides (see twinlm.cli.parse_args)
+    parser.set_defaults(overrides=[])
     return parser
 
 
@@ -48,6 +49,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "finetune",
         help="fine-tune a twinlm checkpoint for sequence or token classification",
         description=__doc__,
+        usage="%(prog)s [-h] --config TASK.yaml [section.key=value | --section.key value ...]",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -12,19 +12,18 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from twinlm.config import OptimizerSection, Schedule, Section, build_config, dump_config
 from twinlm.errors import TwinLMError
-from twinlm.training.config import HubSection, LoggingSection, build_config
+from twinlm.training.config import HubSection, LoggingSection
 
 TaskType = Literal["sequence_classification", "token_classification"]
 FileFormat = Literal["csv", "tsv", "json", "jsonl", "conll"]
 SPLITS = ("train", "dev", "test")
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+_Section = Section  # the one section base (twinlm.config); the old name kept for importers
 
 
 class ModelSection(_Section):
@@ -93,35 +92,32 @@ class TaskSection(_Section):
         return self
 
 
-class TrainingSection(_Section):
-    """Optimisation, evaluation and early stopping. `max_steps` (if set) wins over `epochs`."""
+class TrainingSection(OptimizerSection):
+    """Optimisation, evaluation and early stopping. `max_steps` (if set) wins over `epochs`.
+
+    The optimizer/schedule fields come from `twinlm.config.OptimizerSection`; fine-tuning's defaults
+    differ (smaller lr, larger batch, AdamW's betas, linear decay) and its warmup is a ratio.
+    """
 
     batch_size: int = Field(32, gt=0, description="examples per process per micro-batch")
-    eval_batch_size: int = Field(64, gt=0)
-    grad_accum: int = Field(1, gt=0)
     lr: float = Field(5e-5, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0)
-    max_grad_norm: float | None = Field(1.0, ge=0)
+    schedule: Schedule = "linear"
+    eval_batch_size: int = Field(64, gt=0)
     epochs: float = Field(3.0, gt=0)
     max_steps: int | None = Field(None, gt=0)
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
-    schedule: Literal["linear", "cosine", "inverse_sqrt", "constant"] = "linear"
     eval_every: int = Field(0, ge=0, description="optimizer steps between evaluations; 0: once per epoch")
     early_stopping_patience: int | None = Field(
         3, ge=1, description="evaluations without improvement; null: off"
     )
     metric_for_best: str | None = Field(None, description="default: accuracy (sequence), f1 (token)")
     max_length: int = Field(128, gt=1)
-    seed: int = 42
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     baseline: bool = Field(True, description="also train the simple baseline on the same split")
 
-    @field_validator("mixed_precision", mode="before")
-    @classmethod
-    def _none_is_no(cls, value: Any) -> Any:
-        return "no" if value in (None, "none", False) else value
+    def warmup_steps_for(self, total_steps: int) -> int:
+        """Fine-tuning names its warmup as a share of the run."""
+        return int(self.warmup_ratio * total_steps)
 
 
 class FinetuneConfig(_Section):
@@ -175,4 +171,4 @@ def load_finetune_config(
 
 def dump_finetune_config(config: FinetuneConfig, path: str | os.PathLike) -> None:
     """Write the resolved config next to the run's outputs (so a run can be reproduced)."""
-    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    dump_config(config, path)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from twinlm.data.textfiles import check_text_files
 from twinlm.errors import TwinLMError
 from twinlm.finetune.config import SPLITS, TaskSection
 
@@ -194,6 +195,8 @@ def _split_from_rows(
 def _read_file_split(name: str, path: Path, task: TaskSection) -> Split:
     fmt = _format_of(path, task.format)
     source = str(path)
+    # a binary or non-UTF-8 file: one line naming the file and the byte, before any reader trips on it
+    check_text_files([path], where=f"task.{name}")
     if fmt == "conll":
         if task.type != "token_classification":
             raise TwinLMError(

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import argparse
 import signal
-import sys
-from collections.abc import Callable, Sequence
 from typing import Any
 
 USAGE = "%(prog)s [-h] --config RUN.yaml [section.key=value | --section.key value ...]"
@@ -18,40 +16,12 @@ several processes / GPUs / DeepSpeed:
 exit status: 0 done, 2 bad config, 128+signal after a clean checkpoint on SIGINT/SIGTERM."""
 
 
-def _split_overrides(
-    parse: Callable[..., tuple[argparse.Namespace, list[str]]],
-    args: Sequence[str] | None = None,
-    namespace: argparse.Namespace | None = None,
-) -> tuple[argparse.Namespace, list[str]]:
-    """Let argparse see only --config/-h; every other argument is a config override (kept in order).
-
-    argparse would reject `--training.lr 3e-4` as an unknown option, and the set of config keys is
-    open-ended (model overrides), so overrides are taken out before argparse parses the rest.
-    """
-    args = list(sys.argv[1:] if args is None else args)
-    own: list[str] = []
-    overrides: list[str] = []
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if arg in ("--config", "-c") and i + 1 < len(args):
-            own += args[i : i + 2]
-            i += 2
-            continue
-        (own if arg.startswith("--config=") or arg in ("-h", "--help") else overrides).append(arg)
-        i += 1
-    namespace, extra = parse(own, namespace)
-    namespace.overrides = overrides
-    return namespace, extra
-
-
 def build_arg_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--config", "-c", required=True, help="run config YAML (e.g. configs/pretrain/tiny-clm.yaml)"
     )
+    # an `overrides` default marks a command that takes config overrides (see twinlm.cli.parse_args)
     parser.set_defaults(overrides=[])
-    original = parser.parse_known_args
-    parser.parse_known_args = lambda args=None, namespace=None: _split_overrides(original, args, namespace)  # type: ignore[method-assign]
     return parser
 
 
