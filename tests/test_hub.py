@@ -431,3 +431,32 @@ def test_push_keeps_your_own_card_and_finds_fine_tuning_best(hub_env, tmp_path, 
     assert json.loads(files["config.json"])["step"] == 7 and "README.md" in files
     assert "metrics.json" not in files and "optimizer.bin" not in files
     assert _tree(ft) == before
+
+
+@pytest.fixture
+def fast_hub_backoff(monkeypatch):
+    """huggingface_hub's own retry loop (`http_backoff`: 5 retries, waits 1..8 s) with millisecond waits.
+
+    Its waits are keyword defaults, not constants or environment settings, so they are patched there.
+    """
+    from huggingface_hub.utils import _http
+
+    for fn in (_http.http_backoff, _http._http_backoff_base):
+        monkeypatch.setitem(fn.__kwdefaults__, "base_wait_time", 0.001)
+        monkeypatch.setitem(fn.__kwdefaults__, "max_wait_time", 0.002)
+    return _http.http_backoff.__kwdefaults__["max_retries"]
+
+
+@pytest.mark.parametrize("kind", ["lfs_batch", "lfs_put", "preupload"])
+def test_one_layer_of_retries_against_a_dead_endpoint(hub_env, tmp_path, fast_hub_backoff, kind):  # noqa: F811
+    """Calls huggingface_hub retries itself are not retried again by twinlm (it was 36 requests)."""
+    folder = tmp_path / "ckpt"
+    _write_checkpoint(folder, step=1)
+    hub_env.fail(kind, times=None, status=502)
+    with pytest.raises(HubPushError, match="failed after huggingface_hub's retries"):
+        push_folder(folder, "tester/dead", retry_wait=0.001)
+    assert hub_env.count(kind, 502) == 1 + fast_hub_backoff  # huggingface_hub's tries only: 6
+    hub_env.fail("create", times=None, status=503)  # sent once by huggingface_hub: twinlm retries it
+    with pytest.raises(HubPushError, match="after 3 attempts"):
+        push_folder(folder, "tester/dead", max_retries=2, retry_wait=0.001)
+    assert hub_env.count("create", 503) == 3

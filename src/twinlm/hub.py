@@ -17,6 +17,7 @@ import fnmatch
 import logging
 import os
 import queue
+import re
 import shutil
 import tempfile
 import threading
@@ -50,6 +51,11 @@ TRAINING_STATE_PATTERNS = (
 # Never pushed: local caches, experiment-tracker folders, lock files.
 ALWAYS_IGNORED = (".cache", "wandb", "__pycache__", "*.lock", "*.tmp", ".git")
 RETRY_STATUS_CODES = frozenset({408, 429, 500, 502, 503, 504})
+# One layer of retries. huggingface_hub sends preupload, LFS batch/upload/verify and most other calls
+# through its own `http_backoff` (5 retries of 408/429/5xx and network errors); retrying those again
+# around `upload_folder` multiplied the requests (36 to a dead LFS endpoint). twinlm retries only the
+# calls huggingface_hub sends once: repo and branch creation, YAML validation and the commit itself.
+_SENT_ONCE_BY_HUB = re.compile(r"/api/repos/create$|/api/validate-yaml$|/api/\w+s/.+/(branch|commit)/")
 
 
 class HubPushError(TwinLMError):
@@ -84,6 +90,30 @@ def is_transient(error: BaseException) -> bool:
     return False
 
 
+def _failed_request_path(error: BaseException) -> str | None:
+    """The URL path of the HTTP request behind `error` (or its causes), when the error carries it."""
+    current: BaseException | None = error
+    seen: set[int] = set()
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        for holder in (getattr(current, "response", None), current):
+            try:
+                request = getattr(holder, "request", None)  # httpx raises if a response has none
+            except RuntimeError:
+                request = None
+            url = getattr(request, "url", None)
+            if url is not None:
+                return getattr(url, "path", None) or str(url)
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def retried_by_hub(error: BaseException) -> bool:
+    """True when huggingface_hub has already retried the request that failed (so twinlm must not)."""
+    path = _failed_request_path(error)
+    return path is not None and not _SENT_ONCE_BY_HUB.search(path)
+
+
 def _describe(error: BaseException, token: str | None) -> str:
     """One line about an error, for logs: its type, HTTP status and first message line, token scrubbed."""
     status = getattr(getattr(error, "response", None), "status_code", None)
@@ -100,7 +130,8 @@ def with_retries(
     fn: Callable[[], T], *, what: str, max_retries: int = 5, retry_wait: float = 1.0, token: str | None = None
 ) -> T:
     """Call `fn`, retrying transient errors with exponential backoff (retry_wait * 2**attempt, at most 60 s);
-    raise HubPushError after the last try or on the first non-transient error."""
+    raise HubPushError after the last try, on the first non-transient error, or on a transient error of a
+    request that huggingface_hub has retried already (`retried_by_hub`)."""
     for attempt in range(max_retries + 1):
         try:
             return fn()
@@ -108,6 +139,8 @@ def with_retries(
             reason = _describe(err, token)
             if not is_transient(err):
                 raise HubPushError(f"{what} failed: {reason}") from err
+            if retried_by_hub(err):
+                raise HubPushError(f"{what} failed after huggingface_hub's retries: {reason}") from err
             if attempt == max_retries:
                 raise HubPushError(f"{what} failed after {attempt + 1} attempts: {reason}") from err
             wait = min(retry_wait * 2**attempt, 60.0)

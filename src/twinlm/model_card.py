@@ -84,7 +84,7 @@ def task_of(config: dict[str, Any]) -> tuple[str, str]:
     return _TASKS["ForCausalLM"] if config.get("is_causal") else _TASKS["ForMaskedLM"]
 
 
-def count_parameters(folder: str | Path) -> int | None:
+def count_parameters_in_folder(folder: str | Path) -> int | None:
     """Number of stored parameters, read from the safetensors headers (no torch needed); None if none."""
     total, found = 0, False
     for file in sorted(Path(folder).glob("*.safetensors")):
@@ -98,7 +98,7 @@ def count_parameters(folder: str | Path) -> int | None:
     return total if found else None
 
 
-def plot_loss_curve(loss_history: list[tuple[int, float]], path: str | Path) -> Path:
+def plot_loss_history(loss_history: list[tuple[int, float]], path: str | Path) -> Path:
     """Write a PNG of training loss against optimizer step (matplotlib, headless Agg backend)."""
     import matplotlib
 
@@ -243,7 +243,7 @@ def write_model_card(
     ]
     switches = {key: config[key] for key in SWITCHES if key in config}
     sizes = {key: config[key] for key in SIZES if key in config}
-    n_params = count_parameters(folder)
+    n_params = count_parameters_in_folder(folder)
     if n_params is not None:
         sizes["parameters"] = n_params
     if switches or sizes:
@@ -262,7 +262,7 @@ def write_model_card(
         if metrics:
             sections += ["Evaluation:", _table(dict(metrics), ("metric", "value"))]
         if loss_history:
-            plot_loss_curve(loss_history, folder / LOSS_CURVE_FILE)
+            plot_loss_history(loss_history, folder / LOSS_CURVE_FILE)
             final_step, final_loss = loss_history[-1]
             sections += [
                 f"![training loss curve]({LOSS_CURVE_FILE})",

@@ -39,7 +39,7 @@ __all__ = [
     "TextSource",
     "TokenizerTrainConfig",
     "add_parser",
-    "build_tokenizer",
+    "new_tokenizer",
     "format_stats_table",
     "iter_dataset_texts",
     "load_tokenizer",
@@ -268,7 +268,7 @@ def _check_vocab_size(kind: str, vocab_size: int) -> None:
         )
 
 
-def build_tokenizer(kind: str, lowercase: bool = True) -> Any:
+def new_tokenizer(kind: str, lowercase: bool = True) -> Any:
     """An untrained `tokenizers.Tokenizer` with the full pipeline of the given type.
 
     WordPiece: BERT normaliser and pre-tokeniser, `##` decoder. Byte-level BPE: no normaliser (lossless),
@@ -446,7 +446,7 @@ def _train_timed(
         batches = source.iter_batches(_BATCH)
 
     seen = _TextCounter(batches)
-    tok = build_tokenizer(kind, lowercase=lowercase)
+    tok = new_tokenizer(kind, lowercase=lowercase)
     trainer = _trainer(kind, vocab_size, min_frequency, show_progress)
     start = time.perf_counter()
     tok.train_from_iterator(seen, trainer=trainer, length=length)
