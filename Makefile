@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # The CPU build of torch; users with GPUs install their own build first (pyproject's range stays open).
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install demo test test-fast lint format clean
+.PHONY: install demo test test-fast ablate lint format clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ test: install
 test-fast: install
 	DS_ACCELERATOR=cpu WANDB_MODE=disabled HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
 		$(VENV)/bin/pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# Every design question in configs/ablations/ at tiny size (reports: docs/ablations/, runs: outputs/ablations/).
+ablate: install
+	DS_ACCELERATOR=cpu WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false \
+		$(PY) -m twinlm.cli ablate configs/ablations/*.yaml --out docs/ablations --runs outputs/ablations
 
 lint: install
 	$(VENV)/bin/ruff check src tests scripts
