@@ -272,15 +272,16 @@ def test_init_matches_bert_and_gpt2(preset):
 # Presets derived from presets
 
 
-TINY = [name for name in TwinLMConfig.preset_names() if name.startswith("tiny-")]
+SIZES = ("tiny-", "mini-", "small-")
+SMALLER = [name for name in TwinLMConfig.preset_names() if name.startswith(SIZES)]
 DERIVED = {"num_key_value_heads": "num_attention_heads"}
 
 
-@pytest.mark.parametrize("name", TINY)
-def test_tiny_preset_is_its_parent_except_the_listed_keys(name):
+@pytest.mark.parametrize("name", SMALLER)
+def test_smaller_preset_is_its_parent_except_the_listed_keys(name):
     own = yaml.safe_load((REPO / "configs" / "model" / f"{name}.yaml").read_text())
     parent = own.pop("extends")
-    assert parent == name.removeprefix("tiny-")
+    assert parent == name.split("-", 1)[1]
     child, base = TwinLMConfig.from_preset(name).to_dict(), TwinLMConfig.from_preset(parent).to_dict()
     differing = {key for key in child.keys() | base.keys() if child.get(key) != base.get(key)}
     # a field derived from a listed one (num_key_value_heads defaults to num_attention_heads) may follow it
@@ -288,6 +289,31 @@ def test_tiny_preset_is_its_parent_except_the_listed_keys(name):
     assert differing <= set(own) | derived, differing - set(own) - derived
     assert all(child[key] == value for key, value in own.items())
     assert differing  # a tiny preset is smaller than its parent
+
+
+# BERT-Mini and BERT-Small (Turc et al. 2019): (layers, hidden, heads), and BertForMaskedLM's parameter
+# count at BERT's vocabulary of 30522. The modern presets' SwiGLU width keeps the per-block count.
+TURC = {"mini": ((4, 256, 4), 11_201_594), "small": ((4, 512, 8), 28_795_194)}
+
+
+@pytest.mark.parametrize("size", sorted(TURC))
+@pytest.mark.parametrize("style", ["encoder", "decoder"])
+def test_mini_and_small_presets_have_bert_mini_and_small_shapes(size, style):
+    config = TwinLMConfig.from_preset(f"{size}-modern-{style}", vocab_size=30522)
+    (layers, hidden, heads), bert_params = TURC[size]
+    assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads) == (
+        layers,
+        hidden,
+        heads,
+    )
+    assert (config.max_position_embeddings, config.is_causal) == (512, style == "decoder")
+    assert config.num_attention_heads % config.num_key_value_heads == 0
+    with torch.device("meta"):  # shapes only: no memory, no init time
+        model = (TwinLMForCausalLM if config.is_causal else TwinLMForMaskedLM)(config)
+    params = sum(p.numel() for p in model.parameters())
+    # encoder: within 3% of BERT's count; decoder: grouped-query attention saves up to 8% more
+    low = 0.97 if style == "encoder" else 0.9
+    assert low * bert_params < params < 1.03 * bert_params, params
 
 
 def test_shipped_presets_are_one_folder():
