@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # The CPU build of torch; users with GPUs install their own build first (pyproject's range stays open).
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install demo test test-fast ablate lint format clean
+.PHONY: install demo test test-fast ablate bench lint format clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ test-fast: install
 ablate: install
 	DS_ACCELERATOR=cpu WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false \
 		$(PY) -m twinlm.cli ablate configs/ablations/*.yaml --out docs/ablations --runs outputs/ablations
+
+# twinlm against the transformers references, side by side (results: benchmarks/results/; ~15 min on 2 cores).
+bench: install
+	$(PY) benchmarks/run_all.py
 
 lint: install
 	$(VENV)/bin/ruff check src tests scripts
