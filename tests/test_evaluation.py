@@ -136,3 +136,12 @@ def test_shipped_suite_validates():
     root = Path(__file__).resolve().parents[1]
     suite = load_suite(root / "configs" / "evaluate" / "default.yaml")
     assert set(suite.tasks) == {"sst2", "conll2003", "sms_spam", "uci_sentiment"} and len(suite.seeds) == 3
+
+
+def test_suite_overrides_from_the_command_line(suite_dir):
+    from twinlm.evaluation import load_suite
+
+    suite = load_suite(suite_dir / "suite.yaml", ["seeds=[3]", "--lrs", "[1e-3]"])
+    assert suite.seeds == [3] and suite.lrs == [1e-3]
+    with pytest.raises(TwinLMError, match="did you mean 'seeds'"):
+        load_suite(suite_dir / "suite.yaml", ["sedes=[1]"])

@@ -8,7 +8,7 @@ on each final model (see MEASURES). The report (report.md, results.json, PNG plo
 a short answer computed from the numbers ("no measurable difference" where the gap is within the
 spread) and flags where the numbers disagree with the textbook answer.
 
-    twinlm ablate configs/ablations/scaled-attention.yaml --out docs/ablations/scaled-attention
+    twinlm ablate configs/ablations/02-scaled-attention.yaml --out docs/ablations/02-scaled-attention
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
+from twinlm.config import Section, build_config
 from twinlm.errors import TwinLMError
 
 MEASURES_FILE = "measures.json"
@@ -34,21 +34,17 @@ MEASURES_FILE = "measures.json"
 # ------------------------------------------------------------------------------------------------
 # Config
 # ------------------------------------------------------------------------------------------------
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class BaseRun(_Section):
+class BaseRun(Section):
     config: Path = Field(description="a pretraining run config, e.g. configs/pretrain/tiny-clm.yaml")
     overrides: dict[str, Any] = Field(default_factory=dict, description="dotted keys: training.max_steps")
 
 
-class Measure(_Section):
+class Measure(Section):
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
 
 
-class AblationConfig(_Section):
+class AblationConfig(Section):
     """One question: base run, variants (overrides), seeds, the metric that answers it."""
 
     question: str
@@ -71,22 +67,13 @@ class AblationConfig(_Section):
         return self
 
 
-def load_ablation(path: str | Path) -> AblationConfig:
-    """Read an ablation YAML; a one-line TwinLMError naming the key on any problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise TwinLMError(f"{str(path)!r} does not exist; e.g. configs/ablations/scaled-attention.yaml")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        config = AblationConfig.model_validate(data)
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise TwinLMError(f"{path}: not a readable YAML file ({err.__class__.__name__})") from None
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise TwinLMError(f"{path}: {where}: {first['msg']}") from None
+def load_ablation(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> AblationConfig:
+    """Read an ablation YAML (with `key=value` overrides, e.g. seeds=[0,1,2]); a one-line TwinLMError
+    naming the key on any problem."""
+    example = "configs/ablations/02-scaled-attention.yaml"
+    config = build_config(AblationConfig, path, overrides, what="ablation config", example=example)
     if not config.base.config.is_file():
-        raise TwinLMError(f"{path}: base.config {str(config.base.config)!r} does not exist")
+        raise TwinLMError(f"ablation config {path}: base.config {str(config.base.config)!r} does not exist")
     return config
 
 
@@ -453,11 +440,14 @@ def answer(config: AblationConfig, table: dict[str, dict[str, dict[str, float]]]
 
 
 def run_ablation(
-    path: str | Path, out: str | Path | None = None, runs_dir: str | Path | None = None
+    path: str | Path,
+    out: str | Path | None = None,
+    runs_dir: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Run every (variant, seed) under `runs_dir` (default OUT/runs), measure, and write report.md,
     results.json and plots into `out` (default outputs/ablations/NAME)."""
-    config = load_ablation(path)
+    config = load_ablation(path, overrides)
     out = Path(out) if out is not None else Path("outputs/ablations") / Path(path).stem
     out.mkdir(parents=True, exist_ok=True)
     where = Path(runs_dir) if runs_dir is not None else out / "runs"
@@ -550,7 +540,7 @@ def run(args: argparse.Namespace) -> int:
         name = Path(path).stem
         out = None if args.out is None else Path(args.out) / name if many else Path(args.out)
         runs = None if args.runs is None else Path(args.runs) / name if many else Path(args.runs)
-        run_ablation(path, out, runs)
+        run_ablation(path, out, runs, list(args.overrides))
     return 0
 
 
@@ -562,9 +552,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "configs", nargs="+", help="ablation YAML(s), e.g. configs/ablations/scaled-attention.yaml"
+        "configs", nargs="+", help="ablation YAML(s), e.g. configs/ablations/02-scaled-attention.yaml"
     )
     parser.add_argument("--out", default=None, help="report folder (default: outputs/ablations/NAME)")
     parser.add_argument("--runs", default=None, help="where the training runs go (default: OUT/runs)")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, overrides=[])  # config overrides: seeds=[0,1,2] ...
     return parser

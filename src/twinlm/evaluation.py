@@ -21,9 +21,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
+from twinlm.config import Section, build_config
 from twinlm.errors import TwinLMError
 
 CELL_FILE = "cell.json"
@@ -32,11 +32,7 @@ CELL_FILE = "cell.json"
 # ------------------------------------------------------------------------------------------------
 # The suite config
 # ------------------------------------------------------------------------------------------------
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class SplitFrom(_Section):
+class SplitFrom(Section):
     """A task that ships as one labelled file (or several): split it into train/dev/test, seeded."""
 
     files: list[Path]
@@ -48,7 +44,7 @@ class SplitFrom(_Section):
     seed: int = 0
 
 
-class SuiteTask(_Section):
+class SuiteTask(Section):
     """One task: a fine-tuning config (its model.path is replaced) plus overrides."""
 
     config: Path = Field(description="a fine-tuning config, e.g. configs/finetune/sst2.yaml")
@@ -56,7 +52,7 @@ class SuiteTask(_Section):
     split_from: SplitFrom | None = None
 
 
-class Suite(_Section):
+class Suite(Section):
     """Tasks, seeds and the learning-rate grid; `overrides` apply to every task."""
 
     tasks: dict[str, SuiteTask]
@@ -66,24 +62,17 @@ class Suite(_Section):
     control: bool = True
 
 
-def load_suite(path: str | Path) -> Suite:
-    """Read a suite YAML; a one-line TwinLMError naming the key on any problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise TwinLMError(f"--suite {str(path)!r} does not exist; e.g. configs/evaluate/default.yaml")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise TwinLMError(f"{path}: not a readable YAML suite ({err.__class__.__name__})") from None
-    try:
-        suite = Suite.model_validate(data)
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise TwinLMError(f"{path}: {where}: {first['msg']}") from None
+def load_suite(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Suite:
+    """Read a suite YAML (with `key=value` overrides, e.g. seeds=[0]); a one-line TwinLMError naming the
+    key on any problem."""
+    suite = build_config(
+        Suite, path, overrides, what="evaluation suite", example="configs/evaluate/default.yaml"
+    )
     for name, task in suite.tasks.items():
         if not task.config.is_file():
-            raise TwinLMError(f"{path}: tasks.{name}.config {str(task.config)!r} does not exist")
+            raise TwinLMError(
+                f"evaluation suite {path}: tasks.{name}.config {str(task.config)!r} does not exist"
+            )
     return suite
 
 
@@ -260,9 +249,14 @@ def _slug(label: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in label).strip("_")
 
 
-def evaluate_checkpoints(checkpoints: list[str], suite_path: str | Path, out: str | Path) -> dict[str, Any]:
+def evaluate_checkpoints(
+    checkpoints: list[str],
+    suite_path: str | Path,
+    out: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> dict[str, Any]:
     """Fine-tune every checkpoint (and its control) on every task; write report.md, results.json, a PNG."""
-    suite, out = load_suite(suite_path), Path(out)
+    suite, out = load_suite(suite_path, overrides), Path(out)
     for ckpt in checkpoints:
         if not (Path(ckpt) / "config.json").is_file():
             raise TwinLMError(
@@ -386,7 +380,7 @@ def plot_results(report: dict[str, Any], path: Path) -> Path:
 # Command line
 # ------------------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> int:
-    evaluate_checkpoints(list(args.checkpoints), args.suite, args.out)
+    evaluate_checkpoints(list(args.checkpoints), args.suite, args.out, list(args.overrides))
     return 0
 
 
@@ -402,5 +396,5 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--suite", required=True, help="suite YAML, e.g. configs/evaluate/default.yaml")
     parser.add_argument("--out", default="outputs/evaluate", help="output folder (default: %(default)s)")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, overrides=[])  # suite overrides: seeds=[0] lrs=[1e-3,2e-3] ...
     return parser
