@@ -41,6 +41,7 @@ from .layers import (
     build_feed_forward,
     build_norm,
 )
+from .loss import causal_lm_loss, masked_lm_loss
 from .positions import POSITION_ENCODINGS
 
 # ---------------------------------------------------------------------------------------------------
@@ -409,6 +410,8 @@ class TwinLMForMaskedLM(TwinLMPreTrainedModel):
         self.head_act = FEED_FORWARDS[config.hidden_act][1]()  # BERT: the model's activation
         self.head_norm = build_norm(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
+        # transformers' ForMaskedLMLoss, without its float32 copy of the logits (see loss.py)
+        self.loss_function = masked_lm_loss
         self.post_init()
 
     def get_output_embeddings(self) -> nn.Linear:
@@ -428,7 +431,7 @@ class TwinLMForMaskedLM(TwinLMPreTrainedModel):
         labels: torch.LongTensor | None = None,
         **kwargs,
     ) -> MaskedLMOutput:
-        """Loss through transformers' ForMaskedLMLoss: honours num_items_in_batch (Trainer's gradient
+        """Loss as transformers' ForMaskedLMLoss (loss.py): honours num_items_in_batch (Trainer's gradient
         accumulation) and ignore_index (default -100)."""
         outputs = self.model(
             input_ids,
@@ -468,6 +471,8 @@ class TwinLMForCausalLM(TwinLMPreTrainedModel, GenerationMixin):
             )
         self.model = TwinLMModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # transformers' ForCausalLMLoss, without its float32 copy of the logits (see loss.py)
+        self.loss_function = causal_lm_loss
         self.post_init()
 
     def get_output_embeddings(self) -> nn.Linear:
@@ -491,7 +496,7 @@ class TwinLMForCausalLM(TwinLMPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """Position t predicts token t+1. Loss through transformers' ForCausalLMLoss: it shifts `labels`
+        """Position t predicts token t+1. Loss as transformers' ForCausalLMLoss (loss.py): it shifts `labels`
         (or takes `shift_labels` as given, as context parallelism sends them) and honours
         num_items_in_batch and ignore_index."""
         outputs = self.model(
