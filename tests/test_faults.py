@@ -28,7 +28,7 @@ from twinlm.training.tracking import read_metrics
 ROOT, _env, run_config = test_training.ROOT, test_training._env, test_training.run_config
 assets = test_training.assets  # the module-scoped fixture: corpus excerpt and tokenizers
 pytestmark = test_training.needs_corpus
-TIMING = ("tokens_per_s", "mfu")
+TIMING = ("tokens_per_s", "mfu", "train_seconds")
 
 
 def config(assets: dict[str, Path], out: Path, **training: object) -> dict:

@@ -145,6 +145,8 @@ def test_overrides_parse_and_apply(assets: dict[str, Path], tmp_path: Path) -> N
     [
         ("training.lrr=1", "training.lrr"),
         ("training.max_steps=many", "training.max_steps"),
+        ("training.max_steps=null", "training.max_steps"),  # no end: neither max_steps nor max_minutes
+        ("training.max_minutes=0", "training.max_minutes"),
         ("logging.report_to=mlflow", "logging.report_to"),
         ("bogus.key=1", "bogus"),
         ("tokenizer.path=/no/such/tokenizer", "tokenizer.path"),
@@ -222,7 +224,7 @@ def test_schedules_warm_up_then_decay(schedule: str) -> None:
 
     cfg = TrainingSection(lr=1.0, warmup_steps=10, max_steps=100, schedule=schedule)
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=cfg.lr)
-    sched = build_scheduler(opt, cfg)
+    sched = build_scheduler(opt, cfg, cfg.max_steps)
     lrs = []
     for _ in range(100):
         lrs.append(sched.get_last_lr()[0])
@@ -331,6 +333,47 @@ def test_resume_reproduces_the_uninterrupted_run(
     for step in (4, 5, 6):
         assert resumed[step] == pytest.approx(straight[step], abs=1e-6), (step, resumed, straight)
     assert resumed_summary["val_loss"] == pytest.approx(summary["val_loss"], abs=1e-6)
+
+
+def _cosine_at(train_seconds: float, budget_s: float, lr: float) -> float:
+    return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, train_seconds / budget_s)))
+
+
+@needs_corpus
+def test_time_budget_anneals_the_schedule_stops_on_time_and_resumes(
+    assets: dict[str, Path], tmp_path: Path
+) -> None:
+    """training.max_minutes (the cramming setting), max_steps null: the cosine schedule's progress is
+    training time / budget (LR ~0 at the end), the run stops at the first step past the budget, and a
+    resume continues the clock from the checkpoint's training time."""
+    budget_s, lr = 2.0, 3e-3
+    config = run_config(assets, tmp_path / "full", max_steps=None, max_minutes=budget_s / 60, warmup_steps=0)
+    config["training"]["save_every"] = 0
+    summary = pretrain(config)
+    records = [m for m in read_metrics(tmp_path / "full" / "metrics.jsonl") if m.get("lr") is not None]
+    assert [m["step"] for m in records] == list(range(1, summary["steps"] + 1)) and summary["steps"] >= 4
+    assert records[-2]["train_seconds"] < budget_s <= records[-1]["train_seconds"]  # stopped on time
+    for m in records:  # the LR follows the clock, not the step count
+        assert m["lr"] == pytest.approx(_cosine_at(m["train_seconds"], budget_s, lr), rel=1e-6, abs=1e-12)
+    assert records[-1]["lr"] == pytest.approx(0.0, abs=1e-12) and records[0]["lr"] > 0.9 * lr
+    saved = json.loads((tmp_path / "full" / "summary.json").read_text())
+    assert saved["ended_by"] == "max_minutes" and saved["max_minutes"] == pytest.approx(budget_s / 60)
+    assert saved["steps"] == records[-1]["step"] and saved["train_seconds"] >= budget_s
+    assert summary["final_model"] is not None and summary["val_loss"] is not None
+
+    # max_steps as an upper bound ends the run (and the schedule) first; resuming without it, the clock
+    # goes on from the checkpoint's training time to the same budget.
+    cut = str(tmp_path / "cut")
+    short = pretrain(config, [f"output_dir={cut}", "training.max_steps=2"])
+    assert short["ended_by"] == "max_steps" and short["steps"] == 2 and short["train_seconds"] < budget_s
+    assert [m["lr"] for m in read_metrics(Path(cut) / "metrics.jsonl") if "lr" in m][-1] == 0.0
+    resumed = pretrain(config, [f"output_dir={cut}", "training.resume_from_checkpoint=latest"])
+    after = [m for m in read_metrics(Path(cut) / "metrics.jsonl") if m.get("lr") is not None]
+    assert [m["step"] for m in after] == list(range(1, resumed["steps"] + 1)) and resumed["steps"] > 3
+    assert after[2]["train_seconds"] > short["train_seconds"]
+    for m in after[2:]:
+        assert m["lr"] == pytest.approx(_cosine_at(m["train_seconds"], budget_s, lr), rel=1e-6, abs=1e-12)
+    assert resumed["ended_by"] == "max_minutes" and after[-2]["train_seconds"] < budget_s
 
 
 @needs_corpus

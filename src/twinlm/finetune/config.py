@@ -114,6 +114,9 @@ class TrainingSection(OptimizerSection):
     metric_for_best: str | None = Field(None, description="default: accuracy (sequence), f1 (token)")
     max_length: int = Field(128, gt=1)
     baseline: bool = Field(True, description="also train the simple baseline on the same split")
+    nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="a NaN/inf loss or gradient norm: stop the run, or skip the step (and count it)"
+    )
 
     def warmup_steps_for(self, total_steps: int) -> int:
         """Fine-tuning names its warmup as a share of the run."""

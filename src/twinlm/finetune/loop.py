@@ -13,14 +13,15 @@ measuring exactly that difference.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 import shutil
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -30,9 +31,28 @@ from tqdm.auto import tqdm
 
 from twinlm.errors import TwinLMError
 from twinlm.finetune.baselines import run_baseline
-from twinlm.finetune.config import FinetuneConfig, dump_finetune_config, load_finetune_config
+from twinlm.finetune.config import (
+    FinetuneConfig,
+    TrainingSection,
+    dump_finetune_config,
+    load_finetune_config,
+)
 from twinlm.finetune.data import Split, encode_split, load_task, make_collator
 from twinlm.finetune.metrics import classification_scores, tagging_scores
+from twinlm.training.components import HubPublisher, MetricsLogger, StopSignal
+from twinlm.training.engine import (
+    Batch,
+    Engine,
+    EngineSettings,
+    NonFiniteError,
+    TrainState,
+    count_label_targets,
+    model_is_finite,
+)
+from twinlm.training.lock import RunLock
+from twinlm.training.loop import build_accelerator
+from twinlm.training.optim import build_optimizer, build_scheduler
+from twinlm.training.tracking import init_tracking, prepare_wandb_mode
 
 METRICS_FILE = "metrics.json"
 
@@ -195,25 +215,26 @@ def load_model(cfg: FinetuneConfig, labels: list[str], tokenizer: Any) -> tuple[
         if cfg.task.type == "sequence_classification"
         else TwinLMForTokenClassification
     )
+    model, info = _load_quietly(cls, cfg.model.path, config, cfg.model.revision)
+    _check_body_loaded(info, overrides, config_dict, cfg.model.path)
+    return model, causal
+
+
+def _load_quietly(cls: Any, path: str, config: Any, revision: str | None) -> tuple[Any, dict[str, Any]]:
+    """cls.from_pretrained with its loading info, without transformers' load report: it lists the new
+    head (expected) and the unused LM head, while the body is checked by `_check_body_loaded` instead.
+    ignore_mismatched_sizes is for the head only: a fine-tuned checkpoint with another label count has a
+    differently shaped classifier."""
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
-    # transformers' load report lists the new head (expected) and the unused LM head; the body is
-    # checked below instead. ignore_mismatched_sizes is for the head only: a fine-tuned checkpoint with
-    # another label count has a differently shaped classifier.
     hf_logging.set_verbosity_error()
     try:
-        model, info = cls.from_pretrained(
-            cfg.model.path,
-            config=config,
-            revision=cfg.model.revision,
-            ignore_mismatched_sizes=True,
-            output_loading_info=True,
+        return cls.from_pretrained(
+            path, config=config, revision=revision, ignore_mismatched_sizes=True, output_loading_info=True
         )
     finally:
         hf_logging.set_verbosity(verbosity)
-    _check_body_loaded(info, overrides, config_dict, cfg.model.path)
-    return model, causal
 
 
 # ------------------------------------------------------------------------------------------------
@@ -259,6 +280,9 @@ def evaluate(
 # ------------------------------------------------------------------------------------------------
 # The run
 # ------------------------------------------------------------------------------------------------
+EARLY_STOPPING = "early stopping"
+
+
 def finetune(
     source: FinetuneConfig | dict[str, Any] | str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()
 ) -> dict[str, Any]:
@@ -268,38 +292,115 @@ def finetune(
     return Finetuner(cfg).run()
 
 
+class DevTestEvaluator:
+    """Fine-tuning's evaluation component: dev/test scores every `eval_every` steps (0: once an epoch
+    ends) and at the end of the run; each better dev score saves the model (OUTPUT_DIR/best, and the
+    Hub); `early_stopping_patience` evaluations without one stop the run. Its record (evaluations, best,
+    patience count) lives in the engine's state, `state.extra['finetune']`."""
+
+    def __init__(
+        self,
+        evaluate: Callable[[], dict[str, dict[str, float]]],
+        new_best: Callable[[dict[str, Any]], None],
+        train: TrainingSection,
+        batches_per_epoch: int,
+        steps_per_epoch: int,
+        report_to: str,
+    ) -> None:
+        self.evaluate, self.new_best, self.report_to = evaluate, new_best, report_to
+        self.every, self.patience = train.eval_every, train.early_stopping_patience
+        self.metric = str(train.metric_for_best)
+        self.batches_per_epoch, self.steps_per_epoch = batches_per_epoch, steps_per_epoch
+
+    @staticmethod
+    def record(engine: Engine) -> dict[str, Any]:
+        return engine.state.extra["finetune"]
+
+    def on_start(self, engine: Engine) -> None:
+        empty = {"evaluations": [], "best": None, "bad_evals": 0, "evaluated_at": -1, "epochs_done": 0}
+        engine.state.extra.setdefault("finetune", empty)
+
+    def after_step(self, engine: Engine) -> None:
+        state, record = engine.state, self.record(engine)
+        # Epochs completed: with grad_accum > 1 an epoch may end inside a window (evaluated after it).
+        done = state.epoch + (state.batch_in_epoch >= self.batches_per_epoch)
+        epoch_ended, record["epochs_done"] = done > record["epochs_done"], done
+        if (state.step % self.every == 0) if self.every else epoch_ended:
+            self._evaluate(engine)
+
+    def on_end(self, engine: Engine) -> None:
+        if engine.stop_reason is None and engine.state.step != self.record(engine)["evaluated_at"]:
+            self._evaluate(engine)
+
+    def _evaluate(self, engine: Engine) -> None:
+        """Score dev/test; keep the best model; request the stop when patience runs out."""
+        state, record = engine.state, self.record(engine)
+        result: dict[str, Any] = {
+            "step": state.step,
+            "epoch": round(state.step / self.steps_per_epoch, 3),
+            "train_loss": state.loss_sum / state.loss_steps if state.loss_steps else None,
+        }
+        state.loss_sum, state.loss_steps = 0.0, 0  # the next train_loss: since this evaluation
+        result.update(self.evaluate())
+        record["evaluations"].append(result)
+        record["evaluated_at"] = state.step
+        score, best = (result["dev"][self.metric] if "dev" in result else None), record["best"]
+        improved = best is None or score is None or score > best["dev"][self.metric]
+        if improved:
+            record["best"] = {k: result[k] for k in ("step", "epoch", "dev", "test") if k in result}
+            record["bad_evals"] = 0
+            self.new_best(result)
+        else:
+            record["bad_evals"] += 1
+        self._report(engine, result, improved)
+        if self.patience and "dev" in result and record["bad_evals"] >= self.patience:
+            engine.request_stop(EARLY_STOPPING)
+
+    def _report(self, engine: Engine, result: dict[str, Any], improved: bool) -> None:
+        """The scores to the tracker (dev/..., test/..., train/loss) and one line above the progress bar."""
+        splits = [split for split in ("dev", "test") if split in result]
+        if self.report_to != "none":
+            values = {f"{split}/{k}": v for split in splits for k, v in result[split].items()}
+            if result["train_loss"] is not None:
+                values["train/loss"] = result["train_loss"]
+            engine.accelerator.log(values, step=result["step"])
+        if engine.accelerator.is_main_process:
+            shown = ", ".join(f"{split} {self.metric} {result[split][self.metric]:.4f}" for split in splits)
+            tqdm.write(f"step {result['step']}: {shown}" + ("  (best so far)" if improved else ""))
+
+
 class Finetuner:
-    """One fine-tuning run; `run()` does everything and returns the summary dict."""
+    """One fine-tuning run on the shared Engine (twinlm.training.engine): setup, then training with the
+    dev/test evaluator, progress bar and stop signal as components, then metrics.json, the report and
+    the Hub push. `run()` returns the summary dict."""
 
     def __init__(self, cfg: FinetuneConfig) -> None:
         self.cfg = cfg
         self.output_dir = Path(cfg.output_dir)
+        self.hub: HubPublisher | None = None
 
-    def _setup(self) -> None:
-        from twinlm.training.loop import build_accelerator
-        from twinlm.training.tracking import prepare_wandb_mode
-
+    def _setup_task(self) -> dict[str, Any]:
+        """Task splits and labels, tokenizer, model (pretrained body, new head); returns the encoded splits."""
         cfg, train = self.cfg, self.cfg.training
-        prepare_wandb_mode(cfg.logging.report_to, int(os.environ.get("RANK", "0")) == 0)
-        # build_accelerator reads training.{mixed_precision, grad_accum, batch_size, max_grad_norm},
-        # logging.report_to and output_dir, which this config shares with the pretraining config.
-        self.accelerator = acc = build_accelerator(cfg)  # type: ignore[arg-type]
         set_seed(train.seed)
         self.splits, self.labels = load_task(cfg.task, train.seed)
         self.id2label = dict(enumerate(self.labels))
-        self.label2id = {v: k for k, v in self.id2label.items()}
+        label2id = {v: k for k, v in self.id2label.items()}
         check_checkpoint(cfg.model.path, cfg.model.revision)  # before the tokenizer: the clearer error
         self.tokenizer = load_tokenizer_for(cfg)
         set_seed(train.seed)  # the same new head on every process
         self.model, self.causal = load_model(cfg, self.labels, self.tokenizer)
         max_pos = getattr(self.model.config, "max_position_embeddings", None) or train.max_length
         self.max_length = min(train.max_length, max_pos)
-        kind = cfg.task.type
-        encoded = {
-            name: encode_split(split, self.tokenizer, self.label2id, self.max_length, kind)
+        return {
+            name: encode_split(split, self.tokenizer, label2id, self.max_length, cfg.task.type)
             for name, split in self.splits.items()
         }
-        collator = make_collator(self.tokenizer, kind)
+
+    def _setup_training(self, encoded: dict[str, Any]) -> None:
+        """Loaders; AdamW (no decay on biases/norms) and warmup-then-decay over the run; all prepared."""
+        train, acc = self.cfg.training, self.accelerator
+        collator = make_collator(self.tokenizer, self.cfg.task.type)
         train_loader = DataLoader(
             encoded["train"],
             batch_size=train.batch_size,
@@ -312,37 +413,47 @@ class Finetuner:
             for name, ds in encoded.items()
             if name != "train"
         }
-
-        from twinlm.training.optim import build_optimizer, build_scheduler
-
         # Each process sees ceil(batches / processes) batches per epoch once Accelerate shards the loader.
         batches_per_process = math.ceil(len(train_loader) / acc.num_processes)
         self.steps_per_epoch = max(1, math.ceil(batches_per_process / train.grad_accum))
         self.max_steps = train.max_steps or max(1, math.ceil(train.epochs * self.steps_per_epoch))
-        # The pretraining helpers: AdamW without decay on biases/norms, warmup then decay.
-        opt_settings = SimpleNamespace(
-            lr=train.lr,
-            weight_decay=train.weight_decay,
-            betas=train.betas,
-            eps=train.eps,
-            schedule=train.schedule,
-            max_steps=self.max_steps,
-            warmup_steps=int(train.warmup_ratio * self.max_steps),
-        )
         self.model.train()
-        optimizer = build_optimizer(self.model, opt_settings)  # type: ignore[arg-type]
-        # Stepped once per optimizer step by the loop, not handed to Accelerate (see pretraining's optim.py).
-        self.scheduler = build_scheduler(optimizer, opt_settings)  # type: ignore[arg-type]
+        optimizer = build_optimizer(self.model, train)
+        self.scheduler = build_scheduler(optimizer, train, self.max_steps)  # stepped by the engine
         prepared = acc.prepare(self.model, optimizer, train_loader, *eval_loaders.values())
         self.model, self.optimizer, self.train_loader = prepared[:3]
         self.eval_loaders = dict(zip(eval_loaders, prepared[3:], strict=True))
 
+    def _batches(self, state: TrainState) -> Iterator[Batch]:
+        """(epoch, index, batch) from the prepared train loader, epoch after epoch (from the start:
+        fine-tuning runs are short and not resumed)."""
+        for epoch in itertools.count():
+            for index, batch in enumerate(self.train_loader):
+                yield epoch, index, batch
+
     def run(self) -> dict[str, Any]:
         start = time.perf_counter()
-        self._setup()
-        cfg, train, acc = self.cfg, self.cfg.training, self.accelerator
-        main = acc.is_main_process
-        if main:
+        cfg = self.cfg
+        prepare_wandb_mode(cfg.logging.report_to, int(os.environ.get("RANK", "0")) == 0)
+        self.accelerator = acc = build_accelerator(cfg.training, cfg.logging.report_to, self.output_dir)
+        with RunLock(self.output_dir, enabled=acc.is_main_process):
+            acc.wait_for_everyone()
+            self._setup_training(self._setup_task())
+            baseline = self._start()
+            engine = self._engine()
+            try:
+                engine.train()
+            except Exception:
+                if self.hub is not None:  # pushes already queued (earlier best models) still go out
+                    self.hub.finish()
+                raise
+            return self._finish(engine, baseline, start)
+
+    def _start(self) -> dict[str, Any] | None:
+        """run_config.yaml, the opening line and the baseline's scores (main process); trackers."""
+        cfg, acc = self.cfg, self.accelerator
+        baseline = None
+        if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             dump_finetune_config(cfg, self.output_dir / "run_config.yaml")
             sizes = ", ".join(f"{name} {len(split):,}" for name, split in self.splits.items())
@@ -350,135 +461,48 @@ class Finetuner:
                 f"fine-tuning {cfg.model.path} ({'causal' if self.causal else 'masked'} LM) for "
                 f"{cfg.task.type}: {len(self.labels)} labels, {sizes}; {self.max_steps} steps"
             )
-        baseline = None
-        if train.baseline and main:
-            baseline = run_baseline(cfg.task.type, self.splits, train.seed)
-        from twinlm.training.tracking import init_tracking
+            if cfg.training.baseline:
+                baseline = run_baseline(cfg.task.type, self.splits, cfg.training.seed)
+        init_tracking(acc, cfg.logging, cfg.model_dump(mode="json"), self.output_dir)
+        return baseline
 
-        init_tracking(acc, cfg.logging, cfg.model_dump(mode="json"), Path(cfg.output_dir))
-        pusher = None
+    def _engine(self) -> Engine:
+        cfg, train, acc = self.cfg, self.cfg.training, self.accelerator
         if cfg.hub.push:
-            from twinlm.hub import BackgroundPusher
+            self.hub = HubPublisher(cfg.hub, enabled=acc.is_main_process)
+        evaluator = DevTestEvaluator(
+            self._evaluate, self._new_best, train, len(self.train_loader), self.steps_per_epoch,
+            cfg.logging.report_to,
+        )  # fmt: skip
+        progress = MetricsLogger(None, 0, self.max_steps, "none", desc="finetune")
+        settings = EngineSettings(self.max_steps, train.grad_accum, train.max_grad_norm, train.nonfinite)
+        return Engine(
+            acc, self.model, self.optimizer, self.scheduler, self._batches, count_label_targets,
+            settings, [progress, evaluator, StopSignal()],
+        )  # fmt: skip
 
-            pusher = BackgroundPusher(
-                cfg.hub.repo_id, private=cfg.hub.private, revision=cfg.hub.revision, enabled=main
+    def _evaluate(self) -> dict[str, dict[str, float]]:
+        return {
+            name: evaluate(
+                self.model, loader, self.splits[name], self.accelerator, self.id2label, self.cfg.task.type
             )
+            for name, loader in self.eval_loaders.items()
+        }
 
-        metric = train.metric_for_best
-        evaluations: list[dict[str, Any]] = []
-        best: dict[str, Any] | None = None
-        bad_evals, step, epoch, stopped_early = 0, 0, 0, False
-        loss_sum, loss_count = 0.0, 0
-        progress = tqdm(
-            total=self.max_steps, desc="finetune", unit="step", disable=not main, dynamic_ncols=True
-        )
-
-        def do_eval() -> bool:
-            """Evaluate on dev/test, keep the best model; True when early stopping says stop."""
-            nonlocal best, bad_evals, loss_sum, loss_count
-            record: dict[str, Any] = {
-                "step": step,
-                "epoch": round(step / self.steps_per_epoch, 3),
-                "train_loss": loss_sum / loss_count if loss_count else None,
-            }
-            loss_sum, loss_count = 0.0, 0
-            for name, loader in self.eval_loaders.items():
-                record[name] = evaluate(
-                    self.model, loader, self.splits[name], acc, self.id2label, cfg.task.type
-                )
-            evaluations.append(record)
+    def _new_best(self, record: dict[str, Any]) -> None:
+        """Save the new best model; with hub.push (and push_checkpoints) push it in the background."""
+        best_dir = self._save_best(record)
+        if self.hub is not None and self.cfg.hub.push_checkpoints:
+            metric = self.cfg.training.metric_for_best
             score = record["dev"][metric] if "dev" in record else None
-            improved = best is None or score is None or score > best["dev"][metric]
-            if improved:
-                best = {k: record[k] for k in ("step", "epoch", "dev", "test") if k in record}
-                bad_evals = 0
-                best_dir = self._save_best(record)
-                if pusher is not None and cfg.hub.push_checkpoints:
-                    pusher.submit(best_dir, f"best model at step {step} (dev {metric} {score})")
-            else:
-                bad_evals += 1
-            if cfg.logging.report_to != "none":
-                values = {
-                    f"{split}/{k}": v
-                    for split in ("dev", "test")
-                    if split in record
-                    for k, v in record[split].items()
-                }
-                if record["train_loss"] is not None:
-                    values["train/loss"] = record["train_loss"]
-                acc.log(values, step=step)
-            if main:
-                shown = ", ".join(
-                    f"{split} {metric} {record[split][metric]:.4f}"
-                    for split in ("dev", "test")
-                    if split in record
-                )
-                progress.write(f"step {step}: {shown}" + ("  (best so far)" if improved else ""))
-            patience = train.early_stopping_patience
-            return bool(patience and "dev" in record and bad_evals >= patience)
-
-        evaluated_at = -1
-        while step < self.max_steps and not stopped_early:
-            for batch in self.train_loader:
-                with acc.accumulate(self.model):
-                    loss = self.model(**batch).loss
-                    acc.backward(loss)
-                    if acc.sync_gradients and train.max_grad_norm:
-                        acc.clip_grad_norm_(self.model.parameters(), train.max_grad_norm)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad()
-                loss_sum += float(loss.detach())
-                loss_count += 1
-                if not acc.sync_gradients:
-                    continue
-                self.scheduler.step()
-                step += 1
-                progress.update(1)
-                progress.set_postfix(loss=f"{loss_sum / max(loss_count, 1):.4f}", refresh=False)
-                if train.eval_every and step % train.eval_every == 0:
-                    evaluated_at = step
-                    if do_eval():
-                        stopped_early = True
-                        break
-                if step >= self.max_steps:
-                    break
-            epoch += 1
-            if not stopped_early and not train.eval_every and step != evaluated_at:
-                evaluated_at = step
-                stopped_early = do_eval()
-        if step != evaluated_at:
-            do_eval()
-        progress.close()
-
-        summary = self._summary(evaluations, best, baseline, step, stopped_early, time.perf_counter() - start)
-        if pusher is not None:
-            card = {
-                "metrics": {
-                    f"{split}_{k}": v
-                    for split in ("dev", "test")
-                    if split in summary["best"]
-                    for k, v in summary["best"][split].items()
-                },
-                "base_model": cfg.model.path,
-                "training_summary": {"task": cfg.task.type, "steps": step},
-            }
-            pusher.submit(self.output_dir / "best", f"fine-tuned {cfg.task.type} model", card_kwargs=card)
-            results = pusher.close()
-            summary["hub"] = {
-                "repo_id": cfg.hub.repo_id,
-                "pushes": len(results),
-                "failures": [r.error for r in results if not r.ok],
-            }
-            if main:
-                self._write_metrics(summary)
-        if cfg.logging.report_to != "none":
-            acc.end_training()
-        acc.wait_for_everyone()
-        return summary
+            self.hub.submit(best_dir, f"best model at step {record['step']} (dev {metric} {score})")
 
     def _save_best(self, record: dict[str, Any]) -> Path:
-        """save_pretrained (+ tokenizer, + eval_results.json) into OUTPUT_DIR/best, atomically."""
+        """save_pretrained (+ tokenizer, + eval_results.json) into OUTPUT_DIR/best, atomically; never a
+        model holding NaN/inf values."""
         acc = self.accelerator
+        if not model_is_finite(self.model):
+            raise NonFiniteError(f"the model holds NaN/inf values at step {record['step']}: not saved")
         best, tmp = self.output_dir / "best", self.output_dir / "best.tmp"
         state_dict = acc.get_state_dict(self.model)
         if acc.is_main_process:
@@ -495,16 +519,42 @@ class Finetuner:
         acc.wait_for_everyone()
         return best
 
-    def _summary(
-        self,
-        evaluations: list[dict[str, Any]],
-        best: dict[str, Any] | None,
-        baseline: dict[str, Any] | None,
-        step: int,
-        stopped_early: bool,
-        seconds: float,
-    ) -> dict[str, Any]:
-        cfg = self.cfg
+    def _finish(self, engine: Engine, baseline: dict[str, Any] | None, start: float) -> dict[str, Any]:
+        """metrics.json and the report, the final Hub push (and its verdict); returns the summary."""
+        cfg, acc = self.cfg, self.accelerator
+        summary = self._summary(engine, baseline, time.perf_counter() - start)
+        if self.hub is not None:
+            if summary["best"] is not None:
+                card = {
+                    "metrics": {
+                        f"{split}_{k}": v
+                        for split in ("dev", "test")
+                        if split in summary["best"]
+                        for k, v in summary["best"][split].items()
+                    },
+                    "base_model": cfg.model.path,
+                    "training_summary": {"task": cfg.task.type, "steps": summary["steps"]},
+                }
+                self.hub.submit(
+                    self.output_dir / "best", f"fine-tuned {cfg.task.type} model", card_kwargs=card
+                )
+            report = self.hub.finish()
+            summary["hub"] = {
+                "repo_id": cfg.hub.repo_id,
+                "pushes": report["hub_pushes"],
+                "failures": report["hub_failures"],
+            }
+            if acc.is_main_process:
+                self._write_metrics(summary)
+            self.hub.check(report, self.output_dir / "best")
+        if cfg.logging.report_to != "none":
+            acc.end_training()
+        acc.wait_for_everyone()
+        return summary
+
+    def _summary(self, engine: Engine, baseline: dict[str, Any] | None, seconds: float) -> dict[str, Any]:
+        cfg, state, stop = self.cfg, engine.state, engine.stop_reason
+        record = DevTestEvaluator.record(engine)
         summary = {
             "task": cfg.task.type,
             "model": cfg.model.path,
@@ -512,14 +562,16 @@ class Finetuner:
             "labels": self.labels,
             "examples": {name: len(split) for name, split in self.splits.items()},
             "metric_for_best": cfg.training.metric_for_best,
-            "steps": step,
+            "steps": state.step,
             "max_steps": self.max_steps,
-            "stopped_early": stopped_early,
+            "stopped_early": stop == EARLY_STOPPING,
+            "interrupted_by": stop if stop not in (None, EARLY_STOPPING) else None,
+            "skipped_steps": state.skipped_steps,
             "seconds": round(seconds, 1),
             "processes": self.accelerator.num_processes,
-            "best": best,
+            "best": record["best"],
             "baseline": baseline,
-            "evaluations": evaluations,
+            "evaluations": record["evaluations"],
             "best_model": str(self.output_dir / "best"),
         }
         if self.accelerator.is_main_process:

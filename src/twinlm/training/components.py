@@ -57,13 +57,14 @@ class StopSignal:
 
 class MetricsLogger:
     """Every `log_every` steps (and at the last): the mean window loss since the last line, lr, grad
-    norm, tokens/s and MFU, to metrics.jsonl and the configured tracker; the progress bar each step."""
+    norm, tokens/s and MFU, to metrics.jsonl and the configured tracker; the progress bar each step.
+    With log_every=0 (fine-tuning) only the bar, showing the loss since whoever last reset it."""
 
     def __init__(
         self,
-        metrics: MetricsLog,
+        metrics: MetricsLog | None,
         log_every: int,
-        max_steps: int,
+        max_steps: int | None,
         report_to: str,
         flops_per_token: float | None = None,
         peak_flops_total: float | None = None,
@@ -92,7 +93,8 @@ class MetricsLogger:
         )
 
     def log(self, engine: Engine, record: dict[str, Any]) -> None:
-        self.metrics.write(record)
+        if self.metrics is not None:
+            self.metrics.write(record)
         if self.report_to != "none":
             values = {k: v for k, v in record.items() if k != "step" and v is not None}
             engine.accelerator.log(values, step=record["step"])
@@ -100,8 +102,15 @@ class MetricsLogger:
     def after_step(self, engine: Engine) -> None:
         state = engine.state
         self.progress.update(1)
-        if state.step % self.log_every and state.step != self.max_steps:
+        if not self.log_every:
+            if state.loss_steps:
+                self.progress.set_postfix(loss=f"{state.loss_sum / state.loss_steps:.4f}", refresh=False)
             return
+        if state.step % self.log_every == 0 or state.step == self.max_steps:
+            self._log_line(engine)
+
+    def _log_line(self, engine: Engine) -> None:
+        state = engine.state
         loss = state.loss_sum / state.loss_steps if state.loss_steps else None
         record = {
             "step": state.step,
@@ -110,6 +119,7 @@ class MetricsLogger:
             "grad_norm": state.last_grad_norm,
             "epoch": state.epoch,
             "tokens": state.tokens_seen,
+            "train_seconds": state.train_seconds,
             **self._rates(state),
         }
         self.log(engine, record)
@@ -130,6 +140,9 @@ class MetricsLogger:
         return self.last_rates
 
     def on_end(self, engine: Engine) -> None:
+        # A run that ended on its time budget stopped at a step no schedule knew: log that last step too.
+        if self.log_every and engine.stop_reason is None and engine.state.loss_steps:
+            self._log_line(engine)
         self.progress.close()
 
 

@@ -90,7 +90,13 @@ class TrainingSection(OptimizerSection):
     schedule, mixed_precision, seed) come from `twinlm.config.OptimizerSection`, with these defaults.
     """
 
-    max_steps: int = Field(100, gt=0)
+    max_steps: int | None = Field(100, gt=0, description="null: end by max_minutes only")
+    max_minutes: float | None = Field(
+        None,
+        gt=0,
+        description="a training-time budget (evaluation not counted): linear/cosine schedules anneal to its "
+        "end and the run stops when it is spent; max_steps, if set, is an upper bound",
+    )
     warmup_steps: int = Field(0, ge=0)
     gradient_checkpointing: bool = False
     compile: bool = False
@@ -109,6 +115,14 @@ class TrainingSection(OptimizerSection):
     def warmup_steps_for(self, total_steps: int) -> int:
         """Pretraining names its warmup in steps."""
         return self.warmup_steps
+
+    @model_validator(mode="after")
+    def _an_end(self) -> TrainingSection:
+        if self.max_steps is None and self.max_minutes is None:
+            raise ValueError(
+                "training.max_steps is null: set it, or set training.max_minutes (a time budget)"
+            )
+        return self
 
 
 class LoggingSection(_Section):

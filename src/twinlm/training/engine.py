@@ -77,10 +77,14 @@ class Component(Protocol):
 
 @dataclasses.dataclass
 class EngineSettings:
-    max_steps: int
+    """When the run ends (max_steps, or max_seconds of training-step time, whichever comes first) and
+    how each step runs."""
+
+    max_steps: int | None
     grad_accum: int = 1
     max_grad_norm: float | None = None
     nonfinite: Literal["stop", "skip"] = "stop"
+    max_seconds: float | None = None  # a time budget: train_seconds (steps only, no evaluation)
 
 
 Batch = tuple[int, int, dict[str, torch.Tensor]]  # (epoch, index of the batch in its epoch, batch)
@@ -119,24 +123,33 @@ class Engine:
         self.stop_reason = self.stop_reason or reason
 
     def train(self) -> TrainState:
-        """Run steps until max_steps or a stop request; components act before, between and after."""
+        """Run steps until max_steps, the time budget or a stop request; components act before, between
+        and after."""
         for component in self.components:
             component.on_start(self)
         self.model.train()
         self._data = self.batches(self.state)
-        while self.state.step < self.settings.max_steps and self.stop_reason is None:
-            started = time.perf_counter()
+        while self.stop_reason is None and self.ended_by() is None:
             self.train_step()
-            self.state.train_seconds += time.perf_counter() - started
             for component in self.components:
                 component.after_step(self)
         for component in self.components:
             component.on_end(self)
         return self.state
 
+    def ended_by(self) -> str | None:
+        """'max_steps' or 'max_minutes' once that limit is reached (the same on every process), else None."""
+        settings, state = self.settings, self.state
+        if settings.max_steps is not None and state.step >= settings.max_steps:
+            return "max_steps"
+        if settings.max_seconds is not None and state.train_seconds >= settings.max_seconds:
+            return "max_minutes"
+        return None
+
     def train_step(self) -> None:
         """One optimizer step over one accumulation window (look ahead: count its target tokens first)."""
         acc, state = self.accelerator, self.state
+        started = time.perf_counter()
         assert self._data is not None
         window = [next(self._data) for _ in range(self.settings.grad_accum)]
         local = torch.tensor([float(self.count_targets(b)) for _, _, b in window], device=acc.device)
@@ -157,9 +170,19 @@ class Engine:
             state.loss_sum += state.last_loss or 0.0
             state.loss_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.train_seconds += self._elapsed(started)  # before the schedule: a time budget's clock reads it
         if not getattr(self.optimizer, "step_was_skipped", False):
             self.scheduler.step()
-        state.step += 1
+
+    def _elapsed(self, started: float) -> float:
+        """This step's seconds; under a time budget the slowest process's, so that every process sees the
+        same clock (the same learning rate, and the same last step)."""
+        seconds = time.perf_counter() - started
+        acc = self.accelerator
+        if self.settings.max_seconds is None or acc.num_processes == 1:
+            return seconds
+        return float(acc.gather(torch.tensor([seconds], device=acc.device)).max().item())
 
     def forward_backward_step(
         self, batch: dict[str, torch.Tensor], targets: float, total: float

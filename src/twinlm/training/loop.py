@@ -34,6 +34,7 @@ from accelerate.utils import (
 )
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Sampler
 
+from twinlm.config import OptimizerSection
 from twinlm.errors import TwinLMError
 from twinlm.training.checkpoint import (
     checkpoints_root,
@@ -85,9 +86,9 @@ def _reset_accelerate_state() -> None:
     GradientState._reset_state()
 
 
-def build_accelerator(cfg: RunConfig) -> Accelerator:
-    """Accelerator from the run config; the launch config (accelerate launch) picks the distribution."""
-    train = cfg.training
+def build_accelerator(train: OptimizerSection, report_to: str, output_dir: Path) -> Accelerator:
+    """Accelerator from a run's training section (pretraining's or fine-tuning's), tracker and output
+    folder; the launch config (accelerate launch) picks the distribution."""
     handlers = []
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
@@ -95,7 +96,7 @@ def build_accelerator(cfg: RunConfig) -> Accelerator:
         # Several CPU processes (DeepSpeed in particular) need the process group created by
         # Accelerate, with gloo.
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
-    log_with = None if cfg.logging.report_to == "none" else cfg.logging.report_to
+    log_with = None if report_to == "none" else report_to
     if not distributed and not deepspeed:
         _reset_accelerate_state()  # pretrain() may run several times in one process (a demo, tests)
     if train.mixed_precision == "fp16" and _on_cpu():
@@ -106,7 +107,7 @@ def build_accelerator(cfg: RunConfig) -> Accelerator:
             num_steps=train.grad_accum, sync_with_dataloader=False
         ),
         log_with=log_with,
-        project_dir=str(cfg.output_dir),
+        project_dir=str(output_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=False),
         step_scheduler_with_optimizer=False,
         kwargs_handlers=handlers,
@@ -372,6 +373,7 @@ class PretrainingRun:
         self.cfg = cfg
         self.output_dir = Path(cfg.output_dir)
         self.hub: HubPublisher | None = None
+        self.state = TrainState()  # the engine's; restored by _resume, read by a time budget's schedule
 
     # -- setup ------------------------------------------------------------------------------------
     def _setup_data(self) -> None:
@@ -438,15 +440,24 @@ class PretrainingRun:
         ).get("device", "none") not in ("none", None)
         optimizer = build_optimizer(model, train, cpu_offload=offload and not _on_cpu())
         # The scheduler drives the torch optimizer's param groups, which DeepSpeed's ZeRO optimizers keep.
-        self.scheduler = build_scheduler(optimizer, train)
+        clock = self._budget_progress if train.max_minutes is not None else None
+        self.scheduler = build_scheduler(optimizer, train, train.max_steps, progress=clock)
         self.base_optimizer = optimizer
         self.model, self.optimizer = acc.prepare(model, optimizer)
         acc.register_for_checkpointing(self.scheduler)
         set_seed(train.seed, device_specific=True)  # dropout and masking differ between processes
 
+    def _budget_progress(self) -> float:
+        """With training.max_minutes, the schedule's clock: the larger of the spent share of the time
+        budget and of max_steps (when set), so linear/cosine reach 0 at whichever end comes first."""
+        train, state = self.cfg.training, self.state
+        assert train.max_minutes is not None
+        steps = state.step / train.max_steps if train.max_steps else 0.0
+        return min(1.0, max(state.train_seconds / (60.0 * train.max_minutes), steps))
+
     def _resume(self) -> TrainState:
         """The verified checkpoint's state (model, optimizer, schedule, RNG, counters), or a fresh one."""
-        acc, train, state = self.accelerator, self.cfg.training, TrainState()
+        acc, train, state = self.accelerator, self.cfg.training, self.state
         model = acc.unwrap_model(self.model)
         path = find_resume_checkpoint(acc, self.output_dir, train.resume_from_checkpoint, model)
         if path is not None:
@@ -468,7 +479,7 @@ class PretrainingRun:
     def run(self) -> dict[str, Any]:
         cfg, acc = self.cfg, None
         prepare_wandb_mode(cfg.logging.report_to, int(os.environ.get("RANK", "0")) == 0)
-        self.accelerator = acc = build_accelerator(cfg)
+        self.accelerator = acc = build_accelerator(cfg.training, cfg.logging.report_to, cfg.output_dir)
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         with RunLock(self.output_dir, enabled=acc.is_main_process):
@@ -502,7 +513,10 @@ class PretrainingRun:
         )  # fmt: skip
         evaluator = Evaluator(self._evaluate, train.eval_every, train.eval_on_start, self.logger)
         self.checkpointer = Checkpointer(self._save, train.save_every)
-        settings = EngineSettings(train.max_steps, train.grad_accum, train.max_grad_norm, train.nonfinite)
+        budget = None if train.max_minutes is None else 60.0 * train.max_minutes
+        settings = EngineSettings(
+            train.max_steps, train.grad_accum, train.max_grad_norm, train.nonfinite, max_seconds=budget
+        )
         return Engine(
             acc, self.model, self.optimizer, self.scheduler,
             lambda s: self.batches.iterate(s.epoch, s.batch_in_epoch), count_lm_targets(self.causal),
@@ -564,7 +578,7 @@ class PretrainingRun:
         """Export (unless stopped), summary.json, model-card info, Hub verdict; returns the summary."""
         acc, state, interrupted = self.accelerator, engine.state, engine.stop_reason
         final_dir = self._export(self.output_dir / "final") if interrupted is None else None
-        summary = self._summary(state, final_dir, interrupted)
+        summary = self._summary(state, final_dir, interrupted, engine.ended_by())
         if final_dir is not None and acc.is_main_process:
             # Read by twinlm.model_card when the folder is pushed (now or later with `twinlm push`).
             info = {
@@ -589,7 +603,9 @@ class PretrainingRun:
         acc.end_training()  # also tears down the process group
         return summary
 
-    def _summary(self, state: TrainState, final_dir: Path | None, interrupted: str | None) -> dict[str, Any]:
+    def _summary(
+        self, state: TrainState, final_dir: Path | None, interrupted: str | None, ended_by: str | None
+    ) -> dict[str, Any]:
         acc, cfg = self.accelerator, self.cfg
         tps = state.rate_sum / state.rate_count if state.rate_count else state.rate_first
         peak = peak_flops_per_device(cfg.training.peak_flops)
@@ -607,6 +623,9 @@ class PretrainingRun:
             "tokens_per_s": tps,
             "mfu": tps * self.flops_per_token / (peak * acc.num_processes) if (tps and peak) else None,
             "interrupted_by": interrupted,
+            "max_steps": cfg.training.max_steps,
+            "max_minutes": cfg.training.max_minutes,
+            "ended_by": interrupted or ended_by,
             "skipped_steps": state.skipped_steps,
             **state.last_eval,
             **{f"initial_{k}": v for k, v in state.initial_eval.items()},
@@ -640,11 +659,13 @@ def _format_summary(summary: dict[str, Any], plot: Path | None) -> str:
     def fmt(value: Any, spec: str) -> str:
         return "n/a" if value is None else format(value, spec)
 
+    status = f"interrupted by {summary['interrupted_by']}" if summary["interrupted_by"] else "finished"
+    if summary.get("ended_by") == "max_minutes":
+        status += f" on its {summary['max_minutes']:g}-minute budget"
     lines = [
         "",
-        f"pretraining {'interrupted by ' + summary['interrupted_by'] if summary['interrupted_by'] else 'finished'}"
-        f" at step {summary['steps']} ({summary['objective']}, {summary['parameters'] / 1e6:.2f}M parameters, "
-        f"{summary['processes']} process(es))",
+        f"pretraining {status} at step {summary['steps']} ({summary['objective']}, "
+        f"{summary['parameters'] / 1e6:.2f}M parameters, {summary['processes']} process(es))",
         f"  validation loss {fmt(summary.get('val_loss'), '.4f')}  perplexity {fmt(summary.get('val_ppl'), '.2f')}"
         f"  accuracy {fmt(summary.get('val_accuracy'), '.4f')}",
         *(

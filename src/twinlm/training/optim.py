@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import get_scheduler
 
-from twinlm.training.config import TrainingSection
+from twinlm.config import OptimizerSection
 
 # Our schedule names -> transformers' scheduler names (all include the linear warmup).
 SCHEDULES = {
@@ -15,6 +18,11 @@ SCHEDULES = {
     "cosine": "cosine",
     "inverse_sqrt": "inverse_sqrt",  # Vaswani et al. 2017: lr ~ 1/sqrt(step) after warmup
     "constant": "constant_with_warmup",
+}
+# The schedules that anneal to an end: their factor at progress p in [0, 1] (after warmup).
+DECAYS: dict[str, Callable[[float], float]] = {
+    "linear": lambda p: max(0.0, 1.0 - p),
+    "cosine": lambda p: max(0.0, 0.5 * (1.0 + math.cos(math.pi * p))),
 }
 
 
@@ -43,7 +51,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(
-    model: nn.Module, cfg: TrainingSection, *, cpu_offload: bool = False
+    model: nn.Module, cfg: OptimizerSection, *, cpu_offload: bool = False
 ) -> torch.optim.Optimizer:
     """AdamW over `param_groups`; DeepSpeed's CPU Adam when ZeRO offloads the optimizer to the CPU."""
     groups = param_groups(model, cfg.weight_decay)
@@ -54,15 +62,28 @@ def build_optimizer(
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainingSection) -> LambdaLR:
-    """Warmup for `warmup_steps`, then linear / cosine decay to 0 at `max_steps`, 1/sqrt, or constant.
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    cfg: OptimizerSection,
+    total_steps: int | None,
+    progress: Callable[[], float] | None = None,
+) -> LambdaLR:
+    """Warmup (`cfg.warmup_steps_for(total_steps)` steps), then linear / cosine decay to 0 at
+    `total_steps`, 1/sqrt, or constant.
 
-    The scheduler is stepped once per optimizer step by the training loop (it is not handed to
-    Accelerate, which would step it once per process).
+    With `progress` (a time budget: a callable giving the run's progress in [0, 1]), linear and cosine
+    decay by that progress instead of by step / total_steps, so they reach 0 when the budget is spent;
+    the warmup still counts steps. The scheduler is stepped once per optimizer step by the engine (it is
+    not handed to Accelerate, which would step it once per process).
     """
-    return get_scheduler(
-        SCHEDULES[cfg.schedule],
-        optimizer,
-        num_warmup_steps=cfg.warmup_steps,
-        num_training_steps=cfg.max_steps,
-    )
+    warmup = cfg.warmup_steps_for(total_steps or 0)
+    if progress is None or cfg.schedule not in DECAYS:
+        return get_scheduler(
+            SCHEDULES[cfg.schedule], optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
+        )
+    decay = DECAYS[cfg.schedule]
+
+    def factor(step: int) -> float:  # a function, not an object: LambdaLR does not save it in checkpoints
+        return (step / warmup if step < warmup else 1.0) * decay(min(1.0, progress()))
+
+    return LambdaLR(optimizer, factor)
