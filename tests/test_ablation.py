@@ -75,6 +75,7 @@ def test_ablation_runs_measures_and_answers(base_run, monkeypatch):
             "unscaled": {"model.overrides.attention_scoring": "dot"},
         },
         "seeds": [0, 1],
+        "compare": [{"better": "scaled", "worse": "unscaled", "metric": "saturation"}],
         "measures": [
             {"name": "curve"},
             {"name": "attention"},
@@ -106,7 +107,15 @@ def test_ablation_runs_measures_and_answers(base_run, monkeypatch):
     a, b = table["scaled"]["val_loss"], table["unscaled"]["val_loss"]
     assert ans["measurable"] == (abs(a["mean"] - b["mean"]) > a["std"] + b["std"])
     assert ("no measurable difference" in ans["text"]) == (not ans["measurable"])
+    claim = ans["claims"][0]
+    sa, su = table["scaled"]["saturation"], table["unscaled"]["saturation"]
+    advantage, spread = su["mean"] - sa["mean"], sa["std"] + su["std"]
+    expected = (
+        "agrees" if advantage > spread else "disagrees" if -advantage > spread else "no measurable difference"
+    )
+    assert claim["verdict"] == expected
     report = (out / "report.md").read_text()
+    assert "Textbook claim scaled vs unscaled on saturation" in report
     assert question["question"] in report and "Measured answer" in report and "results.png" in report
     assert (out / "results.png").stat().st_size > 1000
 
@@ -156,6 +165,7 @@ def test_bad_ablation_configs(tmp_path, base_run):
         ({"seeds": [0]}, "seeds"),
         ({"measures": [{"name": "nope"}]}, "unknown measure"),
         ({"expect": "c"}, "expect='c' is not a variant"),
+        ({"compare": [{"better": "a", "worse": "z"}]}, "compare names"),
         ({"base": {"config": "missing.yaml"}}, "base.config 'missing.yaml' does not exist"),
     ):
         path = tmp_path / "q.yaml"

@@ -44,6 +44,15 @@ class Measure(Section):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class Comparison(Section):
+    """A textbook claim about two variants: `better` beats `worse` on `metric` (default: the question's)."""
+
+    better: str
+    worse: str
+    metric: str | None = None
+    lower_is_better: bool | None = None
+
+
 class AblationConfig(Section):
     """One question: base run, variants (overrides), seeds, the metric that answers it."""
 
@@ -56,12 +65,16 @@ class AblationConfig(Section):
     metric: str = "val_loss"
     lower_is_better: bool = True
     measures: list[Measure] = Field(default_factory=list)
+    compare: list[Comparison] = Field(default_factory=list, description="textbook claims, each checked")
 
     @model_validator(mode="after")
     def _known(self) -> AblationConfig:
         unknown = [m.name for m in self.measures if m.name not in MEASURES]
         if unknown:
             raise ValueError(f"unknown measure(s) {unknown}; choose from {sorted(MEASURES)}")
+        named = [n for c in self.compare for n in (c.better, c.worse) if n not in self.variants]
+        if named:
+            raise ValueError(f"compare names {named}, which are not variants ({', '.join(self.variants)})")
         if self.expect is not None and self.expect not in self.variants:
             raise ValueError(f"expect={self.expect!r} is not a variant ({', '.join(self.variants)})")
         return self
@@ -431,12 +444,35 @@ def answer(config: AblationConfig, table: dict[str, dict[str, dict[str, float]]]
             text += f". DISAGREES with the textbook, which expects {config.expect} to win"
         elif measurable and best == config.expect:
             text += ". Agrees with the textbook"
+    claims = [check_claim(config, claim, table) for claim in config.compare]
     return {
         "text": text,
         "winner": best if measurable else None,
         "measurable": measurable,
-        "disagrees": disagrees,
+        "disagrees": disagrees or any(c["verdict"] == "disagrees" for c in claims),
+        "claims": claims,
     }
+
+
+def check_claim(config: AblationConfig, claim: Comparison, table: dict) -> dict[str, Any]:
+    """Does `better` beat `worse` by more than their summed seed spread (agrees), the reverse (disagrees),
+    or neither (no measurable difference)?"""
+    metric = claim.metric or config.metric
+    lower = config.lower_is_better if claim.lower_is_better is None else claim.lower_is_better
+    a, b = table[claim.better].get(metric), table[claim.worse].get(metric)
+    if a is None or b is None:
+        return {"text": f"{claim.better} vs {claim.worse}: {metric} not measured for both", "verdict": None}
+    advantage = (b["mean"] - a["mean"]) if lower else (a["mean"] - b["mean"])
+    spread = a["std"] + b["std"]
+    verdict = (
+        "agrees" if advantage > spread else "disagrees" if -advantage > spread else "no measurable difference"
+    )
+    text = (
+        f"{claim.better} vs {claim.worse} on {metric}: {a['mean']:.4g} vs {b['mean']:.4g} "
+        f"(spread {spread:.2g}): "
+        + {"agrees": "agrees with the textbook", "disagrees": "DISAGREES with the textbook"}.get(verdict, verdict)
+    )
+    return {"better": claim.better, "worse": claim.worse, "metric": metric, "verdict": verdict, "text": text}
 
 
 def run_ablation(
@@ -484,6 +520,8 @@ def format_report(config: AblationConfig, result: dict[str, Any], plots: list[Pa
         f"**Textbook:** {config.textbook}",
         "",
         f"**Measured answer:** {result['answer']['text']}.",
+        "",
+        *(f"- Textbook claim {c['text']}." for c in result["answer"].get("claims", [])),
         "",
         f"{len(config.seeds)} seeds per variant (mean ± std); base run `{config.base.config}` with "
         f"`{json.dumps(config.base.overrides)}`.",
