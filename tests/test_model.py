@@ -173,10 +173,19 @@ def test_sliding_window_limits_what_a_position_sees(causal):
     assert not torch.allclose(model(changed).logits[:, 3], out.logits[:, 3])
 
 
-@pytest.mark.parametrize("scoring", ["scaled_dot", "dot"])
-def test_sdpa_and_eager_agree(scoring):
+@pytest.mark.parametrize(
+    "scoring,kv_heads,positions",
+    [("scaled_dot", 4, "alibi"), ("dot", 4, "alibi"), ("scaled_dot", 2, "alibi"), ("scaled_dot", 1, "rope")],
+)
+def test_sdpa_and_eager_agree(scoring, kv_heads, positions):
+    """Also grouped-query attention, which SDPA runs without repeating keys and values (enable_gqa)."""
     torch.manual_seed(0)
-    config = tiny_config(is_causal=True, attention_scoring=scoring, position_embedding_type="alibi")
+    config = tiny_config(
+        is_causal=True,
+        attention_scoring=scoring,
+        position_embedding_type=positions,
+        num_key_value_heads=kv_heads,
+    )
     model = TwinLMForCausalLM(config).eval()
     ids = torch.randint(5, 97, (2, 9))
     mask = torch.ones_like(ids)
@@ -187,6 +196,11 @@ def test_sdpa_and_eager_agree(scoring):
     b = model(ids, attention_mask=mask).logits
     torch.testing.assert_close(a[1, 3:], b[1, 3:], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(a[0], b[0], atol=1e-5, rtol=1e-4)
+    unmasked = {}
+    for implementation in ("sdpa", "eager"):  # without padding: no bias at all with rope (is_causal)
+        config._attn_implementation = implementation
+        unmasked[implementation] = model(ids).logits
+    torch.testing.assert_close(unmasked["sdpa"], unmasked["eager"], atol=1e-5, rtol=1e-4)
 
 
 def test_output_attentions_and_hidden_states():

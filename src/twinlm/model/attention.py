@@ -47,6 +47,14 @@ def eager_attention(
     return output, weights
 
 
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(b, kv_heads, s, d) -> (b, kv_heads * groups, s, d) for grouped-query attention."""
+    if groups == 1:
+        return x
+    b, h, s, d = x.shape
+    return x[:, :, None].expand(b, h, groups, s, d).reshape(b, h * groups, s, d)
+
+
 class DotProductScoring(nn.Module):
     """score(q, k) = q . k * scale; scale = 1/sqrt(d_k) ('scaled_dot') or 1 ('dot')."""
 
@@ -57,13 +65,27 @@ class DotProductScoring(nn.Module):
 
     def forward(self, query, key, value, mask, dropout, output_attentions):
         bias, is_causal = mask.bias, mask.is_causal
+        groups = query.shape[1] // key.shape[1]
         if output_attentions or self.config._attn_implementation == "eager":
+            key, value = repeat_kv(key, groups), repeat_kv(value, groups)
             scores = torch.matmul(query, key.transpose(-1, -2)) * self.scale
             return eager_attention(scores, value, bias, is_causal, dropout)
         if bias is not None:
             bias = bias.to(query.dtype)
+        # Grouped-query attention inside SDPA (no repeated keys and values, no summing of their gradients);
+        # CUDA's fused kernels take it only without a mask (transformers' use_gqa_in_sdpa), CPU's always.
+        gqa = groups > 1 and (bias is None or query.device.type == "cpu")
+        if groups > 1 and not gqa:
+            key, value = repeat_kv(key, groups), repeat_kv(value, groups)
         output = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=bias, dropout_p=dropout, is_causal=is_causal, scale=self.scale
+            query,
+            key,
+            value,
+            attn_mask=bias,
+            dropout_p=dropout,
+            is_causal=is_causal,
+            scale=self.scale,
+            enable_gqa=gqa,
         )
         return output, None
 
@@ -82,6 +104,8 @@ class AdditiveScoring(nn.Module):
         nn.init.normal_(self.score_vector, std=config.initializer_range)
 
     def forward(self, query, key, value, mask, dropout, output_attentions):
+        groups = query.shape[1] // key.shape[1]
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
         hidden = torch.tanh(query.unsqueeze(-2) + key.unsqueeze(-3))  # (b, h, q, k, d)
         scores = torch.einsum("bhqkd,hd->bhqk", hidden, self.score_vector.to(hidden.dtype))
         return eager_attention(scores, value, mask.bias, mask.is_causal, dropout)
@@ -92,14 +116,6 @@ SCORINGS = {
     "dot": lambda config: DotProductScoring(config, scaled=False),
     "additive": AdditiveScoring,
 }
-
-
-def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """(b, kv_heads, s, d) -> (b, kv_heads * groups, s, d) for grouped-query attention."""
-    if groups == 1:
-        return x
-    b, h, s, d = x.shape
-    return x[:, :, None].expand(b, h, groups, s, d).reshape(b, h * groups, s, d)
 
 
 class TwinLMAttention(nn.Module):
@@ -144,8 +160,6 @@ class TwinLMAttention(nn.Module):
             return self.o_proj(
                 self._flash_attention(query, key, value, mask, dropout).reshape(b, s, -1)
             ), None
-        groups = self.num_heads // self.num_kv_heads
-        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
         output, weights = self.scoring(query, key, value, mask, dropout, output_attentions)
         output = output.transpose(1, 2).reshape(b, s, -1)
         return self.o_proj(output), weights
