@@ -34,6 +34,9 @@ def build_checkpoint(out: Path, kind: str = "wordpiece", seed: int = 0) -> Path:
     from twinlm import TwinLMConfig, TwinLMForCausalLM, TwinLMForMaskedLM
     from twinlm.tokenization import train_tokenizer
 
+    import torch
+
+    torch.manual_seed(seed)  # the same checkpoint in every test session
     rng = random.Random(seed)
     words = FILLER + CITIES + [w for pair in NAMES for w in pair] + ["excellent", "terrible"]
     texts = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(300)]
@@ -82,15 +85,19 @@ def write_sentiment(folder: Path, n_train: int = 160, n_eval: int = 60, seed: in
     return paths
 
 
-def write_entities(folder: Path, n_train: int = 160, n_eval: int = 50, seed: int = 2) -> dict[str, Path]:
-    """CoNLL-style `word POS tag` files: cities are B-LOC, two-word names B-PER I-PER, the rest O."""
+def write_entities(
+    folder: Path, n_train: int = 160, n_eval: int = 50, seed: int = 2, filler: tuple[int, int] = (6, 6)
+) -> dict[str, Path]:
+    """CoNLL-style `word POS tag` files: cities are B-LOC, two-word names B-PER I-PER, the rest O; each
+    sentence has between filler[0] and filler[1] other words."""
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)
     paths = {}
     for split, n in (("train", n_train), ("dev", n_eval), ("test", n_eval)):
         lines = ["-DOCSTART- -X- O", ""]
         for _ in range(n):
-            tagged = [(w, "O") for w in sentence(rng, 6)]
+            length = filler[0] if filler[0] == filler[1] else rng.randint(*filler)
+            tagged = [(w, "O") for w in sentence(rng, length)]
             first, last = rng.choice(NAMES)
             at = rng.randrange(len(tagged))
             tagged[at:at] = [(first, "B-PER"), (last, "I-PER")]
@@ -222,6 +229,98 @@ def test_early_stopping_stops_when_dev_does_not_improve(mlm_ckpt, sentiment, tmp
     assert len(summary["evaluations"]) == 2 and summary["steps"] == 6
     assert summary["best"]["step"] == 3 and summary["baseline"] is None
     assert list((tmp_path / "run").rglob("events.out.tfevents.*"))  # dev/test scores went to TensorBoard
+
+
+# ------------------------------------------------------------------------------------------------
+# The shared engine's guarantees
+# ------------------------------------------------------------------------------------------------
+def _inject_nan_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """Make the loss and the gradients of the given optimizer step NaN."""
+    from twinlm.training.engine import Engine
+
+    original = Engine.forward_backward_step
+
+    def poisoned(self, *args):
+        loss = original(self, *args)
+        if self.state.step + 1 == step:
+            for param in self.model.parameters():
+                if param.grad is not None:
+                    param.grad.fill_(float("nan"))
+            return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(Engine, "forward_backward_step", poisoned)
+
+
+def test_a_nan_step_stops_fine_tuning_and_keeps_the_last_good_best_model(
+    mlm_ckpt, sentiment, tmp_path, monkeypatch
+):
+    from twinlm.finetune import finetune
+    from twinlm.training.lock import LOCK_FILE
+
+    out = tmp_path / "run"
+    _inject_nan_at(monkeypatch, 3)
+    config = seq_config(
+        mlm_ckpt, sentiment, out, max_steps=5, eval_every=1, baseline=False, early_stopping_patience=None
+    )
+    with pytest.raises(TwinLMError, match="non-finite loss nan and gradient norm nan at step 3") as err:
+        finetune(config)
+    assert "\n" not in str(err.value)
+    saved = json.loads((out / "best" / "eval_results.json").read_text())
+    assert saved["step"] <= 2  # the best model of a step before the NaN, untouched
+    assert not (out / "metrics.json").exists() and not (out / LOCK_FILE).exists()
+
+    summary = finetune(config, ["training.nonfinite=skip"])  # skip the step instead, and count it
+    assert summary["skipped_steps"] == 1 and summary["steps"] == 5
+    assert [e["step"] for e in summary["evaluations"]] == [1, 2, 3, 4, 5]
+
+
+def test_a_second_run_on_the_same_output_dir_is_refused(mlm_ckpt, sentiment, tmp_path):
+    import socket
+
+    from twinlm.finetune import finetune
+    from twinlm.training.lock import LOCK_FILE
+
+    out = tmp_path / "run"
+    out.mkdir()
+    owner = {"pid": os.getppid(), "host": socket.gethostname(), "started": 0}  # a live process
+    (out / LOCK_FILE).write_text(json.dumps(owner))
+    with pytest.raises(TwinLMError, match=r"output_dir .*run is in use by another run"):
+        finetune(seq_config(mlm_ckpt, sentiment, out, max_steps=1, baseline=False))
+    assert not (out / "best").exists()
+
+
+def test_grad_accum_steps_like_the_full_batch_for_tagging(mlm_ckpt, tmp_path):
+    """Token classification: micro-batches hold different numbers of tagged words, and the window's loss
+    is the mean over all of them, so 2 x 8 sentences step like 16 (dropout off, same data order)."""
+    from safetensors.torch import load_file
+
+    from twinlm.finetune import finetune
+
+    entities = write_entities(tmp_path / "data", n_train=32, n_eval=8, filler=(1, 14))
+    no_dropout = {
+        name: 0.0
+        for name in (
+            "hidden_dropout_prob",
+            "attention_probs_dropout_prob",
+            "embedding_dropout_prob",
+            "classifier_dropout",
+        )
+    }
+    weights, losses = [], []
+    for batch_size, grad_accum in ((16, 1), (8, 2)):
+        out = tmp_path / f"b{batch_size}"
+        config = tok_config(
+            mlm_ckpt, entities, out, batch_size=batch_size, grad_accum=grad_accum, max_steps=2, baseline=False
+        )
+        config["model"]["overrides"] = no_dropout
+        summary = finetune(config)
+        assert summary["steps"] == 2 and [e["step"] for e in summary["evaluations"]] == [2]
+        losses.append(summary["evaluations"][0]["train_loss"])
+        weights.append(load_file(out / "best" / "model.safetensors"))
+    assert losses[1] == pytest.approx(losses[0], abs=1e-6)
+    for name, value in weights[0].items():
+        assert (weights[1][name] - value).abs().max().item() < 1e-6, name
 
 
 def test_alignment_labels_first_subtoken_only(mlm_ckpt):
