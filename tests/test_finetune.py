@@ -31,10 +31,10 @@ def sentence(rng: random.Random, n: int = 8) -> list[str]:
 
 def build_checkpoint(out: Path, kind: str = "wordpiece", seed: int = 0) -> Path:
     """A tiny twinlm checkpoint with its own tokenizer, trained on synthetic text (a few seconds)."""
+    import torch
+
     from twinlm import TwinLMConfig, TwinLMForCausalLM, TwinLMForMaskedLM
     from twinlm.tokenization import train_tokenizer
-
-    import torch
 
     torch.manual_seed(seed)  # the same checkpoint in every test session
     rng = random.Random(seed)

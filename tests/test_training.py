@@ -519,6 +519,20 @@ def test_two_process_data_parallel(assets: dict[str, Path], tmp_path: Path) -> N
 
 @needs_corpus
 @pytest.mark.slow
+def test_two_process_time_budget(assets: dict[str, Path], tmp_path: Path) -> None:
+    """Both processes read one clock (the slowest's step time): the same LR, the same last step."""
+    out = tmp_path / "run"
+    summary, _ = _launch(
+        assets, out, DP_LAUNCH, _env(ACCELERATE_USE_CPU="1"), max_steps=None, max_minutes=0.05, lr=3e-3
+    )
+    records = [m for m in read_metrics(out / "metrics.jsonl") if m.get("lr") is not None]
+    assert summary["ended_by"] == "max_minutes" and summary["steps"] == records[-1]["step"] >= 2
+    assert records[-2]["train_seconds"] < 3.0 <= records[-1]["train_seconds"]
+    assert records[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+@needs_corpus
+@pytest.mark.slow
 def test_two_process_resume_is_exact(assets: dict[str, Path], tmp_path: Path) -> None:
     """Two processes: 6 steps straight vs. resumed from the step-3 checkpoint give the same losses."""
     env = _env(ACCELERATE_USE_CPU="1")
