@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> Section:
     new_tokens = 8 if args.quick else 64
     reference = reference_model("gpt2", shape).eval()
     twin = twin_of(reference).eval()
-    n = repeats(args, 5)
+    n = repeats(args, 3)
     rows = [
         compare(reference, twin, batch, cache, new_tokens, n)
         for batch in (1, 8)

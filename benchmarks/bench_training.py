@@ -150,7 +150,7 @@ def compare(kind: str, shape: Shape, precision: str, n: int, peaks: dict[str, fl
     times = alternate(
         {"ref": train_step(reference, batch, precision), "twin": train_step(twin, batch, precision)},
         repeats=n,
-        warmup=2,
+        warmup=1,
     )
     tokens = shape.batch * shape.seq_len
     flops = model_flops_per_token(reference, shape.layers, shape.hidden, shape.seq_len)
@@ -183,7 +183,7 @@ def run(args: argparse.Namespace) -> Section:
     }
     rows = []
     for shape in shapes:
-        n = repeats(args, 10 if shape.name == "small" else 4)
+        n = repeats(args, 6 if shape.name == "small" else 3)
         for kind in ("bert", "gpt2"):
             for precision in ("fp32", "bf16"):
                 rows.append(compare(kind, shape, precision, n, peaks))
@@ -206,7 +206,7 @@ def run(args: argparse.Namespace) -> Section:
         "twinlm built from the reference with twinlm.convert.from_hf (equal weights); the masked-LM twin "
         "runs with sparse_prediction=True (LM head on the 15% masked positions only), as a user would",
         "one step = zero_grad, forward (loss), backward, AdamW step; both sides alternate step by step, "
-        "median after 2 warm-up steps",
+        "median after 1 warm-up step",
         "model FLOPs per token = 6 x multiplying parameters + 12 x layers x hidden x seq_len, the same "
         "(reference's) count for both sides, so the LM-head work sparse prediction skips counts as done",
         "memory = parameters + gradients + 2 AdamW moments (4 x fp32 weights) + the unique tensor storages "
