@@ -275,6 +275,28 @@ def test_a_nan_step_stops_fine_tuning_and_keeps_the_last_good_best_model(
     assert [e["step"] for e in summary["evaluations"]] == [1, 2, 3, 4, 5]
 
 
+def test_ctrl_c_stops_after_the_step_and_keeps_the_best_model(mlm_ckpt, sentiment, tmp_path, monkeypatch):
+    import signal
+
+    from twinlm.finetune import finetune
+    from twinlm.training.engine import Engine
+
+    original = Engine.forward_backward_step
+
+    def interrupted(self, *args):
+        if self.state.step + 1 == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # as a user's Ctrl-C during step 3
+        return original(self, *args)
+
+    monkeypatch.setattr(Engine, "forward_backward_step", interrupted)
+    out = tmp_path / "run"
+    summary = finetune(seq_config(mlm_ckpt, sentiment, out, max_steps=6, eval_every=2, baseline=False))
+    assert summary["interrupted_by"] == "SIGINT" and summary["steps"] == 3
+    assert not summary["stopped_early"] and [e["step"] for e in summary["evaluations"]] == [2]
+    assert json.loads((out / "metrics.json").read_text())["interrupted_by"] == "SIGINT"
+    assert (out / "best" / "model.safetensors").is_file()
+
+
 def test_a_second_run_on_the_same_output_dir_is_refused(mlm_ckpt, sentiment, tmp_path):
     import socket
 

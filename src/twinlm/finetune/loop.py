@@ -1,6 +1,10 @@
 """Fine-tuning under Accelerate: config -> task data -> baseline -> checkpoint + new head -> train with
 periodic dev/test evaluation and early stopping -> best model (`save_pretrained`) + metrics.json -> report.
 
+Training runs on the engine pretraining uses (twinlm.training.engine): the same step (a window's loss is
+the mean over all its targets), non-finite guard, run lock and stop signal; fine-tuning adds one
+component, `DevTestEvaluator` (dev/test scores, the best model, early stopping).
+
     from twinlm.finetune import finetune
     summary = finetune("configs/finetune/sst2.yaml", ["training.lr=1e-4"])
 
@@ -432,6 +436,8 @@ class Finetuner:
                 yield epoch, index, batch
 
     def run(self) -> dict[str, Any]:
+        """Setup, the engine's training, then metrics.json, the report and the Hub push (one output_dir
+        per run: a second run on it is refused while this one holds its lock)."""
         start = time.perf_counter()
         cfg = self.cfg
         prepare_wandb_mode(cfg.logging.report_to, int(os.environ.get("RANK", "0")) == 0)
@@ -603,9 +609,12 @@ def format_report(summary: dict[str, Any], output_dir: Path) -> str:
     if base:
         rows.append((base["name"], [base.get(s, {}).get(k) for s in splits for k in keys]))
     width = max(len(r[0]) for r in rows) + 2
+    status = "stopped early" if summary["stopped_early"] else "finished"
+    if summary.get("interrupted_by"):
+        status = f"interrupted by {summary['interrupted_by']}"
     lines = [
         "",
-        f"fine-tuning {'stopped early' if summary['stopped_early'] else 'finished'} after {summary['steps']} steps "
+        f"fine-tuning {status} after {summary['steps']} steps "
         f"({summary['seconds']:.0f} s, {summary['processes']} process(es)); best by dev {summary['metric_for_best']}",
         " " * width + "".join(f"{c:>16}" for c in columns),
     ]
