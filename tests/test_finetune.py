@@ -278,7 +278,9 @@ def test_a_nan_step_stops_fine_tuning_and_keeps_the_last_good_best_model(
 def test_ctrl_c_stops_after_the_step_and_keeps_the_best_model(mlm_ckpt, sentiment, tmp_path, monkeypatch):
     import signal
 
-    from twinlm.finetune import finetune
+    import yaml
+
+    from twinlm.cli import main
     from twinlm.training.engine import Engine
 
     original = Engine.forward_backward_step
@@ -290,10 +292,14 @@ def test_ctrl_c_stops_after_the_step_and_keeps_the_best_model(mlm_ckpt, sentimen
 
     monkeypatch.setattr(Engine, "forward_backward_step", interrupted)
     out = tmp_path / "run"
-    summary = finetune(seq_config(mlm_ckpt, sentiment, out, max_steps=6, eval_every=2, baseline=False))
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        yaml.safe_dump(seq_config(mlm_ckpt, sentiment, out, max_steps=6, eval_every=2, baseline=False))
+    )
+    assert main(["finetune", "--config", str(config)]) == 128 + signal.SIGINT  # as pretraining's
+    summary = json.loads((out / "metrics.json").read_text())
     assert summary["interrupted_by"] == "SIGINT" and summary["steps"] == 3
     assert not summary["stopped_early"] and [e["step"] for e in summary["evaluations"]] == [2]
-    assert json.loads((out / "metrics.json").read_text())["interrupted_by"] == "SIGINT"
     assert (out / "best" / "model.safetensors").is_file()
 
 

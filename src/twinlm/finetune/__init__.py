@@ -19,7 +19,7 @@ EPILOG = """overrides: any config field, dotted: training.lr=1e-4, --training.ep
 several processes / GPUs:
   accelerate launch --config_file configs/accelerate/multi-gpu.yaml scripts/finetune.py --config TASK.yaml
 outputs: OUTPUT_DIR/best (save_pretrained + tokenizer), OUTPUT_DIR/metrics.json (every evaluation, the best,
-  the baseline). exit status: 0 done, 2 bad config or data."""
+  the baseline). exit status: 0 done, 2 bad config or data (or a NaN/inf loss), 128+signal when stopped."""
 
 
 def finetune(source: Any, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
@@ -39,9 +39,12 @@ def build_arg_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
 
 
 def run(args: argparse.Namespace) -> int:
-    """Fine-tune; 0 when the run finished (the report is printed by the run itself)."""
-    finetune(args.config, list(args.overrides))
-    return 0
+    """Fine-tune; 0 when the run finished, 128+signal when SIGINT/SIGTERM stopped it (the best model so
+    far is kept); the report is printed by the run itself."""
+    import signal
+
+    stopped = finetune(args.config, list(args.overrides)).get("interrupted_by")
+    return 128 + int(getattr(signal, stopped)) if stopped else 0
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

@@ -9,6 +9,7 @@ from typing import Any
 
 USAGE = "%(prog)s [-h] --config RUN.yaml [section.key=value | --section.key value ...]"
 EPILOG = """overrides: any config field, dotted: training.lr=3e-4, --training.max_steps 200,
+  training.max_minutes=60 (a training-time budget the LR schedule anneals to),
   model.overrides.hidden_size=128, data.seq_len=256, training.resume_from_checkpoint=latest,
   "data.sources=[../shared/data/corpus]" (values are read as YAML).
 several processes / GPUs / DeepSpeed:
