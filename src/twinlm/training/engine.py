@@ -42,7 +42,7 @@ class TrainState:
     batch_in_epoch: int = 0
     tokens_seen: int = 0
     train_seconds: float = 0.0
-    loss_sum: float = 0.0  # window losses since the last log line
+    loss_sum: float = 0.0  # window losses since the last log line (fine-tuning: the last evaluation)
     loss_steps: int = 0
     skipped_steps: int = 0  # non-finite steps skipped (nonfinite="skip")
     consecutive_skips: int = 0
