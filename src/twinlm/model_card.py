@@ -187,22 +187,46 @@ def write_model_card(
         config = config.to_dict()  # a transformers PretrainedConfig
     info_path = folder / TRAINING_INFO_FILE
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    training_summary = training_summary if training_summary is not None else info.get("training_summary")
-    loss_history = loss_history if loss_history is not None else info.get("loss_history")
-    datasets = datasets if datasets is not None else info.get("datasets")
-    metrics = metrics if metrics is not None else info.get("metrics")
-    base_model = base_model if base_model is not None else info.get("base_model")
-    if isinstance(datasets, str):
-        datasets = [datasets]
-
-    pipeline_tag, auto_class = task_of(config)
-    objective = "causal-lm" if config.get("is_causal", pipeline_tag == "text-generation") else "masked-lm"
-    all_tags = ["twinlm", objective]
-    if config.get("auto_map"):
-        all_tags.append("custom_code")
-    all_tags += [t for t in tags or [] if t not in all_tags]
+    given = {
+        "training_summary": training_summary,
+        "loss_history": loss_history,
+        "datasets": datasets,
+        "metrics": metrics,
+        "base_model": base_model,
+    }
+    facts = {key: value if value is not None else info.get(key) for key, value in given.items()}
+    if isinstance(facts["datasets"], str):
+        facts["datasets"] = [facts["datasets"]]
     name = repo_id or folder.resolve().name
+    card_data = _card_metadata(config, facts, name, license, tags or [])
+    sections = [
+        *_introduction(config, facts, name),
+        *_architecture_section(config, folder),
+        *_training_section(facts, folder),
+    ]
+    card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
+    path = folder / CARD_FILE
+    card.save(path)
+    return path
 
+
+def _objective(config: dict[str, Any]) -> str:
+    pipeline_tag, _ = task_of(config)
+    return "causal-lm" if config.get("is_causal", pipeline_tag == "text-generation") else "masked-lm"
+
+
+def _card_metadata(
+    config: dict[str, Any],
+    facts: dict[str, Any],
+    name: str,
+    license: str,
+    tags: list[str],  # noqa: A002
+) -> ModelCardData:
+    """The YAML header the Hub reads: library, license, tags, datasets, task, base model, eval results."""
+    pipeline_tag, _ = task_of(config)
+    all_tags = ["twinlm", _objective(config)] + (["custom_code"] if config.get("auto_map") else [])
+    all_tags += [t for t in tags if t not in all_tags]
+    datasets, metrics = facts["datasets"], facts["metrics"]
     eval_results = None
     if metrics:
         dataset = datasets[0] if datasets else "custom"
@@ -216,21 +240,27 @@ def write_model_card(
             )
             for key, value in metrics.items()
         ]
-    card_data = ModelCardData(
+    return ModelCardData(
         library_name="transformers",
         license=license,
         tags=all_tags,
         datasets=datasets or None,
         pipeline_tag=pipeline_tag,
-        base_model=base_model,
+        base_model=facts["base_model"],
         metrics=list(metrics) if metrics else None,
         model_name=name if eval_results else None,
         eval_results=eval_results,
     )
 
+
+def _introduction(config: dict[str, Any], facts: dict[str, Any], name: str) -> list[str]:
+    """Title, one paragraph on what the model is, and how to load it."""
+    pipeline_tag, auto_class = task_of(config)
+    objective = _objective(config)
     style = "GPT-style causal" if objective == "causal-lm" else "BERT-style masked"
     architecture = (config.get("architectures") or [f"TwinLM ({objective})"])[0]
-    sections = [
+    datasets, base_model = facts["datasets"], facts["base_model"]
+    return [
         GENERATED_MARKER,
         f"# {name}",
         f"A {style} language model built with twinlm "
@@ -241,35 +271,43 @@ def write_model_card(
         "The model code ships with the checkpoint, so loading needs `trust_remote_code=True`:",
         _usage(name, auto_class, pipeline_tag),
     ]
+
+
+def _architecture_section(config: dict[str, Any], folder: Path) -> list[str]:
+    """The design switches and sizes, as tables (nothing when the config has neither)."""
     switches = {key: config[key] for key in SWITCHES if key in config}
     sizes = {key: config[key] for key in SIZES if key in config}
     n_params = count_parameters_in_folder(folder)
     if n_params is not None:
         sizes["parameters"] = n_params
-    if switches or sizes:
-        sections += ["## Architecture"]
-        if switches:
-            sections += [
-                "Design switches (each one a `TwinLMConfig` field):",
-                _table(switches, ("switch", "value")),
-            ]
-        if sizes:
-            sections += ["Sizes:", _table(sizes, ("size", "value"))]
-    if training_summary or loss_history or metrics:
-        sections += ["## Training"]
-        if training_summary:
-            sections += [_table(dict(training_summary), ("setting", "value"))]
-        if metrics:
-            sections += ["Evaluation:", _table(dict(metrics), ("metric", "value"))]
-        if loss_history:
-            plot_loss_history(loss_history, folder / LOSS_CURVE_FILE)
-            final_step, final_loss = loss_history[-1]
-            sections += [
-                f"![training loss curve]({LOSS_CURVE_FILE})",
-                f"Final training loss {float(final_loss):.4f} at step {int(final_step)}.",
-            ]
+    if not (switches or sizes):
+        return []
+    sections = ["## Architecture"]
+    if switches:
+        sections += [
+            "Design switches (each one a `TwinLMConfig` field):",
+            _table(switches, ("switch", "value")),
+        ]
+    if sizes:
+        sections += ["Sizes:", _table(sizes, ("size", "value"))]
+    return sections
 
-    card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
-    path = folder / CARD_FILE
-    card.save(path)
-    return path
+
+def _training_section(facts: dict[str, Any], folder: Path) -> list[str]:
+    """Training settings, evaluation metrics and the loss curve (written next to the card)."""
+    summary, metrics, history = facts["training_summary"], facts["metrics"], facts["loss_history"]
+    if not (summary or history or metrics):
+        return []
+    sections = ["## Training"]
+    if summary:
+        sections += [_table(dict(summary), ("setting", "value"))]
+    if metrics:
+        sections += ["Evaluation:", _table(dict(metrics), ("metric", "value"))]
+    if history:
+        plot_loss_history(history, folder / LOSS_CURVE_FILE)
+        final_step, final_loss = history[-1]
+        sections += [
+            f"![training loss curve]({LOSS_CURVE_FILE})",
+            f"Final training loss {float(final_loss):.4f} at step {int(final_step)}.",
+        ]
+    return sections
