@@ -154,6 +154,48 @@ def test_packed_documents_do_not_see_each_other(causal, position):
     torch.testing.assert_close(out[:, 7:], model(doc_b).logits, atol=1e-5, rtol=1e-4)
 
 
+def test_masks_that_change_nothing_take_sdpa_is_causal(monkeypatch):
+    """An all-ones padding mask (generate(), collators) and position ids with no second document build no
+    bias: SDPA runs its is_causal path, with the same logits; real padding and real documents still mask."""
+    from twinlm.model import attention
+
+    calls = []
+    sdpa = attention.F.scaled_dot_product_attention
+
+    def recording_sdpa(*args, **kwargs):
+        calls.append((kwargs["attn_mask"] is None, kwargs["is_causal"]))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", recording_sdpa)
+    model = seeded_model(True, position_embedding_type="rope").eval()
+    ids = torch.randint(5, 97, (2, 9))
+    plain = model(ids, use_cache=False).logits
+    calls.clear()
+    ones, arange = torch.ones_like(ids), torch.arange(9).expand(2, -1)
+    trivial = model(ids, attention_mask=ones, position_ids=arange, use_cache=False).logits
+    assert calls == [(True, True)] * model.config.num_hidden_layers
+    torch.testing.assert_close(trivial, plain)
+    calls.clear()
+    packed = torch.cat([torch.arange(4), torch.arange(5)]).expand(2, -1)
+    documents = model(ids, attention_mask=ones, position_ids=packed, use_cache=False).logits
+    assert calls[0] == (False, False)
+    torch.testing.assert_close(documents[:, 4:], model(ids[:, 4:], use_cache=False).logits)
+    calls.clear()
+    padded = ones.clone()
+    padded[0, :2] = 0
+    model(ids, attention_mask=padded, use_cache=False)
+    assert calls[0] == (False, False)
+
+
+def test_generate_sees_the_forward_signature():
+    """forward's signature is computed once (generate() inspects it every step) and is the real one."""
+    import inspect
+
+    forward = TwinLMForCausalLM.forward
+    assert forward.__signature__ == inspect.signature(inspect.unwrap(forward))
+    assert "logits_to_keep" in inspect.signature(seeded_model(True).forward).parameters
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["mlm", "clm"])
 def test_sliding_window_limits_what_a_position_sees(causal):
     window = 4

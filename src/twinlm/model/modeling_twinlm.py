@@ -9,6 +9,7 @@ forward passes below contain no `if config.x == ...` chains.
 This folder ships to the Hub as remote code: it imports only torch, transformers and its siblings.
 """
 
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -224,7 +225,10 @@ class TwinLMModel(TwinLMPreTrainedModel):
             q_len, past, kv_len, kv_offset, exact=cache is None or not cache.is_compileable
         )
         mask = self._attention_mask(
-            attention_mask, position_ids if documents else None, geometry, device, output_attentions
+            *drop_trivial_masks(attention_mask, position_ids if documents else None),
+            geometry,
+            device,
+            output_attentions,
         )
         rotary = self.positions.rotary(position_ids)
         hidden = self.embeddings(
@@ -366,6 +370,21 @@ class MaskGeometry:
         end = self.kv_offset + self.kv_len
         padding = F.pad(attention_mask.bool(), (0, max(end - attention_mask.shape[-1], 0)), value=True)
         return padding[:, self.kv_offset : end]
+
+
+def drop_trivial_masks(
+    attention_mask: torch.Tensor | None, document_positions: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """None for a padding mask without padding (generate() and collators pass all ones) and for position ids
+    that start no second document in any row, so that plain causal attention takes SDPA's is_causal path
+    instead of a dense bias. Data-dependent: a compiled forward keeps both as they are."""
+    if torch.compiler.is_compiling():
+        return attention_mask, document_positions
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None
+    if document_positions is not None and not bool((document_positions[:, 1:] == 0).any()):
+        document_positions = None
+    return attention_mask, document_positions
 
 
 def cache_is_empty(cache: Cache | None) -> bool:
@@ -528,6 +547,11 @@ class TwinLMForCausalLM(TwinLMPreTrainedModel, GenerationMixin):
         """generate() turns the 2D padding mask into transformers' 4D mask for compilable (static) caches;
         twinlm builds its own (windows, documents, position biases) from the 2D mask and the cache's sizes."""
         return attention_mask
+
+
+# transformers' generate() inspects a remote-code model's forward signature at every decoding step; through
+# the decorators' wrappers that costs more than the rest of a small model's step. Computed once here instead.
+TwinLMForCausalLM.forward.__signature__ = inspect.signature(TwinLMForCausalLM.forward)
 
 
 class TwinLMPooler(nn.Module):
