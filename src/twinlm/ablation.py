@@ -470,7 +470,9 @@ def check_claim(config: AblationConfig, claim: Comparison, table: dict) -> dict[
     text = (
         f"{claim.better} vs {claim.worse} on {metric}: {a['mean']:.4g} vs {b['mean']:.4g} "
         f"(spread {spread:.2g}): "
-        + {"agrees": "agrees with the textbook", "disagrees": "DISAGREES with the textbook"}.get(verdict, verdict)
+        + {"agrees": "agrees with the textbook", "disagrees": "DISAGREES with the textbook"}.get(
+            verdict, verdict
+        )
     )
     return {"better": claim.better, "worse": claim.worse, "metric": metric, "verdict": verdict, "text": text}
 
