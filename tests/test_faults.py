@@ -283,7 +283,17 @@ def test_sigkill_at_random_points_loses_nothing(assets: dict[str, Path], tmp_pat
     time, the run ends with the uninterrupted run's metrics and final validation."""
     steps = 30
     cfg = config(assets, tmp_path / "straight", max_steps=steps, save_every=1, eval_every=4, keep_last=2)
-    reference = pretrain(cfg)
+    # The reference runs in a subprocess with the same environment (threads) as the killed runs: float
+    # reductions must happen in the same order for the metrics to agree bit for bit.
+    (tmp_path / "straight.yaml").write_text(yaml.safe_dump(cfg))
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "pretrain.py"), "--config", str(tmp_path / "straight.yaml")],
+        cwd=ROOT,
+        env=_env(),
+        check=True,
+        capture_output=True,
+    )
+    reference = json.loads((tmp_path / "straight" / "summary.json").read_text())
     out = tmp_path / "killed"
     cfg = config(
         assets, out, max_steps=steps, save_every=1, eval_every=4, keep_last=2, resume_from_checkpoint="latest"
