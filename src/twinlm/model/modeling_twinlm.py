@@ -285,21 +285,8 @@ class TwinLMModel(TwinLMPreTrainedModel):
         """
         config = self.config
         if is_flash_attention_requested(config):
-            check_flash_attention(config, output_attentions)
-            if not geometry.exact:
-                raise ValueError(
-                    f"attn_implementation={config._attn_implementation!r} with a static cache is not supported by "
-                    "twinlm (its unfilled slots would need un-padding); use cache_implementation='dynamic' or "
-                    "attn_implementation='sdpa'"
-                )
-            # transformers' flash path takes padding (un-padding) or packed documents (variable-length
-            # rows), not both: with a padding mask (generate() passes both, and then the documents are
-            # the padding's), padding wins.
-            return AttentionMask(
-                flash=True,
-                is_causal=config.is_causal,
-                padding_mask=attention_mask,
-                packed_position_ids=document_positions if attention_mask is None else None,
+            return flash_attention_mask(
+                config, attention_mask, document_positions, geometry, output_attentions
             )
         q_idx, k_idx = geometry.indices(device)
         position_bias = self.positions.attention_bias(k_idx - q_idx)
@@ -316,25 +303,7 @@ class TwinLMModel(TwinLMPreTrainedModel):
         ):
             return AttentionMask(is_causal=config.is_causal and q_len > 1)
 
-        allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=device)
-        if config.is_causal:  # also hides a static cache's unfilled slots (they lie in the future)
-            allowed &= k_idx <= q_idx
-        if config.sliding_window is not None:
-            # causal: the current and sliding_window - 1 previous tokens; bidirectional: sliding_window // 2
-            # tokens on each side.
-            distance = q_idx - k_idx
-            allowed &= (
-                distance < config.sliding_window
-                if config.is_causal
-                else distance.abs() <= config.sliding_window // 2
-            )
-        allowed = allowed[None, None]  # (1, 1, q, k)
-        if attention_mask is not None:
-            allowed = allowed & geometry.key_padding(attention_mask)[:, None, None, :]
-        if document_positions is not None:  # only without a past: keys are the queries (plus unfilled slots)
-            document = (document_positions == 0).long().cumsum(-1)  # (batch, seq): a new id at each restart
-            key_document = F.pad(document, (0, kv_len - q_len), value=-1)
-            allowed = allowed & (document[:, :, None] == key_document[:, None, :])[:, None]
+        allowed = allowed_pairs(config, geometry, q_idx, k_idx, attention_mask, document_positions)
         # Every query may see itself: padding queries get a harmless row instead of NaNs from an
         # all -inf softmax (their outputs are never used).
         allowed = allowed | (q_idx == k_idx)
@@ -344,6 +313,64 @@ class TwinLMModel(TwinLMPreTrainedModel):
         if position_bias is not None:
             bias = bias + position_bias.float()
         return AttentionMask(bias=bias)
+
+
+def flash_attention_mask(
+    config: TwinLMConfig,
+    attention_mask: torch.Tensor | None,
+    document_positions: torch.Tensor | None,
+    geometry: "MaskGeometry",
+    output_attentions: bool,
+) -> AttentionMask:
+    """Flash kernels take no bias: the padding mask (un-padding) or packed position ids (variable-length rows)."""
+    check_flash_attention(config, output_attentions)
+    if not geometry.exact:
+        raise ValueError(
+            f"attn_implementation={config._attn_implementation!r} with a static cache is not supported by "
+            "twinlm (its unfilled slots would need un-padding); use cache_implementation='dynamic' or "
+            "attn_implementation='sdpa'"
+        )
+    # transformers' flash path takes padding or packed documents, not both: with a padding mask
+    # (generate() passes both, and then the documents are the padding's), padding wins.
+    return AttentionMask(
+        flash=True,
+        is_causal=config.is_causal,
+        padding_mask=attention_mask,
+        packed_position_ids=document_positions if attention_mask is None else None,
+    )
+
+
+def allowed_pairs(
+    config: TwinLMConfig,
+    geometry: "MaskGeometry",
+    q_idx: torch.Tensor,
+    k_idx: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    document_positions: torch.Tensor | None,
+) -> torch.Tensor:
+    """Which (query, key) pairs may attend, (batch or 1, 1, q_len, kv_len): causality, the sliding window,
+    padding and packed-document boundaries."""
+    q_len, kv_len, device = geometry.q_len, geometry.kv_len, q_idx.device
+    allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=device)
+    if config.is_causal:  # also hides a static cache's unfilled slots (they lie in the future)
+        allowed &= k_idx <= q_idx
+    if config.sliding_window is not None:
+        # causal: the current and sliding_window - 1 previous tokens; bidirectional: sliding_window // 2
+        # tokens on each side.
+        distance = q_idx - k_idx
+        allowed &= (
+            distance < config.sliding_window
+            if config.is_causal
+            else distance.abs() <= config.sliding_window // 2
+        )
+    allowed = allowed[None, None]  # (1, 1, q, k)
+    if attention_mask is not None:
+        allowed = allowed & geometry.key_padding(attention_mask)[:, None, None, :]
+    if document_positions is not None:  # only without a past: keys are the queries (plus unfilled slots)
+        document = (document_positions == 0).long().cumsum(-1)  # (batch, seq): a new id at each restart
+        key_document = F.pad(document, (0, kv_len - q_len), value=-1)
+        allowed = allowed & (document[:, :, None] == key_document[:, None, :])[:, None]
+    return allowed
 
 
 @dataclass
