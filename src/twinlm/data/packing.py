@@ -49,11 +49,15 @@ _BLOCK_FEATURES = Features({"input_ids": Sequence(Value("int32")), "position_ids
 
 
 def _separators(tokenizer: Any, causal: bool) -> tuple[list[int], list[int]]:
-    """Ids put before and after every document: causal `[] doc [eos]`, masked LM `[cls] doc [sep]`."""
+    """Ids put before and after every document: causal `[] doc [eos]` (a WordPiece tokenizer, which has no
+    eos, ends documents with its [SEP]), masked LM `[cls] doc [sep]`."""
     if causal:
-        if tokenizer.eos_token_id is None:
-            raise TwinLMError("the tokenizer has no eos_token; causal packing separates documents with it")
-        return [], [tokenizer.eos_token_id]
+        end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+        if end is None:
+            raise TwinLMError(
+                "the tokenizer has no eos_token (or sep_token); causal packing ends every document with it"
+            )
+        return [], [end]
     if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
         raise TwinLMError(
             "the tokenizer has no cls_token/sep_token; masked-LM packing wraps documents in them"
