@@ -223,3 +223,16 @@ def test_shipped_questions_validate():
     for path in shipped:
         config = load_ablation(path)
         assert len(config.seeds) >= 2 and config.textbook, path
+
+
+def test_index_of_several_questions(tmp_path):
+    from twinlm.ablation import write_index
+
+    result = {
+        "question": "Does it matter?",
+        "answer": {"text": "a is best", "claims": [{"verdict": "agrees"}, {"verdict": "disagrees"}]},
+    }
+    path = write_index({"01-q": result}, {"01-q": 12.3}, tmp_path)
+    text = path.read_text()
+    assert "[Does it matter?](01-q/report.md) | a is best | 1 / 1 / 0 | 12 |" in text
+    assert "Total wall time: 12 s." in text

@@ -574,13 +574,41 @@ def plot_ablation(config: AblationConfig, runs: list[dict], table: dict, out: Pa
 # ------------------------------------------------------------------------------------------------
 # Command line
 # ------------------------------------------------------------------------------------------------
+def write_index(results: dict[str, dict[str, Any]], seconds: dict[str, float], out: Path) -> Path:
+    """OUT/README.md: one line per question with its measured answer, textbook verdicts and wall time."""
+    lines = [
+        "# Ablations: the classic Transformer questions, measured",
+        "",
+        "Written by `make ablate` (`twinlm ablate configs/ablations/*.yaml`); each link is a full report.",
+        "",
+        "| question | measured answer | textbook claims (agree / disagree / no measurable difference) | wall s |",
+        "|---|---|---|---|",
+    ]
+    for name, result in results.items():
+        claims = [c.get("verdict") for c in result["answer"].get("claims", [])]
+        counts = " / ".join(str(claims.count(v)) for v in ("agrees", "disagrees", "no measurable difference"))
+        lines.append(
+            f"| [{result['question']}]({name}/report.md) | {result['answer']['text']} | {counts} | "
+            f"{seconds[name]:.0f} |"
+        )
+    lines += ["", f"Total wall time: {sum(seconds.values()):.0f} s."]
+    path = out / "README.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def run(args: argparse.Namespace) -> int:
     many = len(args.configs) > 1
+    results, seconds = {}, {}
     for path in args.configs:
         name = Path(path).stem
         out = None if args.out is None else Path(args.out) / name if many else Path(args.out)
         runs = None if args.runs is None else Path(args.runs) / name if many else Path(args.runs)
-        run_ablation(path, out, runs, list(args.overrides))
+        start = time.perf_counter()
+        results[name] = run_ablation(path, out, runs, list(args.overrides))
+        seconds[name] = time.perf_counter() - start
+    if many and args.out is not None:
+        print(f"index: {write_index(results, seconds, Path(args.out))}")
     return 0
 
 
