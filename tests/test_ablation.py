@@ -235,4 +235,4 @@ def test_index_of_several_questions(tmp_path):
     path = write_index({"01-q": result}, {"01-q": 12.3}, tmp_path)
     text = path.read_text()
     assert "[Does it matter?](01-q/report.md) | a is best | 1 / 1 / 0 | 12 |" in text
-    assert "Total wall time: 12 s." in text
+    assert "Total wall time: 12 s over 1 question(s)." in text

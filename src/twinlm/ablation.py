@@ -575,7 +575,8 @@ def plot_ablation(config: AblationConfig, runs: list[dict], table: dict, out: Pa
 # Command line
 # ------------------------------------------------------------------------------------------------
 def write_index(results: dict[str, dict[str, Any]], seconds: dict[str, float], out: Path) -> Path:
-    """OUT/README.md: one line per question with its measured answer, textbook verdicts and wall time."""
+    """OUT/README.md: one line per question with its measured answer, textbook verdicts and wall time
+    (n/a for a question missing from `seconds`)."""
     lines = [
         "# Ablations: the classic Transformer questions, measured",
         "",
@@ -589,9 +590,9 @@ def write_index(results: dict[str, dict[str, Any]], seconds: dict[str, float], o
         counts = " / ".join(str(claims.count(v)) for v in ("agrees", "disagrees", "no measurable difference"))
         lines.append(
             f"| [{result['question']}]({name}/report.md) | {result['answer']['text']} | {counts} | "
-            f"{seconds[name]:.0f} |"
+            + (f"{seconds[name]:.0f} |" if name in seconds else "n/a |")
         )
-    lines += ["", f"Total wall time: {sum(seconds.values()):.0f} s."]
+    lines += ["", f"Total wall time: {sum(seconds.values()):.0f} s over {len(seconds)} question(s)."]
     path = out / "README.md"
     path.write_text("\n".join(lines) + "\n")
     return path
