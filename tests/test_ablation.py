@@ -236,3 +236,29 @@ def test_index_of_several_questions(tmp_path):
     text = path.read_text()
     assert "[Does it matter?](01-q/report.md) | a is best | 1 / 1 / 0 | 12 |" in text
     assert "Total wall time: 12 s over 1 question(s)." in text
+
+
+def test_runs_share_a_tokenizer_the_base_configures(base_run):
+    """The base trains its tokenizer (settings in its overrides); every later run loads the first run's."""
+    from twinlm.ablation import run_ablation
+
+    run = yaml.safe_load((base_run / "run.yaml").read_text())
+    run["tokenizer"] = {"train": {"type": "bpe", "vocab_size": 300}}
+    run["training"].update(max_steps=2, eval_every=0)
+    (base_run / "train-tok.yaml").write_text(yaml.safe_dump(run))
+    question = {
+        "question": "q",
+        "textbook": "t",
+        "base": {
+            "config": str(base_run / "train-tok.yaml"),
+            "overrides": {"tokenizer.train.min_frequency": 1},
+        },
+        "variants": {"a": {}, "b": {"model.overrides.hidden_act": "relu"}},
+    }
+    (base_run / "share.yaml").write_text(yaml.safe_dump(question))
+    run_ablation(base_run / "share.yaml", base_run / "share")
+    runs = base_run / "share" / "runs"
+    first = runs / "a" / "seed0" / "tokenizer"
+    for name, seed in (("a", 1), ("b", 0), ("b", 1)):
+        config = yaml.safe_load((runs / name / f"seed{seed}" / "run_config.yaml").read_text())
+        assert config["tokenizer"]["path"] == str(first) and config["tokenizer"]["train"] is None

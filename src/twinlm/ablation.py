@@ -359,9 +359,10 @@ def run_variant(config: AblationConfig, name: str, seed: int, runs: Path) -> dic
         from twinlm.training import pretrain
 
         overrides = {
-            **_shared_tokenizer(config, name, seed, runs),
             **config.base.overrides,
             **config.variants[name],
+            # last: replaces tokenizer settings the base names (all runs share them) by the trained tokenizer
+            **_shared_tokenizer(config, name, seed, runs),
             "training.seed": seed,
             "output_dir": str(run_dir),
             "training.resume_from_checkpoint": "latest",
