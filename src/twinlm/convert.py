@@ -21,7 +21,6 @@ Notes on what "equivalent" means:
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import shutil
@@ -483,39 +482,6 @@ def convert_checkpoint(source: str | Path, output: str | Path, seed: int = 0) ->
     )
 
 
-def add_parser(subparsers: Any) -> None:
-    """Register `twinlm convert SRC_DIR OUT_DIR` (called by twinlm.cli)."""
-    parser = subparsers.add_parser(
-        "convert",
-        help="convert a saved transformers BERT / GPT-2 checkpoint into a twinlm model",
-        description=(
-            "Convert a checkpoint directory of a transformers BertForMaskedLM, BertModel, GPT2LMHeadModel or "
-            "GPT2Model into the equivalent twinlm model, and check that the logits match."
-        ),
-    )
-    parser.add_argument("source", type=Path, metavar="SRC_DIR", help="directory written by save_pretrained()")
-    parser.add_argument("output", type=Path, metavar="OUT_DIR", help="where the twinlm model is saved")
-    parser.add_argument(
-        "--tolerance",
-        type=float,
-        default=1e-4,
-        help="fail (exit 1) if the max |logit difference| exceeds this (default 1e-4)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random comparison batch")
-    parser.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    summary = convert_checkpoint(args.source, args.output, seed=args.seed)
-    print(summary.format())
-    if not summary.max_logit_difference <= args.tolerance:
-        print(
-            f"twinlm convert: logits differ by {summary.max_logit_difference:.3g} > tolerance {args.tolerance:g}"
-        )
-        return 1
-    return 0
-
-
 __all__ = [
     "from_hf",
     "config_from_hf",
@@ -524,5 +490,4 @@ __all__ = [
     "convert_checkpoint",
     "ConversionSummary",
     "SUPPORTED",
-    "add_parser",
 ]
