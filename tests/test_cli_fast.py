@@ -89,3 +89,11 @@ def test_auto_classes_know_twinlm_after_a_light_import(tmp_path) -> None:
     proc = _python(load, str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "TwinLMForCausalLM"
+
+
+def test_training_package_exports_resolve():
+    import twinlm.training as training
+
+    for name in training.__all__:
+        assert getattr(training, name) is not None, name
+    assert not hasattr(training, "Trainer")  # the name transformers.Trainer owns is not reused

@@ -9,7 +9,7 @@ from twinlm.training.config import RunConfig, load_run_config, parse_overrides
 
 def __getattr__(name: str):
     """PEP 562: the loop (torch, accelerate) is imported on first use, so `twinlm pretrain --help` is fast."""
-    if name in ("Trainer", "pretrain"):
+    if name in ("PretrainingRun", "pretrain"):
         from twinlm.training import loop
 
         return getattr(loop, name)
