@@ -213,6 +213,10 @@ def test_attention_map_for_both_variants(tmp_path, kind, capsys):
     if kind == "bpe":  # causal: no weight on future tokens
         assert weights.triu(1).abs().max() == 0
     assert main(["attention-map", str(tmp_path), "x"]) == 2
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        (ckpt / name).unlink(missing_ok=True)
+    assert main(["attention-map", str(ckpt), "x"]) == 2
+    assert "no loadable tokenizer" in capsys.readouterr().err
 
 
 def test_shipped_questions_validate():

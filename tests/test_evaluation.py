@@ -145,3 +145,26 @@ def test_suite_overrides_from_the_command_line(suite_dir):
     assert suite.seeds == [3] and suite.lrs == [1e-3]
     with pytest.raises(TwinLMError, match="did you mean 'seeds'"):
         load_suite(suite_dir / "suite.yaml", ["sedes=[1]"])
+
+
+def test_changed_settings_rerun_a_cell_and_labels_stay_distinct(suite_dir, tmp_path, monkeypatch):
+    from twinlm.evaluation import checkpoint_labels, load_suite, run_cell
+
+    assert checkpoint_labels(["/a/x/final", "/b/x/final", "/c/y"]) == ["a/x", "b/x", "y"]
+    assert checkpoint_labels(["/a/x/final", "/a/x/best"]) == ["a/x", "a/x-2"]
+    spec = load_suite(suite_dir / "suite.yaml").tasks["sentiment"]
+    calls = []
+
+    def fake_finetune(config, overrides):
+        calls.append(overrides)
+        return {"metric_for_best": "accuracy", "best": {"dev": {"accuracy": 0.5}, "test": {"accuracy": 0.5}}}
+
+    import twinlm.finetune
+
+    monkeypatch.setattr(twinlm.finetune, "finetune", fake_finetune)
+    ckpt = str(suite_dir / "ckpt")
+    run_cell(ckpt, "sentiment", spec, {"training.lr": 0.1}, tmp_path / "cell")
+    run_cell(ckpt, "sentiment", spec, {"training.lr": 0.1}, tmp_path / "cell")  # unchanged: read back
+    assert len(calls) == 1
+    run_cell(ckpt, "sentiment", spec, {"training.lr": 0.2}, tmp_path / "cell")  # other settings: run again
+    assert len(calls) == 2

@@ -21,7 +21,13 @@ def attention_weights(checkpoint: str, text: str) -> tuple[list[str], Any]:
         raise TwinLMError(f"{checkpoint!r} has no config.json; give a folder written by save_pretrained")
     config = twinlm.TwinLMConfig.from_pretrained(checkpoint, attn_implementation="eager")
     model = twinlm.TwinLMModel.from_pretrained(checkpoint, config=config).eval()
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    except (OSError, ValueError) as err:
+        raise TwinLMError(
+            f"{checkpoint!r} has no loadable tokenizer ({err.__class__.__name__}); save the tokenizer next to the "
+            "model (tokenizer.save_pretrained(folder)), e.g. use a pretraining run's final/ folder"
+        ) from None
     ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=64)["input_ids"]
     if ids.shape[1] == 0:
         raise TwinLMError("the sentence has no tokens; give some text")

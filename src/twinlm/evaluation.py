@@ -118,9 +118,10 @@ def prepare_split(name: str, spec: SplitFrom, out: Path) -> dict[str, str]:
     return {**overrides, "task.format": "tsv", "task.text_column": "text", "task.label_column": "label"}
 
 
-def make_control(checkpoint: str, out: Path, seed: int) -> Path:
+def make_control(checkpoint: str, out: Path, seed: int, label: str | None = None) -> Path:
     """The checkpoint's architecture and tokenizer with random weights (seeded), saved like a checkpoint."""
-    target = out / "controls" / f"{Path(checkpoint).name or 'model'}-seed{seed}"
+    name = _slug(label or Path(checkpoint).name or "model")
+    target = out / "controls" / f"{name}-seed{seed}"
     if (target / "config.json").is_file():
         return target
     import torch
@@ -147,17 +148,38 @@ def _dotted(overrides: dict[str, Any]) -> list[str]:
     ]
 
 
+def _fingerprint(model_path: str, spec: SuiteTask, overrides: dict[str, Any]) -> str:
+    """What a cell's result depends on: the model (path, weights' size and time), the task config, the settings."""
+    import hashlib
+    import os
+
+    weights = sorted(Path(model_path).glob("*.safetensors")) + sorted(Path(model_path).glob("*.bin"))
+    facts = {
+        "model": os.path.realpath(model_path),
+        "weights": [(w.name, w.stat().st_size, w.stat().st_mtime_ns) for w in weights],
+        "task_config": spec.config.read_text(encoding="utf-8"),
+        "settings": overrides,
+    }
+    return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def run_cell(model_path: str, task: str, spec: SuiteTask, overrides: dict[str, Any], folder: Path) -> dict:
-    """Fine-tune once (or read the finished result): best dev and its test scores, the baseline if run."""
+    """Fine-tune once (or read the finished result when the model and settings are unchanged): best dev and
+    its test scores, the baseline if run."""
     done = folder / CELL_FILE
+    fingerprint = _fingerprint(model_path, spec, overrides)
     if done.is_file():
-        return json.loads(done.read_text())
+        cell = json.loads(done.read_text())
+        if cell.get("fingerprint") == fingerprint:
+            return cell
+        print(f"re-running {folder}: the model or the settings changed since it was run")
     from twinlm.finetune import finetune
 
     settings = {**overrides, "model.path": model_path, "output_dir": str(folder / "run")}
     summary = finetune(spec.config, _dotted(settings))
     best = summary.get("best") or {}
     cell = {
+        "fingerprint": fingerprint,
         "task": task,
         "model": model_path,
         "metric": summary["metric_for_best"],
@@ -183,11 +205,29 @@ def _mean_std(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
+def checkpoint_labels(checkpoints: list[str]) -> list[str]:
+    """Short, distinct names: the folder (its parent for .../final or .../best), with more of the path, then a
+    number, where two would collide."""
+    parts = [[p for p in Path(c).resolve().parts if p not in ("final", "best", "/")] for c in checkpoints]
+    depth = [1] * len(checkpoints)
+    labels = ["/".join(p[-1:]) for p in parts]
+    for _ in range(3):  # widen colliding labels by one path component at a time
+        for i, label in enumerate(labels):
+            if labels.count(label) > 1 and depth[i] < len(parts[i]):
+                depth[i] += 1
+        labels = ["/".join(p[-d:]) for p, d in zip(parts, depth, strict=True)]
+    seen: dict[str, int] = {}
+    unique = []
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        unique.append(label if seen[label] == 1 else f"{label}-{seen[label]}")
+    return unique
+
+
 def _models(checkpoints: list[str], suite: Suite, out: Path) -> list[dict[str, Any]]:
     """Each checkpoint, then its control (one random init per seed), with the label used in reports."""
     models = []
-    for ckpt in checkpoints:
-        label = Path(ckpt).name if Path(ckpt).name not in ("final", "best") else Path(ckpt).parent.name
+    for ckpt, label in zip(checkpoints, checkpoint_labels(checkpoints), strict=True):
         models.append({"label": label, "kind": "checkpoint", "of": label, "path": lambda seed, c=ckpt: c})
         if suite.control:
             models.append(
@@ -195,7 +235,7 @@ def _models(checkpoints: list[str], suite: Suite, out: Path) -> list[dict[str, A
                     "label": f"{label} (control)",
                     "kind": "control",
                     "of": label,
-                    "path": lambda seed, c=ckpt: str(make_control(c, out, seed)),
+                    "path": lambda seed, c=ckpt, name=label: str(make_control(c, out, seed, name)),
                 }
             )
     return models
