@@ -559,3 +559,16 @@ def test_two_process_deepspeed(assets: dict[str, Path], tmp_path: Path, stage: s
     summary, curve = _launch(assets, tmp_path / "run", launch, env, causal=causal)
     _assert_learns(summary, curve)
     assert "DEEPSPEED" in summary["distributed_type"]
+
+
+@needs_corpus
+def test_resume_with_other_schedule_settings_says_so(assets: dict[str, Path], tmp_path: Path, capsys) -> None:
+    """A resume with a longer max_steps recomputes the schedule: the run says so (it is not an exact continuation)."""
+    out = tmp_path / "out"
+    pretrain(run_config(assets, out, max_steps=4, save_every=4, warmup_steps=5))
+    assert "warmup_steps=5 >= training.max_steps=4" in capsys.readouterr().out
+    pretrain(run_config(assets, out, max_steps=6, save_every=3, resume_from_checkpoint="latest"))
+    said = capsys.readouterr().out
+    assert "training.max_steps 4 -> 6" in said and "training.warmup_steps 5 -> 1" in said
+    pretrain(run_config(assets, out, max_steps=6, save_every=3, resume_from_checkpoint="latest"))
+    assert "since the checkpoint" not in capsys.readouterr().out  # same settings: nothing to say

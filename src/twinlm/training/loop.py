@@ -460,8 +460,12 @@ class PretrainingRun:
         acc, train, state = self.accelerator, self.cfg.training, self.state
         model = acc.unwrap_model(self.model)
         path = find_resume_checkpoint(acc, self.output_dir, train.resume_from_checkpoint, model)
+        schedule = {
+            k: getattr(train, k) for k in ("max_steps", "max_minutes", "warmup_steps", "schedule", "lr")
+        }
         if path is not None:
             state.load_state_dict(load_checkpoint(acc, path))
+            _say_schedule_changes(state.extra.get("schedule"), schedule, state.step, acc.is_main_process)
             for group, lr in zip(self.base_optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
                 group["lr"] = lr
             if not model_is_finite(model):
@@ -472,6 +476,12 @@ class PretrainingRun:
                 print(f"resumed from {path} at step {state.step}")
         elif train.resume_from_checkpoint == "latest" and acc.is_main_process:
             print(f"no checkpoint in {self.output_dir / 'checkpoints'} yet: starting from step 0")
+        if path is None and train.max_steps and train.warmup_steps >= train.max_steps and acc.is_main_process:
+            print(
+                f"warning: training.warmup_steps={train.warmup_steps} >= training.max_steps={train.max_steps}: "
+                "the learning rate never reaches training.lr; lower warmup_steps"
+            )
+        state.extra["schedule"] = schedule  # saved with every checkpoint: a resume can tell what changed
         self.resumed = path is not None
         return state
 
@@ -639,6 +649,21 @@ class PretrainingRun:
             )
             print(_format_summary(summary, plot))
         return summary
+
+
+def _say_schedule_changes(
+    saved: dict[str, Any] | None, current: dict[str, Any], step: int, main: bool
+) -> None:
+    """A resume with other schedule settings is not a continuation of the same run: say what changed."""
+    changed = {
+        k: (saved[k], v) for k, v in current.items() if saved is not None and k in saved and saved[k] != v
+    }
+    if changed and main:
+        listed = ", ".join(f"training.{k} {old} -> {new}" for k, (old, new) in changed.items())
+        print(
+            f"note: {listed} since the checkpoint: from step {step} the learning rate follows the new schedule "
+            "(it may jump); keep the run's settings for an exact continuation"
+        )
 
 
 def _card_summary(summary: dict[str, Any]) -> dict[str, Any]:
