@@ -41,3 +41,21 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA} (the tests read real text from ../shared/data)")
     return SHARED_DATA
+
+
+def inject_nan_at(monkeypatch, step: int) -> None:
+    """Make the loss and the gradients of the given optimizer step NaN (the engine's non-finite guard tests)."""
+    from twinlm.training.engine import Engine
+
+    original = Engine.forward_backward_step
+
+    def poisoned(self, *args):
+        loss = original(self, *args)
+        if self.state.step + 1 == step:
+            for param in self.model.parameters():
+                if param.grad is not None:
+                    param.grad.fill_(float("nan"))
+            return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(Engine, "forward_backward_step", poisoned)

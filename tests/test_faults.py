@@ -18,6 +18,7 @@ import pytest
 import test_training
 import torch
 import yaml
+from conftest import inject_nan_at
 
 from twinlm.errors import TwinLMError
 from twinlm.training import pretrain
@@ -140,29 +141,11 @@ def test_a_torn_last_metrics_line_does_not_stop_a_resume(
     assert_resumed_exactly(assets, cut, straight)
 
 
-def _inject_nan_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
-    """Make the gradients (and the loss) of the given optimizer step NaN."""
-    from twinlm.training.engine import Engine
-
-    original = Engine.forward_backward_step
-
-    def poisoned(self: Engine, *args: object) -> torch.Tensor:
-        loss = original(self, *args)
-        if self.state.step + 1 == step:
-            for p in self.model.parameters():
-                if p.grad is not None:
-                    p.grad.fill_(float("nan"))
-            return loss * float("nan")
-        return loss
-
-    monkeypatch.setattr(Engine, "forward_backward_step", poisoned)
-
-
 def test_a_nan_loss_stops_the_run_and_keeps_the_good_checkpoints(
     assets: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "run"
-    _inject_nan_at(monkeypatch, 5)
+    inject_nan_at(monkeypatch, 5)
     with pytest.raises(TwinLMError, match="non-finite loss nan and gradient norm nan at step 5") as err:
         pretrain(config(assets, out, keep_last=1))
     assert "\n" not in str(err.value)
@@ -175,7 +158,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_good_checkpoints(
 def test_nonfinite_skip_skips_and_counts_the_step(
     assets: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _inject_nan_at(monkeypatch, 2)
+    inject_nan_at(monkeypatch, 2)
     summary = pretrain(config(assets, tmp_path / "run", nonfinite="skip"))
     assert summary["skipped_steps"] == 1 and summary["steps"] == 6
     assert summary["val_loss"] == pytest.approx(summary["val_loss"])  # finite (NaN != NaN)

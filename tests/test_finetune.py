@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import inject_nan_at
 from conftest_hub import hub_env, local_hub  # noqa: F401
 
 from twinlm.errors import TwinLMError
@@ -234,22 +235,6 @@ def test_early_stopping_stops_when_dev_does_not_improve(mlm_ckpt, sentiment, tmp
 # ------------------------------------------------------------------------------------------------
 # The shared engine's guarantees
 # ------------------------------------------------------------------------------------------------
-def _inject_nan_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
-    """Make the loss and the gradients of the given optimizer step NaN."""
-    from twinlm.training.engine import Engine
-
-    original = Engine.forward_backward_step
-
-    def poisoned(self, *args):
-        loss = original(self, *args)
-        if self.state.step + 1 == step:
-            for param in self.model.parameters():
-                if param.grad is not None:
-                    param.grad.fill_(float("nan"))
-            return loss * float("nan")
-        return loss
-
-    monkeypatch.setattr(Engine, "forward_backward_step", poisoned)
 
 
 def test_a_nan_step_stops_fine_tuning_and_keeps_the_last_good_best_model(
@@ -259,7 +244,7 @@ def test_a_nan_step_stops_fine_tuning_and_keeps_the_last_good_best_model(
     from twinlm.training.lock import LOCK_FILE
 
     out = tmp_path / "run"
-    _inject_nan_at(monkeypatch, 3)
+    inject_nan_at(monkeypatch, 3)
     config = seq_config(
         mlm_ckpt, sentiment, out, max_steps=5, eval_every=1, baseline=False, early_stopping_patience=None
     )

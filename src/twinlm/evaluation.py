@@ -83,24 +83,39 @@ def _clean(value: str) -> str:
     return " ".join(str(value).split())  # one line, no tabs: the TSV is read unquoted
 
 
-def prepare_split(name: str, spec: SplitFrom, out: Path) -> dict[str, str]:
-    """Write train/dev/test TSVs (columns text, label) under OUT/data/NAME once; return task overrides."""
+def _read_split_rows(spec: SplitFrom) -> list[tuple[str, str]]:
+    """(text, label) rows of the files a single-file task ships as; one-line errors for bad files."""
     import csv
 
+    from twinlm.data.textfiles import read_text
+
+    rows: list[tuple[str, str]] = []
+    for file in spec.files:
+        if not Path(file).is_file():
+            raise TwinLMError(f"split_from.files: {str(file)!r} does not exist")
+        reader = csv.reader(
+            read_text(file, what="task file").splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE
+        )
+        columns = next(reader, None) if spec.header else spec.columns
+        if not columns or spec.text_column not in columns or spec.label_column not in columns:
+            raise TwinLMError(f"{file}: columns {columns} lack {spec.text_column!r} or {spec.label_column!r}")
+        t, lab = columns.index(spec.text_column), columns.index(spec.label_column)
+        rows += [(_clean(r[t]), _clean(r[lab])) for r in reader if len(r) > max(t, lab)]
+    return rows
+
+
+def prepare_split(name: str, spec: SplitFrom, out: Path) -> dict[str, str]:
+    """Write train/dev/test TSVs (columns text, label) under OUT/data/NAME (again when the split settings
+    changed); return the task overrides that point at them."""
     folder = out / "data" / name
     files = {split: folder / f"{split}.tsv" for split in ("train", "dev", "test")}
-    if not all(f.is_file() for f in files.values()):
-        rows: list[tuple[str, str]] = []
-        for file in spec.files:
-            with Path(file).open(newline="", encoding="utf-8") as fh:
-                reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
-                columns = next(reader) if spec.header else spec.columns
-                if not columns or spec.text_column not in columns or spec.label_column not in columns:
-                    raise TwinLMError(
-                        f"{file}: columns {columns} lack {spec.text_column!r} or {spec.label_column!r}"
-                    )
-                t, lab = columns.index(spec.text_column), columns.index(spec.label_column)
-                rows += [(_clean(r[t]), _clean(r[lab])) for r in reader if len(r) > max(t, lab)]
+    made_from = folder / "split_from.json"
+    wanted = spec.model_dump_json()
+    fresh = (
+        made_from.is_file() and made_from.read_text() == wanted and all(f.is_file() for f in files.values())
+    )
+    if not fresh:
+        rows = _read_split_rows(spec)
         random.Random(spec.seed).shuffle(rows)
         n_train = int(len(rows) * spec.ratios[0])
         n_dev = int(len(rows) * spec.ratios[1])
@@ -114,6 +129,7 @@ def prepare_split(name: str, spec: SplitFrom, out: Path) -> dict[str, str]:
             tmp = files[split].with_suffix(".tmp")
             tmp.write_text("text\tlabel\n" + "".join(f"{a}\t{b}\n" for a, b in part), encoding="utf-8")
             tmp.replace(files[split])
+        made_from.write_text(wanted)
     overrides = {f"task.{split}": str(file) for split, file in files.items()}
     return {**overrides, "task.format": "tsv", "task.text_column": "text", "task.label_column": "label"}
 
@@ -149,7 +165,8 @@ def _dotted(overrides: dict[str, Any]) -> list[str]:
 
 
 def _fingerprint(model_path: str, spec: SuiteTask, overrides: dict[str, Any]) -> str:
-    """What a cell's result depends on: the model (path, weights' size and time), the task config, the settings."""
+    """What a cell's result depends on: the model (path, weights' size and time), the task config and files,
+    the settings."""
     import hashlib
     import os
 
@@ -159,6 +176,12 @@ def _fingerprint(model_path: str, spec: SuiteTask, overrides: dict[str, Any]) ->
         "weights": [(w.name, w.stat().st_size, w.stat().st_mtime_ns) for w in weights],
         "task_config": spec.config.read_text(encoding="utf-8"),
         "settings": overrides,
+        # the task's files (e.g. splits made by the suite): rewritten files make the cell stale
+        "files": {
+            v: (Path(v).stat().st_size, Path(v).stat().st_mtime_ns)
+            for v in overrides.values()
+            if isinstance(v, str) and Path(v).is_file()
+        },
     }
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
 
