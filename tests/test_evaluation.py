@@ -168,3 +168,25 @@ def test_changed_settings_rerun_a_cell_and_labels_stay_distinct(suite_dir, tmp_p
     assert len(calls) == 1
     run_cell(ckpt, "sentiment", spec, {"training.lr": 0.2}, tmp_path / "cell")  # other settings: run again
     assert len(calls) == 2
+
+
+def test_an_interrupted_fine_tune_stops_the_evaluation_and_is_not_a_finished_cell(
+    suite_dir, tmp_path, monkeypatch
+):
+    from twinlm.evaluation import EvaluationInterrupted, load_suite, run_cell
+
+    spec = load_suite(suite_dir / "suite.yaml").tasks["sentiment"]
+    result = {"metric_for_best": "accuracy", "best": {"dev": {"accuracy": 0.5}, "test": {"accuracy": 0.5}}}
+
+    def interrupted(config, overrides):  # what finetune() returns after SIGTERM: partial scores
+        return {**result, "interrupted_by": "SIGTERM"}
+
+    import twinlm.finetune
+
+    monkeypatch.setattr(twinlm.finetune, "finetune", interrupted)
+    ckpt, cell = str(suite_dir / "ckpt"), tmp_path / "cell"
+    with pytest.raises(EvaluationInterrupted, match="SIGTERM.*run the same command again"):
+        run_cell(ckpt, "sentiment", spec, {}, cell)
+    assert not (cell / "cell.json").exists()
+    monkeypatch.setattr(twinlm.finetune, "finetune", lambda config, overrides: result)
+    assert run_cell(ckpt, "sentiment", spec, {}, cell)["test"] == {"accuracy": 0.5}  # the rerun runs it

@@ -163,7 +163,9 @@ def test_masks_that_change_nothing_take_sdpa_is_causal(monkeypatch):
     sdpa = attention.F.scaled_dot_product_attention
 
     def recording_sdpa(*args, **kwargs):
-        calls.append((kwargs["attn_mask"] is None, kwargs["is_causal"]))
+        mask = kwargs["attn_mask"]
+        assert mask is None or mask.dtype == torch.bool  # no dense float bias without position biases
+        calls.append((mask is None, kwargs["is_causal"]))
         return sdpa(*args, **kwargs)
 
     monkeypatch.setattr(attention.F, "scaled_dot_product_attention", recording_sdpa)

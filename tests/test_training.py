@@ -137,7 +137,7 @@ def test_overrides_parse_and_apply(assets: dict[str, Path], tmp_path: Path) -> N
     assert cfg.training.mixed_precision == "no"
     for shipped in sorted((ROOT / "configs" / "pretrain").glob("*.yaml")):
         loaded = load_run_config(shipped)
-        assert loaded.training.max_steps > 0, shipped
+        assert (loaded.training.max_steps or 0) > 0 or loaded.training.max_minutes, shipped
 
 
 @pytest.mark.parametrize(
@@ -572,3 +572,26 @@ def test_resume_with_other_schedule_settings_says_so(assets: dict[str, Path], tm
     assert "training.max_steps 4 -> 6" in said and "training.warmup_steps 5 -> 1" in said
     pretrain(run_config(assets, out, max_steps=6, save_every=3, resume_from_checkpoint="latest"))
     assert "since the checkpoint" not in capsys.readouterr().out  # same settings: nothing to say
+
+
+@pytest.mark.slow  # trains a tokenizer on the whole corpus and packs it
+@pytest.mark.parametrize("name", ["cpu-30min-mlm", "cpu-30min-clm"])
+def test_the_cpu_recipes_run_as_shipped(
+    shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """The recipes read ../shared/data from the repository root (the corpus and SST-2's sentence column);
+    two steps instead of 30 minutes."""
+    monkeypatch.chdir(ROOT)
+    summary = pretrain(
+        ROOT / "configs" / "pretrain" / f"{name}.yaml",
+        [
+            f"output_dir={tmp_path}",
+            "training.max_minutes=null",
+            "training.max_steps=2",
+            "training.eval_batches=2",
+        ],
+    )
+    assert summary["steps"] == 2 and summary["val_loss"] is not None
+    assert summary["objective"] == ("masked-lm" if name.endswith("mlm") else "causal-lm")
+    vocab = json.loads((tmp_path / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert len(vocab) == 8192

@@ -186,6 +186,10 @@ def _fingerprint(model_path: str, spec: SuiteTask, overrides: dict[str, Any]) ->
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
 
 
+class EvaluationInterrupted(TwinLMError):
+    """A fine-tuning run of the evaluation was stopped (SIGINT/SIGTERM): the evaluation stops too."""
+
+
 def run_cell(model_path: str, task: str, spec: SuiteTask, overrides: dict[str, Any], folder: Path) -> dict:
     """Fine-tune once (or read the finished result when the model and settings are unchanged): best dev and
     its test scores, the baseline if run."""
@@ -200,6 +204,11 @@ def run_cell(model_path: str, task: str, spec: SuiteTask, overrides: dict[str, A
 
     settings = {**overrides, "model.path": model_path, "output_dir": str(folder / "run")}
     summary = finetune(spec.config, _dotted(settings))
+    if summary.get("interrupted_by"):  # a partial run is no result: keep it out of the finished cells
+        raise EvaluationInterrupted(
+            f"interrupted by {summary['interrupted_by']} while fine-tuning {folder}; the finished cells are "
+            "kept: run the same command again to go on"
+        )
     best = summary.get("best") or {}
     cell = {
         "fingerprint": fingerprint,

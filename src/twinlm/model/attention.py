@@ -2,10 +2,11 @@
 
 The scoring function is picked once from `SCORINGS`; the kernel that computes dot-product attention
 (`eager`, PyTorch's `sdpa`, or transformers' flash-attention integration) follows transformers'
-`attn_implementation`. What attention may see arrives as one `AttentionMask`: for eager and SDPA an
-additive float bias (padding, causality, sliding window, document boundaries and ALiBi/T5 position
-biases already folded together by the model), or None with `is_causal` for the fast unmasked path; for
-flash kernels, which take no bias, the padding mask and the packed position ids.
+`attn_implementation`. What attention may see arrives as one `AttentionMask`: for eager and SDPA a
+boolean mask of the pairs that may attend (padding, causality, sliding window, document boundaries
+folded together by the model), an additive float bias only where ALiBi/T5 position biases need one, or
+None with `is_causal` for the fast unmasked path; for flash kernels, which take no mask, the padding
+mask and the packed position ids.
 """
 
 import math
@@ -25,7 +26,9 @@ from .positions import apply_rotary
 class AttentionMask:
     """What each query may attend to, in the form the attention kernel takes."""
 
-    bias: torch.Tensor | None = None  # (batch|1, heads|1, q, k) additive, -inf where forbidden
+    # (batch|1, heads|1, q, k): bool, True where a query may attend, or (with position biases) an additive
+    # float bias, -inf where forbidden
+    bias: torch.Tensor | None = None
     is_causal: bool = False  # with bias None: plain causal attention (SDPA's fast path)
     flash: bool = False  # flash kernels: no bias; the two fields below instead
     padding_mask: torch.Tensor | None = None  # (batch, keys), 1 = real token
@@ -41,7 +44,7 @@ def eager_attention(
         future = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).triu(k_len - q_len + 1)
         scores = scores.masked_fill(future, float("-inf"))
     if bias is not None:
-        scores = scores + bias
+        scores = scores.masked_fill(~bias, float("-inf")) if bias.dtype == torch.bool else scores + bias
     weights = torch.softmax(scores.float(), dim=-1).to(value.dtype)
     output = torch.matmul(F.dropout(weights, p=dropout, training=dropout > 0), value)
     return output, weights
@@ -70,7 +73,7 @@ class DotProductScoring(nn.Module):
             key, value = repeat_kv(key, groups), repeat_kv(value, groups)
             scores = torch.matmul(query, key.transpose(-1, -2)) * self.scale
             return eager_attention(scores, value, bias, is_causal, dropout)
-        if bias is not None:
+        if bias is not None and bias.dtype != torch.bool:
             bias = bias.to(query.dtype)
         # Grouped-query attention inside SDPA (no repeated keys and values, no summing of their gradients);
         # CUDA's fused kernels take it only without a mask (transformers' use_gqa_in_sdpa), CPU's always.

@@ -278,9 +278,10 @@ class TwinLMModel(TwinLMPreTrainedModel):
         device: torch.device,
         output_attentions: bool,
     ) -> AttentionMask:
-        """Fold padding, causality, the sliding window, document boundaries and position biases into
-        one additive bias of shape (batch or 1, heads or 1, q_len, kv_len); -inf where attention is
-        forbidden. No bias (with is_causal) when nothing but plain causality applies: the fast path.
+        """Fold padding, causality, the sliding window and document boundaries into one boolean mask of
+        shape (batch or 1, 1, q_len, kv_len), True where a query may attend; with ALiBi/T5 position biases,
+        one additive float bias (-inf where attention is forbidden) instead. No mask (with is_causal) when
+        nothing but plain causality applies: the fast path (see drop_trivial_masks).
         Flash kernels take no bias: they get the padding mask and packed position ids instead.
         """
         config = self.config
@@ -307,12 +308,12 @@ class TwinLMModel(TwinLMPreTrainedModel):
         # Every query may see itself: padding queries get a harmless row instead of NaNs from an
         # all -inf softmax (their outputs are never used).
         allowed = allowed | (q_idx == k_idx)
+        if position_bias is None:  # SDPA and eager take the boolean mask itself: no dense float bias
+            return AttentionMask(bias=allowed)
         bias = torch.zeros(allowed.shape, dtype=torch.float32, device=device).masked_fill(
             ~allowed, float("-inf")
         )
-        if position_bias is not None:
-            bias = bias + position_bias.float()
-        return AttentionMask(bias=bias)
+        return AttentionMask(bias=bias + position_bias.float())
 
 
 def flash_attention_mask(
