@@ -377,7 +377,7 @@ def format_report(report: dict[str, Any]) -> str:
     tasks = list(models[0]["tasks"]) if models else []
     head = "| task (metric) | " + " | ".join(m["label"] for m in models) + " | baseline |"
     lines = [
-        f"# twinlm evaluate: {len(report['seeds'])} seeds (mean ± std, test at the best dev point)",
+        f"# twinlm evaluate: {len(report['seeds'])} seed(s) (mean ± std, test at the best dev point)",
         "",
         head,
         "|" + "---|" * (len(models) + 2),
@@ -401,7 +401,9 @@ def format_report(report: dict[str, Any]) -> str:
             f"**Pretraining gain of {label}** (checkpoint - control, suite average): "
             f"{gain['mean'] * 100:+.2f} ± {gain['std'] * 100:.2f} points"
             + (
-                " (larger than the seed spread)"
+                " (one seed: no spread to compare it with)"
+                if len(report["seeds"]) < 2
+                else " (larger than the seed spread)"
                 if abs(gain["mean"]) > gain["std"]
                 else " (within the seed spread: no measurable difference)"
             ),
