@@ -332,8 +332,12 @@ def test_grad_accum_steps_like_the_full_batch_for_tagging(mlm_ckpt, tmp_path):
         losses.append(summary["evaluations"][0]["train_loss"])
         weights.append(load_file(out / "best" / "model.safetensors"))
     assert losses[1] == pytest.approx(losses[0], abs=1e-6)
+    # The two runs add the same gradients in a different order; Adam divides each coordinate by its own
+    # gradient scale, so rounding in tiny gradients shows up as a few ulp on weights near 1 (CI saw 9 ulp,
+    # 1.07e-6). A mis-weighted window moves weights by a share of the lr-sized update (lr 3e-3): 1e-5 is
+    # 0.3% of one update.
     for name, value in weights[0].items():
-        assert (weights[1][name] - value).abs().max().item() < 1e-6, name
+        assert (weights[1][name] - value).abs().max().item() < 1e-5, name
 
 
 def test_alignment_labels_first_subtoken_only(mlm_ckpt):
