@@ -384,6 +384,85 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     torch.testing.assert_close(grads[0], grads[1])
 
 
+# ---------------------------------------------------------------------------------------------------
+# Dropout on CPU: layers.dropout draws its mask 16 bits at a time, and with attention dropout the softmax
+# is written out (SDPA would take its math path with torch's slower mask).
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_cpu_dropout_drops_the_share_asked_for_and_rescales_exactly(p):
+    from twinlm.model.layers import DROP_LEVELS, dropout
+
+    torch.manual_seed(0)
+    x = torch.ones(1_000_000, requires_grad=True)
+    y = dropout(x, p)
+    kept = y != 0
+    assert abs((1 - kept.float().mean().item()) - p) < 3e-3  # 1e6 draws: the share's std is <= 5e-4
+    levels = round(p * DROP_LEVELS)
+    assert torch.all(y[kept] == DROP_LEVELS / (DROP_LEVELS - levels))  # expectation exactly x
+    y.sum().backward()
+    assert torch.equal(x.grad != 0, kept)  # the backward pass uses the forward's mask
+    # Four mask elements come from each 64-bit draw: no position within the four may drop more often.
+    columns = (dropout(torch.ones(4_000_000), p).view(-1, 4) == 0).float().mean(0)
+    assert torch.all((columns - p).abs() < 3e-3), columns
+
+
+def test_cpu_dropout_follows_the_seed_and_keeps_shape_and_dtype():
+    from twinlm.model.layers import TwinLMDropout, dropout
+
+    x = torch.randn(3, 5, 7, dtype=torch.bfloat16).transpose(0, 1)  # not contiguous
+    masks = []
+    for seed in (1, 1, 2):
+        torch.manual_seed(seed)
+        y = dropout(x, 0.3)
+        assert y.shape == x.shape and y.dtype == torch.bfloat16
+        masks.append(y != 0)
+    assert torch.equal(masks[0], masks[1]) and not torch.equal(masks[0], masks[2])
+    assert dropout(x, 0.3, training=False) is x and dropout(x, 0.0) is x
+    assert torch.all(dropout(x, 1.0) == 0)
+    module = TwinLMDropout(0.3)
+    assert isinstance(module, torch.nn.Dropout) and module.eval()(x) is x
+
+
+def test_gradient_checkpointing_replays_the_cpu_dropout_masks():
+    ids = torch.randint(5, 97, (2, 8))
+    grads = []
+    for checkpointing in (False, True):
+        model = seeded_model(
+            True, hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2, embedding_dropout_prob=0.2
+        ).train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        torch.manual_seed(5)
+        model(ids, labels=ids).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize(
+    "causal,inputs", [(False, "padded"), (True, "padded"), (True, "packed")], ids=["mlm", "clm", "clm-packed"]
+)
+def test_attention_written_out_for_cpu_dropout_matches_sdpa(monkeypatch, causal, inputs):
+    """With attention dropout the model computes the softmax itself on CPU: with the dropout made the
+    identity, it gives SDPA's outputs (padding, packed documents, grouped-query heads)."""
+    from twinlm.model import attention
+
+    model = seeded_model(causal, attention_probs_dropout_prob=0.1, num_key_value_heads=2)
+    ids = torch.randint(5, 97, (2, 10))
+    kwargs, real = {}, torch.ones(2, 10, dtype=torch.bool)
+    if inputs == "padded":
+        real[1, 6:] = False
+        kwargs["attention_mask"] = real.long()
+    else:
+        kwargs["position_ids"] = torch.tensor([list(range(4)) + list(range(6)), list(range(10))])
+    expected = model.eval()(ids, **kwargs).logits  # no dropout: SDPA
+    calls = []
+    monkeypatch.setattr(attention, "apply_dropout", lambda w, p, training: calls.append(p) or w)
+    written_out = model.train()(ids, **kwargs).logits
+    assert calls == [0.1] * model.config.num_hidden_layers
+    torch.testing.assert_close(written_out[real], expected[real], atol=1e-5, rtol=1e-5)
+
+
 def test_model_outputs_and_class_names():
     model = TwinLMModel(tiny_config())
     out = model(torch.randint(5, 97, (2, 6)))

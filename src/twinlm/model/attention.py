@@ -19,6 +19,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_twinlm import TwinLMConfig
 from .layers import ResidualProjection
+from .layers import dropout as apply_dropout
 from .positions import apply_rotary
 
 
@@ -38,15 +39,16 @@ class AttentionMask:
 def eager_attention(
     scores: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None, is_causal: bool, dropout: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(scores + bias) @ value, written out so that the weights can be returned."""
+    """softmax(scores + bias) @ value, written out so that the weights can be returned. `scores` is fresh
+    (no one else holds it): the mask is applied in place."""
     if is_causal:  # only reached without a bias: build the causal mask here
         q_len, k_len = scores.shape[-2:]
         future = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).triu(k_len - q_len + 1)
-        scores = scores.masked_fill(future, float("-inf"))
+        scores = scores.masked_fill_(future, float("-inf"))
     if bias is not None:
-        scores = scores.masked_fill(~bias, float("-inf")) if bias.dtype == torch.bool else scores + bias
-    weights = torch.softmax(scores.float(), dim=-1).to(value.dtype)
-    output = torch.matmul(F.dropout(weights, p=dropout, training=dropout > 0), value)
+        scores = scores.masked_fill_(~bias, float("-inf")) if bias.dtype == torch.bool else scores.add_(bias)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+    output = torch.matmul(apply_dropout(weights, dropout, training=dropout > 0), value)
     return output, weights
 
 
@@ -69,9 +71,13 @@ class DotProductScoring(nn.Module):
     def forward(self, query, key, value, mask, dropout, output_attentions):
         bias, is_causal = mask.bias, mask.is_causal
         groups = query.shape[1] // key.shape[1]
-        if output_attentions or self.config._attn_implementation == "eager":
+        # With dropout, SDPA on CPU takes its math path (in float32 even under bf16 autocast) with torch's
+        # slow dropout mask: the same softmax written out here, with layers.dropout, is faster.
+        cpu_dropout = dropout > 0 and query.device.type == "cpu" and not torch.compiler.is_compiling()
+        if output_attentions or cpu_dropout or self.config._attn_implementation == "eager":
             key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-            scores = torch.matmul(query, key.transpose(-1, -2)) * self.scale
+            query = query * self.scale if self.scale != 1.0 else query  # (.., q, d): smaller than the scores
+            scores = torch.matmul(query, key.transpose(-1, -2))
             return eager_attention(scores, value, bias, is_causal, dropout)
         if bias is not None and bias.dtype != torch.bool:
             bias = bias.to(query.dtype)

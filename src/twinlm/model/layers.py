@@ -100,6 +100,50 @@ def build_norm(config: TwinLMConfig, enabled: bool = True) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Dropout
+
+DROP_LEVELS = 1 << 16  # on CPU the drop probability is rounded to a multiple of 2^-16
+
+
+class _CPUDropout(torch.autograd.Function):
+    """Dropout whose mask comes from 16-bit slices of 64-bit random draws: one draw of the generator per 4
+    elements instead of one Bernoulli sample per element (torch's CPU dropout), ~3.5-4x faster for the same
+    distribution. Each element is kept with probability 1 - levels / 2^16 and scaled by its inverse, so the
+    expectation is exact; torch's default generator supplies the bits (seeding and saved RNG states work)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, levels: int) -> torch.Tensor:
+        n = x.numel()
+        bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(1 << 63), None)  # full 64-bit range
+        keep = bits.view(torch.int16)[:n].view(x.shape) >= levels - (1 << 15)
+        ctx.scale = DROP_LEVELS / (DROP_LEVELS - levels)
+        ctx.save_for_backward(keep)
+        return x.mul(keep).mul_(ctx.scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (keep,) = ctx.saved_tensors
+        return grad.mul(keep).mul_(ctx.scale), None
+
+
+def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """F.dropout; on CPU outside torch.compile (whose generated code fuses its own) with _CPUDropout's mask."""
+    if not training or p == 0:
+        return x
+    levels = round(p * DROP_LEVELS)
+    if x.device.type != "cpu" or not 0 < levels < DROP_LEVELS or torch.compiler.is_compiling():
+        return F.dropout(x, p, training)
+    return _CPUDropout.apply(x, levels)
+
+
+class TwinLMDropout(nn.Dropout):
+    """nn.Dropout (same attributes, same place in the module tree) computed by `dropout` above."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return dropout(input, self.p, self.training)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Feed-forward networks
 
 
@@ -118,7 +162,7 @@ class TwinLMMLP(nn.Module):
             config.intermediate_size, config.hidden_size, bias=config.mlp_bias
         )
         self.act = activation
-        self.dropout = nn.Dropout(config.activation_dropout_prob)
+        self.dropout = TwinLMDropout(config.activation_dropout_prob)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.dropout(self.act(self.up_proj(x))))
@@ -135,7 +179,7 @@ class TwinLMGatedMLP(nn.Module):
             config.intermediate_size, config.hidden_size, bias=config.mlp_bias
         )
         self.act = activation
-        self.dropout = nn.Dropout(config.activation_dropout_prob)
+        self.dropout = TwinLMDropout(config.activation_dropout_prob)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.dropout(self.act(self.gate_proj(x)) * self.up_proj(x)))

@@ -33,7 +33,7 @@ class _ChunkedCrossEntropySum(torch.autograd.Function):
         rows = _rows_per_chunk(logits)
         for start in range(0, logits.shape[0], rows):
             chunk = slice(start, start + rows)
-            log_probs = torch.log_softmax(logits[chunk].float(), dim=-1)
+            log_probs = torch.log_softmax(logits[chunk], dim=-1, dtype=torch.float32)
             picked[chunk] = log_probs.gather(1, safe[chunk, None]).squeeze(1)
         ctx.save_for_backward(logits, safe, valid)
         return -(picked * valid).sum()
@@ -44,11 +44,18 @@ class _ChunkedCrossEntropySum(torch.autograd.Function):
         grad_logits = torch.empty_like(logits)
         scale = grad.float() * valid  # d loss / d logits = (softmax - one_hot) * grad, zero where ignored
         rows = _rows_per_chunk(logits)
+        in_place = logits.dtype == torch.float32  # the softmax written straight into the gradient
         for start in range(0, logits.shape[0], rows):
             chunk = slice(start, start + rows)
-            probs = torch.softmax(logits[chunk].float(), dim=-1)
+            out = grad_logits[chunk]
+            if in_place:
+                probs = torch.softmax(logits[chunk], dim=-1, out=out)
+            else:
+                probs = torch.softmax(logits[chunk], dim=-1, dtype=torch.float32)
             probs.scatter_add_(1, safe[chunk, None], torch.full_like(probs[:, :1], -1.0))
-            grad_logits[chunk] = probs.mul_(scale[chunk, None])
+            probs.mul_(scale[chunk, None])
+            if not in_place:
+                out.copy_(probs)
         return grad_logits, None, None
 
 

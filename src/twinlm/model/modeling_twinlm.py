@@ -38,6 +38,7 @@ from .layers import (
     FEED_FORWARDS,
     ResidualProjection,
     TwinLMBatchNorm,
+    TwinLMDropout,
     TwinLMRMSNorm,
     build_feed_forward,
     build_norm,
@@ -64,7 +65,7 @@ class TwinLMEmbeddings(nn.Module):
         # the (unit-scale) sinusoids.
         self.scale = math.sqrt(config.hidden_size) if config.scale_embeddings else 1.0
         self.norm = build_norm(config, enabled=config.embedding_norm)
-        self.dropout = nn.Dropout(config.embedding_dropout_prob)
+        self.dropout = TwinLMDropout(config.embedding_dropout_prob)
 
     def forward(
         self,
@@ -96,7 +97,7 @@ class TwinLMLayer(GradientCheckpointingLayer):
         self.mlp = build_feed_forward(config)
         self.attention_norm = build_norm(config)
         self.mlp_norm = build_norm(config)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = TwinLMDropout(config.hidden_dropout_prob)
 
 
 class TwinLMPostNormLayer(TwinLMLayer):
@@ -620,7 +621,7 @@ class TwinLMClassifier(TwinLMPreTrainedModel):
         dropout = (
             config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
         )
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = TwinLMDropout(dropout)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
 
     def features(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
