@@ -439,6 +439,31 @@ def test_gradient_checkpointing_replays_the_cpu_dropout_masks():
     torch.testing.assert_close(grads[0], grads[1])
 
 
+def test_dropped_attention_weights_have_the_gradients_of_autograd():
+    """dropout(weights) @ value recomputes the dropped weights in its backward pass instead of saving them."""
+    from twinlm.model.attention import _DroppedWeightsTimesValue
+
+    torch.manual_seed(0)
+    weights = torch.rand(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    value = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+    keep = torch.rand(2, 3, 5, 5) > 0.3
+    torch.autograd.gradcheck(
+        lambda w, v: _DroppedWeightsTimesValue.apply(w, v, keep, 1 / 0.7), (weights, value)
+    )
+
+
+def test_a_bf16_autocast_step_with_cpu_dropout_gives_finite_gradients():
+    model = seeded_model(True, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1).train()
+    ids = torch.randint(5, 97, (2, 12))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert len(grads) == sum(p.requires_grad for p in model.parameters())
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert model.model.layers[0].attention.v_proj.weight.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize(
     "causal,inputs", [(False, "padded"), (True, "padded"), (True, "packed")], ids=["mlm", "clm", "clm-packed"]
 )
@@ -457,7 +482,8 @@ def test_attention_written_out_for_cpu_dropout_matches_sdpa(monkeypatch, causal,
         kwargs["position_ids"] = torch.tensor([list(range(4)) + list(range(6)), list(range(10))])
     expected = model.eval()(ids, **kwargs).logits  # no dropout: SDPA
     calls = []
-    monkeypatch.setattr(attention, "apply_dropout", lambda w, p, training: calls.append(p) or w)
+    keep_all = lambda w, p: calls.append(p) or (torch.ones_like(w, dtype=torch.bool), 1.0)  # noqa: E731
+    monkeypatch.setattr(attention, "dropout_mask", keep_all)
     written_out = model.train()(ids, **kwargs).logits
     assert calls == [0.1] * model.config.num_hidden_layers
     torch.testing.assert_close(written_out[real], expected[real], atol=1e-5, rtol=1e-5)

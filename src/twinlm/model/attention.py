@@ -18,8 +18,7 @@ from torch.nn import functional as F
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_twinlm import TwinLMConfig
-from .layers import ResidualProjection
-from .layers import dropout as apply_dropout
+from .layers import ResidualProjection, dropout_mask
 from .positions import apply_rotary
 
 
@@ -48,8 +47,36 @@ def eager_attention(
     if bias is not None:
         scores = scores.masked_fill_(~bias, float("-inf")) if bias.dtype == torch.bool else scores.add_(bias)
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
-    output = torch.matmul(apply_dropout(weights, dropout, training=dropout > 0), value)
-    return output, weights
+    mask = dropout_mask(weights, dropout) if dropout > 0 else None
+    if mask is not None:
+        return _DroppedWeightsTimesValue.apply(weights, value, *mask), weights
+    return torch.matmul(F.dropout(weights, p=dropout, training=dropout > 0), value), weights
+
+
+class _DroppedWeightsTimesValue(torch.autograd.Function):
+    """dropout(weights) @ value = (weights * keep) @ value * scale, without keeping the dropped weights for
+    the backward pass (autograd would save them beside the softmax output: one more (b, h, q, k) tensor per
+    layer); they are recomputed there from the softmax output and the boolean mask. The scale multiplies the
+    (b, h, q, d) output instead of the (b, h, q, k) weights."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")  # the backward runs under the forward's autocast state
+    def forward(ctx, weights: torch.Tensor, value: torch.Tensor, keep: torch.Tensor, scale: float):
+        ctx.scale = scale
+        ctx.save_for_backward(weights, value, keep)
+        return torch.matmul(weights * keep, value).mul_(scale)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
+    def backward(ctx, grad: torch.Tensor):
+        weights, value, keep = ctx.saved_tensors
+        grad = grad * ctx.scale
+        grad_weights = grad_value = None
+        if ctx.needs_input_grad[0]:
+            grad_weights = torch.matmul(grad, value.transpose(-1, -2)).mul_(keep)
+        if ctx.needs_input_grad[1]:
+            grad_value = torch.matmul((weights * keep).transpose(-1, -2), grad)
+        return grad_weights, grad_value, None, None
 
 
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:

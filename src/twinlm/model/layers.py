@@ -105,35 +105,44 @@ def build_norm(config: TwinLMConfig, enabled: bool = True) -> nn.Module:
 DROP_LEVELS = 1 << 16  # on CPU the drop probability is rounded to a multiple of 2^-16
 
 
-class _CPUDropout(torch.autograd.Function):
-    """Dropout whose mask comes from 16-bit slices of 64-bit random draws: one draw of the generator per 4
-    elements instead of one Bernoulli sample per element (torch's CPU dropout), ~3.5-4x faster for the same
-    distribution. Each element is kept with probability 1 - levels / 2^16 and scaled by its inverse, so the
-    expectation is exact; torch's default generator supplies the bits (seeding and saved RNG states work)."""
+def dropout_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float] | None:
+    """(keep, scale) for dropping elements of `x` with probability p on CPU, or None where F.dropout should
+    run instead (another device; torch.compile, whose generated code fuses its own; p rounding to 0 or 1).
+
+    The mask comes from 16-bit slices of 64-bit random draws: one draw of the generator per 4 elements
+    instead of one Bernoulli sample per element (torch's CPU dropout), ~3.5-4x faster for the same
+    distribution. Each element is kept with probability 1 - levels / 2^16 and `scale` is its inverse, so the
+    expectation is exact; torch's default generator supplies the bits (seeds and saved RNG states hold)."""
+    levels = round(p * DROP_LEVELS)
+    if x.device.type != "cpu" or not 0 < levels < DROP_LEVELS or torch.compiler.is_compiling():
+        return None
+    n = x.numel()
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(1 << 63), None)  # full 64-bit range
+    keep = bits.view(torch.int16)[:n].view(x.shape) >= levels - (1 << 15)
+    return keep, DROP_LEVELS / (DROP_LEVELS - levels)
+
+
+class _MaskedScale(torch.autograd.Function):
+    """x * keep * scale, saving only the boolean mask for the backward pass."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, levels: int) -> torch.Tensor:
-        n = x.numel()
-        bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(1 << 63), None)  # full 64-bit range
-        keep = bits.view(torch.int16)[:n].view(x.shape) >= levels - (1 << 15)
-        ctx.scale = DROP_LEVELS / (DROP_LEVELS - levels)
+    def forward(ctx, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
         ctx.save_for_backward(keep)
-        return x.mul(keep).mul_(ctx.scale)
+        return x.mul(keep).mul_(scale)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (keep,) = ctx.saved_tensors
-        return grad.mul(keep).mul_(ctx.scale), None
+        return grad.mul(keep).mul_(ctx.scale), None, None
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """F.dropout; on CPU outside torch.compile (whose generated code fuses its own) with _CPUDropout's mask."""
+    """F.dropout, with dropout_mask's faster mask on CPU."""
     if not training or p == 0:
         return x
-    levels = round(p * DROP_LEVELS)
-    if x.device.type != "cpu" or not 0 < levels < DROP_LEVELS or torch.compiler.is_compiling():
-        return F.dropout(x, p, training)
-    return _CPUDropout.apply(x, levels)
+    mask = dropout_mask(x, p)
+    return F.dropout(x, p, training) if mask is None else _MaskedScale.apply(x, *mask)
 
 
 class TwinLMDropout(nn.Dropout):
