@@ -218,6 +218,20 @@ def test_no_weight_decay_on_biases_and_norms() -> None:
     assert any("norm" in names[id(p)].lower() for p in no_decay["params"])
 
 
+def test_adamw_is_fused_on_cpu_unless_deepspeed_owns_the_step() -> None:
+    """transformers' Trainer steps with adamw_torch_fused; so does twinlm wherever torch's kernel runs."""
+    from twinlm import TwinLMConfig, TwinLMForMaskedLM
+    from twinlm.training.config import TrainingSection
+    from twinlm.training.optim import build_optimizer
+
+    model = TwinLMForMaskedLM(TwinLMConfig.from_preset("tiny-bert-base", **TINY, vocab_size=100))
+    cfg = TrainingSection(lr=1e-3, max_steps=10)
+    assert build_optimizer(model, cfg).defaults["fused"] is True
+    assert not build_optimizer(model, cfg, deepspeed=True).defaults["fused"]
+    model.get_input_embeddings().weight.grad = torch.ones_like(model.get_input_embeddings().weight)
+    build_optimizer(model, cfg).step()  # the fused kernel runs here (a parameter without a gradient too)
+
+
 @pytest.mark.parametrize("schedule", ["linear", "cosine", "inverse_sqrt", "constant"])
 def test_schedules_warm_up_then_decay(schedule: str) -> None:
     from twinlm.training.config import TrainingSection

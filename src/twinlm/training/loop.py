@@ -438,7 +438,7 @@ class PretrainingRun:
         offload = deepspeed and acc.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get(
             "offload_optimizer", {}
         ).get("device", "none") not in ("none", None)
-        optimizer = build_optimizer(model, train, cpu_offload=offload and not _on_cpu())
+        optimizer = build_optimizer(model, train, cpu_offload=offload and not _on_cpu(), deepspeed=deepspeed)
         # The scheduler drives the torch optimizer's param groups, which DeepSpeed's ZeRO optimizers keep.
         clock = self._budget_progress if train.max_minutes is not None else None
         self.scheduler = build_scheduler(optimizer, train, train.max_steps, progress=clock)
