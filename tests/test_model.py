@@ -489,6 +489,84 @@ def test_attention_written_out_for_cpu_dropout_matches_sdpa(monkeypatch, causal,
     torch.testing.assert_close(written_out[real], expected[real], atol=1e-5, rtol=1e-5)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Sparse prediction: the last block computes only the masked tokens' queries (exact).
+
+SPARSE_CASES = [
+    {},
+    {"norm_position": "pre"},
+    {"position_embedding_type": "rope", "num_key_value_heads": 2},
+    {"position_embedding_type": "alibi"},
+    {"position_embedding_type": "relative"},
+    {"position_embedding_type": "sinusoidal", "sliding_window": 3},
+    {"attention_scoring": "additive", "share_qk": True},
+    {"norm_type": "rmsnorm", "hidden_act": "swiglu", "attn_implementation": "eager"},
+]
+
+
+@pytest.mark.parametrize(
+    "overrides", SPARSE_CASES, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "base"
+)
+def test_sparse_prediction_computes_only_masked_queries_in_the_last_block(monkeypatch, overrides):
+    from twinlm.model import modeling_twinlm
+
+    implementation = overrides.pop("attn_implementation", None)
+    torch.manual_seed(0)
+    ids = torch.randint(5, 97, (3, 10))
+    attention_mask = torch.ones_like(ids)
+    attention_mask[0, 9:] = 0
+    attention_mask[2, 7:] = 0
+    labels = torch.full_like(ids, -100)
+    labels[0, [1, 4, 8]] = ids[0, [1, 4, 8]]  # rows with 3, 1 and 0 masked tokens
+    labels[1, 6] = ids[1, 6]
+    calls = []
+    original = modeling_twinlm.TwinLMModel._can_skip_queries
+    results = []
+    for skip in (True, False):
+        model = seeded_model(False, sparse_prediction=True, **overrides).train()
+        if implementation:
+            model.set_attn_implementation(implementation)
+        monkeypatch.setattr(
+            modeling_twinlm.TwinLMModel,
+            "_can_skip_queries",
+            lambda self, *a, skip=skip: calls.append(skip) or (skip and original(self, *a)),
+        )
+        out = model(ids, attention_mask=attention_mask, labels=labels)
+        out.loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out.logits, out.loss, grads))
+    assert calls == [True, False]
+    (logits, loss, grads), (full_logits, full_loss, full_grads) = results
+    assert logits.shape == (4, 97)
+    torch.testing.assert_close(logits, full_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss, full_loss, atol=1e-6, rtol=1e-6)
+    assert grads.keys() == full_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], full_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_sparse_prediction_keeps_every_query_where_something_needs_them(monkeypatch):
+    from twinlm.model import modeling_twinlm
+
+    calls = []
+    original = modeling_twinlm.TwinLMPostNormLayer.forward_queries
+    monkeypatch.setattr(
+        modeling_twinlm.TwinLMPostNormLayer,
+        "forward_queries",
+        lambda self, *a: calls.append(1) or original(self, *a),
+    )
+    ids = torch.randint(5, 97, (2, 8))
+    labels = torch.where(torch.arange(8) % 3 == 0, ids, torch.full_like(ids, -100))
+    model = seeded_model(False, sparse_prediction=True).train()
+    model(ids, labels=labels)
+    assert len(calls) == 1
+    out = model(ids, labels=labels, output_hidden_states=True)
+    assert len(calls) == 1 and out.hidden_states[-1].shape == (2, 8, 32)
+    seeded_model(False, sparse_prediction=True, norm_type="batchnorm").train()(ids, labels=labels)
+    model.eval()(ids, labels=labels)  # evaluation: every position's logits
+    assert len(calls) == 1
+
+
 def test_model_outputs_and_class_names():
     model = TwinLMModel(tiny_config())
     out = model(torch.randint(5, 97, (2, 6)))

@@ -182,13 +182,19 @@ class TwinLMAttention(nn.Module):
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache=None,
         output_attentions: bool = False,
+        queries: torch.Tensor | None = None,
+        query_rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`queries` (batch, m, hidden): other query inputs than `hidden_states` (some of its tokens, with
+        their angles in `query_rotary`); keys and values always come from every token of hidden_states."""
         b, s, _ = hidden_states.shape
-        query = self.q_proj(hidden_states).view(b, s, -1, self.head_dim).transpose(1, 2)
+        q_in = hidden_states if queries is None else queries
+        query = self.q_proj(q_in).view(b, q_in.shape[1], -1, self.head_dim).transpose(1, 2)
         key = (self.k_proj or self.q_proj)(hidden_states).view(b, s, -1, self.head_dim).transpose(1, 2)
         value = self.v_proj(hidden_states).view(b, s, -1, self.head_dim).transpose(1, 2)
         if rotary is not None:
-            query, key = apply_rotary(query, *rotary), apply_rotary(key, *rotary)
+            query = apply_rotary(query, *(rotary if queries is None else query_rotary))
+            key = apply_rotary(key, *rotary)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
         dropout = self.dropout if self.training else 0.0
@@ -197,7 +203,7 @@ class TwinLMAttention(nn.Module):
                 self._flash_attention(query, key, value, mask, dropout).reshape(b, s, -1)
             ), None
         output, weights = self.scoring(query, key, value, mask, dropout, output_attentions)
-        output = output.transpose(1, 2).reshape(b, s, -1)
+        output = output.transpose(1, 2).reshape(b, q_in.shape[1], -1)
         return self.o_proj(output), weights
 
     def _flash_attention(self, query, key, value, mask: AttentionMask, dropout: float) -> torch.Tensor:

