@@ -278,7 +278,8 @@ class TwinLMModel(TwinLMPreTrainedModel):
         """Whether the last block may compute only some queries (see forward's tokens_to_keep)."""
         hidden_states = kwargs.get("output_hidden_states", self.config.output_hidden_states)
         return (
-            cache is None
+            not torch.compiler.is_compiling()  # a query count per batch would recompile the graph
+            and cache is None
             and not output_attentions
             and not hidden_states
             and not mask.flash
