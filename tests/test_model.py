@@ -482,7 +482,7 @@ def test_attention_written_out_for_cpu_dropout_matches_sdpa(monkeypatch, causal,
         kwargs["position_ids"] = torch.tensor([list(range(4)) + list(range(6)), list(range(10))])
     expected = model.eval()(ids, **kwargs).logits  # no dropout: SDPA
     calls = []
-    keep_all = lambda w, p: calls.append(p) or (torch.ones_like(w, dtype=torch.bool), 1.0)  # noqa: E731
+    keep_all = lambda w, p, dtype: calls.append(p) or (torch.ones_like(w, dtype=dtype), 1.0)  # noqa: E731
     monkeypatch.setattr(attention, "dropout_mask", keep_all)
     written_out = model.train()(ids, **kwargs).logits
     assert calls == [0.1] * model.config.num_hidden_layers
