@@ -93,7 +93,10 @@ def test_run_all_quick_writes_every_section(tmp_path: Path) -> None:
     quality = sections["quality"]["rows"]
     assert [r["objective"] for r in quality] == ["clm", "mlm"]
     for row in quality:
-        assert _number(row["reference final val loss"]) and _number(row["reference s to target"])
+        assert _number(row["reference final val loss"])
+        # the reference reaches its own final loss at its last evaluation at the latest (in 4 quick steps
+        # the loss may not fall: then the evaluation before training, at 0 s, already counts)
+        assert isinstance(row["reference s to target"], float) and row["reference s to target"] >= 0
         assert (tmp_path / row["curve"]).stat().st_size > 1000  # a PNG was drawn
 
     md = (tmp_path / "benchmarks.md").read_text()
