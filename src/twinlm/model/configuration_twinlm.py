@@ -100,7 +100,8 @@ class TwinLMConfig(PreTrainedConfig):
         w - 1 tokens before it; a bidirectional token sees w // 2 tokens on each side
       share_qk: one projection for queries and keys
       scale_embeddings: multiply token embeddings by sqrt(hidden_size) (2017 paper)
-      sparse_prediction: masked-LM training runs the LM head on masked positions only
+      sparse_prediction: masked-LM training runs the LM head, and the last block's queries, on masked
+        positions only (exact: everything after the last attention is per token)
       scale_residual_init: GPT-2's init: the residual output projections (attention o_proj, MLP down_proj)
         get std initializer_range / sqrt(2 * num_hidden_layers)
     """

@@ -258,7 +258,7 @@ class TwinLMModel(TwinLMPreTrainedModel):
         )
         queries = None
         if tokens_to_keep is not None and self._can_skip_queries(cache, mask, output_attentions, kwargs):
-            queries = QuerySubset.of(tokens_to_keep, rotary)
+            queries = QuerySubset.of(tokens_to_keep.to(hidden.device), rotary)
         layers = self.layers if queries is None else self.layers[:-1]
         for layer in layers:
             hidden, _ = layer(
@@ -271,7 +271,7 @@ class TwinLMModel(TwinLMPreTrainedModel):
             )
         hidden = self.final_norm(hidden, token_mask)
         if tokens_to_keep is not None:
-            hidden = hidden[tokens_to_keep]
+            hidden = hidden[tokens_to_keep.to(hidden.device)]
         return BaseModelOutputWithPast(last_hidden_state=hidden, cache=cache)
 
     def _can_skip_queries(self, cache, mask: AttentionMask, output_attentions, kwargs) -> bool:
