@@ -567,6 +567,51 @@ def test_sparse_prediction_keeps_every_query_where_something_needs_them(monkeypa
     assert len(calls) == 1
 
 
+def test_the_last_block_runs_through_its_call_with_hooks_and_checkpointing():
+    """FSDP, Accelerate's offload and user hooks hang on the block's __call__: the query-skipping path keeps
+    them (and gradient checkpointing gives the same gradients)."""
+    ids = torch.randint(5, 97, (2, 8))
+    labels = torch.where(torch.arange(8) % 3 == 0, ids, torch.full_like(ids, -100))
+    grads = []
+    for checkpointing in (False, True):
+        model = seeded_model(False, sparse_prediction=True).train()
+        seen = []
+        model.model.layers[-1].register_forward_hook(
+            lambda module, args, out, seen=seen: seen.append(out[0].shape)
+        )
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        model(ids, labels=labels).loss.backward()
+        assert seen == [(2, 3, 32)]  # the last block saw the (batch, kept) queries
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_tokens_to_keep_must_be_boolean():
+    with pytest.raises(ValueError, match="bool tensor"):
+        TwinLMModel(tiny_config())(
+            torch.randint(5, 97, (2, 8)), tokens_to_keep=torch.ones(2, 8, dtype=torch.long)
+        )
+
+
+def test_cpu_dropout_leaves_torch_func_and_forward_ad_to_torch():
+    """torch.func transforms and forward-mode AD have no rule for the custom autograd functions: F.dropout."""
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import grad, vmap
+
+    from twinlm.model.layers import dropout
+
+    x = torch.randn(4, 6)
+    g = grad(lambda t: dropout(t, 0.5).sum())(x)
+    assert set(g.unique().tolist()) <= {0.0, 2.0}
+    rows = vmap(lambda t: dropout(t, 0.5), randomness="different")(x)
+    assert rows.shape == x.shape
+    with fwAD.dual_level():
+        out = dropout(fwAD.make_dual(x, torch.ones_like(x)), 0.5)
+        tangent = fwAD.unpack_dual(out).tangent
+    assert set(tangent.unique().tolist()) <= {0.0, 2.0}
+
+
 def test_model_outputs_and_class_names():
     model = TwinLMModel(tiny_config())
     out = model(torch.randint(5, 97, (2, 6)))

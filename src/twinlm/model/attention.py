@@ -46,12 +46,11 @@ def eager_attention(
         q_len, k_len = scores.shape[-2:]
         future = torch.full((q_len, k_len), float("-inf"), dtype=scores.dtype, device=scores.device)
         scores = scores.add_(future.triu(k_len - q_len + 1))
-    if bias is not None:
-        if bias.dtype == torch.bool:  # (batch|1, 1, q, k): heads times smaller than the scores
-            bias = torch.zeros(bias.shape, dtype=scores.dtype, device=scores.device).masked_fill_(
-                ~bias, float("-inf")
-            )
-        scores = scores.add_(bias)
+    if bias is not None and bias.dtype == torch.bool:  # (batch|1, 1, q, k): heads times smaller than scores
+        blocked = torch.zeros(bias.shape, dtype=scores.dtype, device=scores.device)
+        scores = scores.add_(blocked.masked_fill_(~bias, float("-inf")))
+    elif bias is not None:  # position biases (float32): the sum in float32, as transformers' eager
+        scores = scores + bias
     mask = dropout_mask(scores, dropout, value.dtype) if dropout > 0 else None
     if mask is not None:  # CPU training: the softmax kernel accumulates in float32 and writes value's dtype
         weights = torch.softmax(scores.to(value.dtype), dim=-1)

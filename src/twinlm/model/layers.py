@@ -6,6 +6,7 @@ only batch norm uses the mask (its statistics must not count padding).
 
 import torch
 from torch import nn
+from torch.autograd import forward_ad
 from torch.nn import functional as F
 
 from .configuration_twinlm import TwinLMConfig
@@ -118,12 +119,20 @@ def dropout_mask(
     distribution. Each element is kept with probability 1 - levels / 2^16 and `scale` is its inverse, so the
     expectation is exact; torch's default generator supplies the bits (seeds and saved RNG states hold)."""
     levels = round(p * DROP_LEVELS)
-    if x.device.type != "cpu" or not 0 < levels < DROP_LEVELS or torch.compiler.is_compiling():
+    if x.device.type != "cpu" or not 0 < levels < DROP_LEVELS or not _plain_autograd(x):
         return None
     n = x.numel()
     bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(1 << 63), None)  # full 64-bit range
     keep = bits.view(torch.int16)[:n].view(x.shape) >= levels - (1 << 15)
     return keep.to(dtype or x.dtype), DROP_LEVELS / (DROP_LEVELS - levels)
+
+
+def _plain_autograd(x: torch.Tensor) -> bool:
+    """False under torch.compile, torch.func transforms (grad, vmap) and forward-mode AD, where the autograd
+    Functions here (no jvp or vmap rule) would not run: F.dropout serves those."""
+    if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return False
+    return forward_ad._current_level < 0 or forward_ad.unpack_dual(x).tangent is None
 
 
 class _MaskedScale(torch.autograd.Function):

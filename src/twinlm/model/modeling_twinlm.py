@@ -101,7 +101,9 @@ class TwinLMLayer(GradientCheckpointingLayer):
 
 
 class TwinLMPostNormLayer(TwinLMLayer):
-    def forward(self, hidden, token_mask, mask, rotary, cache=None, output_attentions=False):
+    def forward(self, hidden, token_mask, mask, rotary, cache=None, output_attentions=False, queries=None):
+        if queries is not None:
+            return self.forward_queries(hidden, queries, mask, rotary), None
         attended, weights = self.attention(hidden, mask, rotary, cache, output_attentions)
         hidden = self.attention_norm(hidden + self.dropout(attended), token_mask)
         hidden = self.mlp_norm(hidden + self.dropout(self.mlp(hidden)), token_mask)
@@ -116,7 +118,9 @@ class TwinLMPostNormLayer(TwinLMLayer):
 
 
 class TwinLMPreNormLayer(TwinLMLayer):
-    def forward(self, hidden, token_mask, mask, rotary, cache=None, output_attentions=False):
+    def forward(self, hidden, token_mask, mask, rotary, cache=None, output_attentions=False, queries=None):
+        if queries is not None:
+            return self.forward_queries(hidden, queries, mask, rotary), None
         attended, weights = self.attention(
             self.attention_norm(hidden, token_mask), mask, rotary, cache, output_attentions
         )
@@ -215,7 +219,8 @@ class TwinLMModel(TwinLMPreTrainedModel):
         """`tokens_to_keep` (batch, seq) bool: last_hidden_state is then only those tokens' states, (n, hidden)
         in row-major order, and where nothing else needs every state (no cache, no recorded hidden states or
         attentions, no flash kernel, per-token norms) the last block computes only their queries: exact,
-        since everything after the last attention is per token (masked LM computes 15% of its last block)."""
+        since everything after the last attention is per token (masked LM computes 15% of its last block).
+        (With output_hidden_states, transformers makes the last recorded state last_hidden_state: kept rows.)"""
         config = self.config
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -257,6 +262,10 @@ class TwinLMModel(TwinLMPreTrainedModel):
             input_ids, inputs_embeds, token_type_ids, self.positions.absolute(position_ids), token_mask
         )
         queries = None
+        if tokens_to_keep is not None and tokens_to_keep.dtype != torch.bool:
+            raise ValueError(
+                f"tokens_to_keep must be a bool tensor of shape (batch, seq) (True = keep), got {tokens_to_keep.dtype}"
+            )
         if tokens_to_keep is not None and self._can_skip_queries(cache, mask, output_attentions, kwargs):
             queries = QuerySubset.of(tokens_to_keep.to(hidden.device), rotary)
         layers = self.layers if queries is None else self.layers[:-1]
@@ -265,7 +274,10 @@ class TwinLMModel(TwinLMPreTrainedModel):
                 hidden, token_mask, mask, rotary, cache=cache, output_attentions=output_attentions
             )
         if queries is not None:
-            hidden = self.layers[-1].forward_queries(hidden, queries, queries.attention_mask(mask), rotary)
+            # through the block's __call__: its hooks (FSDP, Accelerate's offload, user hooks) and checkpointing
+            hidden, _ = self.layers[-1](
+                hidden, token_mask, queries.attention_mask(mask), rotary, queries=queries
+            )
             return BaseModelOutputWithPast(
                 last_hidden_state=self.final_norm(hidden)[queries.real], cache=cache
             )
