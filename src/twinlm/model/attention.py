@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_twinlm import TwinLMConfig
-from .layers import ResidualProjection, dropout_mask
+from .layers import ResidualProjection, dropout_mask, fast_dropout_applies
 from .positions import apply_rotary
 
 
@@ -62,7 +62,7 @@ def eager_attention(
 class _DroppedWeightsTimesValue(torch.autograd.Function):
     """dropout(weights) @ value = (weights * keep) @ value * scale, without keeping the dropped weights for
     the backward pass (autograd would save them beside the softmax output: one more (b, h, q, k) tensor per
-    layer); they are recomputed there from the softmax output and the boolean mask. The scale multiplies the
+    layer); they are recomputed there from the softmax output and the 0/1 mask. The scale multiplies the
     (b, h, q, d) output instead of the (b, h, q, k) weights."""
 
     @staticmethod
@@ -105,8 +105,8 @@ class DotProductScoring(nn.Module):
         bias, is_causal = mask.bias, mask.is_causal
         groups = query.shape[1] // key.shape[1]
         # With dropout, SDPA on CPU takes its math path (in float32 even under bf16 autocast) with torch's
-        # slow dropout mask: the same softmax written out here, with layers.dropout, is faster.
-        cpu_dropout = dropout > 0 and query.device.type == "cpu" and not torch.compiler.is_compiling()
+        # slow dropout mask: the same softmax written out here, with layers.dropout_mask, is faster.
+        cpu_dropout = fast_dropout_applies(query, dropout)
         if output_attentions or cpu_dropout or self.config._attn_implementation == "eager":
             key, value = repeat_kv(key, groups), repeat_kv(value, groups)
             query = query * self.scale if self.scale != 1.0 else query  # (.., q, d): smaller than the scores

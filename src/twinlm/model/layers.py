@@ -118,18 +118,21 @@ def dropout_mask(
     instead of one Bernoulli sample per element (torch's CPU dropout), ~3.5-4x faster for the same
     distribution. Each element is kept with probability 1 - levels / 2^16 and `scale` is its inverse, so the
     expectation is exact; torch's default generator supplies the bits (seeds and saved RNG states hold)."""
-    levels = round(p * DROP_LEVELS)
-    if x.device.type != "cpu" or not 0 < levels < DROP_LEVELS or not _plain_autograd(x):
+    if not fast_dropout_applies(x, p):
         return None
+    levels = round(p * DROP_LEVELS)
     n = x.numel()
     bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(1 << 63), None)  # full 64-bit range
     keep = bits.view(torch.int16)[:n].view(x.shape) >= levels - (1 << 15)
     return keep.to(dtype or x.dtype), DROP_LEVELS / (DROP_LEVELS - levels)
 
 
-def _plain_autograd(x: torch.Tensor) -> bool:
-    """False under torch.compile, torch.func transforms (grad, vmap) and forward-mode AD, where the autograd
-    Functions here (no jvp or vmap rule) would not run: F.dropout serves those."""
+def fast_dropout_applies(x: torch.Tensor, p: float) -> bool:
+    """Whether dropout_mask serves x: on CPU, p not rounding to 0 or 1, and plain autograd (not under
+    torch.compile, torch.func transforms or forward-mode AD, for which the autograd Functions here have no
+    rule: F.dropout serves those)."""
+    if x.device.type != "cpu" or not 0 < round(p * DROP_LEVELS) < DROP_LEVELS:
+        return False
     if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(x):
         return False
     return forward_ad._current_level < 0 or forward_ad.unpack_dual(x).tangent is None

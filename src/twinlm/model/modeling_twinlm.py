@@ -261,15 +261,25 @@ class TwinLMModel(TwinLMPreTrainedModel):
         hidden = self.embeddings(
             input_ids, inputs_embeds, token_type_ids, self.positions.absolute(position_ids), token_mask
         )
+        hidden = self._blocks(
+            hidden, token_mask, mask, rotary, cache, output_attentions, tokens_to_keep, kwargs
+        )
+        return BaseModelOutputWithPast(last_hidden_state=hidden, cache=cache)
+
+    def _blocks(self, hidden, token_mask, mask, rotary, cache, output_attentions, tokens_to_keep, kwargs):
+        """The blocks and the final norm; with `tokens_to_keep`, only those tokens' states (row-major), the last
+        block computing only their queries where `_can_skip_queries` allows."""
         queries = None
-        if tokens_to_keep is not None and tokens_to_keep.dtype != torch.bool:
-            raise ValueError(
-                f"tokens_to_keep must be a bool tensor of shape (batch, seq) (True = keep), got {tokens_to_keep.dtype}"
-            )
-        if tokens_to_keep is not None and self._can_skip_queries(cache, mask, output_attentions, kwargs):
-            queries = QuerySubset.of(tokens_to_keep.to(hidden.device), rotary)
-        layers = self.layers if queries is None else self.layers[:-1]
-        for layer in layers:
+        if tokens_to_keep is not None:
+            if tokens_to_keep.dtype != torch.bool:
+                raise ValueError(
+                    "tokens_to_keep must be a bool tensor of shape (batch, seq) (True = keep), "
+                    f"got {tokens_to_keep.dtype}"
+                )
+            tokens_to_keep = tokens_to_keep.to(hidden.device)
+            if self._can_skip_queries(cache, mask, output_attentions, kwargs):
+                queries = QuerySubset.of(tokens_to_keep, rotary)
+        for layer in self.layers if queries is None else self.layers[:-1]:
             hidden, _ = layer(
                 hidden, token_mask, mask, rotary, cache=cache, output_attentions=output_attentions
             )
@@ -278,13 +288,9 @@ class TwinLMModel(TwinLMPreTrainedModel):
             hidden, _ = self.layers[-1](
                 hidden, token_mask, queries.attention_mask(mask), rotary, queries=queries
             )
-            return BaseModelOutputWithPast(
-                last_hidden_state=self.final_norm(hidden)[queries.real], cache=cache
-            )
+            return self.final_norm(hidden)[queries.real]
         hidden = self.final_norm(hidden, token_mask)
-        if tokens_to_keep is not None:
-            hidden = hidden[tokens_to_keep.to(hidden.device)]
-        return BaseModelOutputWithPast(last_hidden_state=hidden, cache=cache)
+        return hidden if tokens_to_keep is None else hidden[tokens_to_keep]
 
     def _can_skip_queries(self, cache, mask: AttentionMask, output_attentions, kwargs) -> bool:
         """Whether the last block may compute only some queries (see forward's tokens_to_keep)."""
