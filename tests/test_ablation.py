@@ -208,8 +208,20 @@ def test_attention_map_for_both_variants(tmp_path, kind, capsys):
     assert out.stat().st_size > 5000 and "2 layers x" in capsys.readouterr().out
     from twinlm.attention_map import attention_weights
 
-    tokens, weights = attention_weights(str(ckpt), "the cat sees the river")
-    assert weights.shape[-1] == len(tokens) and weights.sum(-1).sub(1).abs().max() < 1e-5
+    tokens, weights, whole = attention_weights(str(ckpt), "the cat sees the river")
+    assert weights.shape[-1] == len(tokens) == whole and weights.sum(-1).sub(1).abs().max() < 1e-5
+    # a folder as --out gets attention_map.png inside it; a long text is cut, and the map says so
+    folder = tmp_path / "maps"
+    folder.mkdir()
+    long_text = " ".join(["the cat sees the river"] * 30)
+    assert main(["attention-map", str(ckpt), long_text, "--out", str(folder), "--max-tokens", "16"]) == 0
+    shown = capsys.readouterr().out
+    assert (folder / "attention_map.png").is_file() and list(folder.iterdir()) == [
+        folder / "attention_map.png"
+    ]
+    assert "the map shows the first 16" in shown and "over 16 tokens" in shown
+    assert main(["attention-map", str(ckpt), "x", "--out", str(tmp_path / "map")]) == 2  # no image suffix
+    assert "give an image file" in capsys.readouterr().err
     if kind == "bpe":  # causal: no weight on future tokens
         assert weights.triu(1).abs().max() == 0
     assert main(["attention-map", str(tmp_path), "x"]) == 2

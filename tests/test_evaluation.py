@@ -53,6 +53,14 @@ def suite_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def _split(suite_dir: Path, tmp_path: Path) -> dict[str, str]:
+    """The suite's task split into train/dev/test files (what evaluate does before the first cell)."""
+    from twinlm.evaluation import load_suite, prepare_split
+
+    spec = load_suite(suite_dir / "suite.yaml").tasks["sentiment"]
+    return prepare_split("sentiment", spec.split_from, tmp_path / "split")
+
+
 def test_checkpoint_control_baseline_report_and_resume(suite_dir, monkeypatch):
     from twinlm.evaluation import evaluate_checkpoints
 
@@ -153,20 +161,25 @@ def test_changed_settings_rerun_a_cell_and_labels_stay_distinct(suite_dir, tmp_p
     assert checkpoint_labels(["/a/x/final", "/b/x/final", "/c/y"]) == ["a/x", "b/x", "y"]
     assert checkpoint_labels(["/a/x/final", "/a/x/best"]) == ["a/x", "a/x-2"]
     spec = load_suite(suite_dir / "suite.yaml").tasks["sentiment"]
+    split = _split(suite_dir, tmp_path)
     calls = []
 
-    def fake_finetune(config, overrides):
-        calls.append(overrides)
+    def fake_finetune(config, overrides=()):
+        calls.append(config)
         return {"metric_for_best": "accuracy", "best": {"dev": {"accuracy": 0.5}, "test": {"accuracy": 0.5}}}
 
     import twinlm.finetune
 
     monkeypatch.setattr(twinlm.finetune, "finetune", fake_finetune)
     ckpt = str(suite_dir / "ckpt")
-    run_cell(ckpt, "sentiment", spec, {"training.lr": 0.1}, tmp_path / "cell")
-    run_cell(ckpt, "sentiment", spec, {"training.lr": 0.1}, tmp_path / "cell")  # unchanged: read back
-    assert len(calls) == 1
-    run_cell(ckpt, "sentiment", spec, {"training.lr": 0.2}, tmp_path / "cell")  # other settings: run again
+    run_cell(ckpt, "sentiment", spec, {**split, "training.lr": 0.1}, tmp_path / "cell")
+    run_cell(
+        ckpt, "sentiment", spec, {**split, "training.lr": 0.1}, tmp_path / "cell"
+    )  # unchanged: read back
+    assert len(calls) == 1 and calls[0].training.lr == 0.1
+    run_cell(
+        ckpt, "sentiment", spec, {**split, "training.lr": 0.2}, tmp_path / "cell"
+    )  # other settings: again
     assert len(calls) == 2
 
 
@@ -176,17 +189,19 @@ def test_an_interrupted_fine_tune_stops_the_evaluation_and_is_not_a_finished_cel
     from twinlm.evaluation import EvaluationInterrupted, load_suite, run_cell
 
     spec = load_suite(suite_dir / "suite.yaml").tasks["sentiment"]
+    split = _split(suite_dir, tmp_path)
     result = {"metric_for_best": "accuracy", "best": {"dev": {"accuracy": 0.5}, "test": {"accuracy": 0.5}}}
 
-    def interrupted(config, overrides):  # what finetune() returns after SIGTERM: partial scores
+    def interrupted(config, overrides=()):  # what finetune() returns after SIGTERM: partial scores
         return {**result, "interrupted_by": "SIGTERM"}
 
     import twinlm.finetune
 
     monkeypatch.setattr(twinlm.finetune, "finetune", interrupted)
     ckpt, cell = str(suite_dir / "ckpt"), tmp_path / "cell"
-    with pytest.raises(EvaluationInterrupted, match="SIGTERM.*run the same command again"):
-        run_cell(ckpt, "sentiment", spec, {}, cell)
+    with pytest.raises(EvaluationInterrupted, match="SIGTERM.*run the same command again") as stopped:
+        run_cell(ckpt, "sentiment", spec, split, cell)
+    assert stopped.value.signum == 15  # the CLI exits 128 + 15
     assert not (cell / "cell.json").exists()
-    monkeypatch.setattr(twinlm.finetune, "finetune", lambda config, overrides: result)
-    assert run_cell(ckpt, "sentiment", spec, {}, cell)["test"] == {"accuracy": 0.5}  # the rerun runs it
+    monkeypatch.setattr(twinlm.finetune, "finetune", lambda config, overrides=(): result)
+    assert run_cell(ckpt, "sentiment", spec, split, cell)["test"] == {"accuracy": 0.5}  # the rerun runs it

@@ -30,7 +30,7 @@ def sentence(rng: random.Random, n: int = 8) -> list[str]:
     return [rng.choice(FILLER) for _ in range(n)]
 
 
-def build_checkpoint(out: Path, kind: str = "wordpiece", seed: int = 0) -> Path:
+def build_checkpoint(out: Path, kind: str = "wordpiece", seed: int = 0, **overrides: object) -> Path:
     """A tiny twinlm checkpoint with its own tokenizer, trained on synthetic text (a few seconds)."""
     import torch
 
@@ -51,7 +51,7 @@ def build_checkpoint(out: Path, kind: str = "wordpiece", seed: int = 0) -> Path:
     )
     if kind == "wordpiece":
         config = TwinLMConfig.from_preset(
-            "tiny-bert-base", vocab_size=len(tokenizer), max_position_embeddings=64
+            "tiny-bert-base", vocab_size=len(tokenizer), max_position_embeddings=64, **overrides
         )
         model = TwinLMForMaskedLM(config)
     else:
@@ -62,6 +62,7 @@ def build_checkpoint(out: Path, kind: str = "wordpiece", seed: int = 0) -> Path:
             pad_token_id=tokenizer.pad_token_id,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
+            **overrides,
         )
         model = TwinLMForCausalLM(config)
     model.save_pretrained(out)
@@ -500,12 +501,12 @@ def test_not_a_twinlm_checkpoint(sentiment, tmp_path):
 
     empty_dir = tmp_path / "nothing"
     empty_dir.mkdir()
-    with pytest.raises(TwinLMError, match="is not a model checkpoint"):
+    with pytest.raises(TwinLMError, match="has no config.json"):
         finetune(seq_config(empty_dir, sentiment, tmp_path / "run"))
     bert = tmp_path / "bert"
     bert.mkdir()
     (bert / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
-    with pytest.raises(TwinLMError, match="is a bert checkpoint, not a twinlm one"):
+    with pytest.raises(TwinLMError, match="is a bert model, not a twinlm one"):
         finetune(seq_config(bert, sentiment, tmp_path / "run"))
 
 

@@ -14,6 +14,7 @@ spread) and flags where the numbers disagree with the textbook answer.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import re
@@ -23,10 +24,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, PositiveInt, ValidationError, field_validator, model_validator
 
-from twinlm.config import Section, build_config
+from twinlm.config import Section, build_config, flatten_overrides, format_validation_error
 from twinlm.errors import TwinLMError
+from twinlm.fileio import read_json
 
 MEASURES_FILE = "measures.json"
 
@@ -53,6 +55,10 @@ class Comparison(Section):
     lower_is_better: bool | None = None
 
 
+# A variant names a folder under --runs: letters, digits, '-', '_', '.', '+' (no '/', no leading '.').
+_VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
 class AblationConfig(Section):
     """One question: base run, variants (overrides), seeds, the metric that answers it."""
 
@@ -69,15 +75,31 @@ class AblationConfig(Section):
 
     @model_validator(mode="after")
     def _known(self) -> AblationConfig:
+        bad_names = [n for n in self.variants if not _VARIANT_NAME.match(n)]
+        if bad_names:
+            raise ValueError(
+                f"variant name(s) {bad_names} cannot name a run folder; use letters, digits, '-', '_', '.', '+' "
+                "(no '/', no leading '.')"
+            )
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds {self.seeds} repeat a seed")
         unknown = [m.name for m in self.measures if m.name not in MEASURES]
         if unknown:
             raise ValueError(f"unknown measure(s) {unknown}; choose from {sorted(MEASURES)}")
+        for i, measure in enumerate(self.measures):
+            problem = MEASURES[measure.name].problem(measure.params)
+            if problem:
+                raise ValueError(f"measures[{i}] ({measure.name}): {problem}")
         named = [n for c in self.compare for n in (c.better, c.worse) if n not in self.variants]
         if named:
             raise ValueError(f"compare names {named}, which are not variants ({', '.join(self.variants)})")
         if self.expect is not None and self.expect not in self.variants:
             raise ValueError(f"expect={self.expect!r} is not a variant ({', '.join(self.variants)})")
         return self
+
+    def params(self, measure: Measure) -> dict[str, Any]:
+        """A measure's parameters with their defaults filled in (validated when the config was built)."""
+        return MEASURES[measure.name].params.model_validate(measure.params).model_dump(mode="json")
 
 
 def load_ablation(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> AblationConfig:
@@ -97,11 +119,16 @@ def _load_final(run_dir: Path, **kwargs: Any) -> tuple[Any, Any]:
     from transformers import AutoTokenizer
 
     import twinlm
+    from twinlm.model_folder import check_model_folder, load_error
 
     final = run_dir / "final"
-    config = twinlm.TwinLMConfig.from_pretrained(final, **kwargs)
-    cls = twinlm.TwinLMForCausalLM if config.is_causal else twinlm.TwinLMForMaskedLM
-    return cls.from_pretrained(final, config=config).eval(), AutoTokenizer.from_pretrained(final)
+    check_model_folder(final, "the run's final model", tokenizer=True)
+    try:
+        config = twinlm.TwinLMConfig.from_pretrained(final, **kwargs)
+        cls = twinlm.TwinLMForCausalLM if config.is_causal else twinlm.TwinLMForMaskedLM
+        return cls.from_pretrained(final, config=config).eval(), AutoTokenizer.from_pretrained(final)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise load_error(err, final) from None
 
 
 def _validation_stream(run_dir: Path, tokenizer: Any, max_tokens: int) -> tuple[list[int], int]:
@@ -306,15 +333,84 @@ def measure_curve(run_dir: Path, summary: dict, params: dict) -> dict[str, Any]:
     }
 
 
-MEASURES: dict[str, Callable[[Path, dict, dict], dict[str, Any]]] = {
-    "length": measure_length,
-    "attention": measure_attention,
-    "train_eval_gap": measure_train_eval_gap,
-    "bits_per_byte": measure_bits_per_byte,
-    "cost": measure_cost,
-    "generation": measure_generation,
-    "downstream": measure_downstream,
-    "curve": measure_curve,
+# ------------------------------------------------------------------------------------------------
+# The measures' parameters, validated with the question (before any run trains)
+# ------------------------------------------------------------------------------------------------
+class NoParams(Section):
+    """This measure takes no parameters."""
+
+
+class LengthParams(Section):
+    train_len: PositiveInt | None = Field(None, description="default: the run's data.seq_len")
+    factors: list[PositiveInt] = Field(default_factory=lambda: [1, 2, 4], min_length=1)
+    blocks: PositiveInt = 8
+
+
+class CostParams(Section):
+    sweep: str = Field("seq_len", description="seq_len, or an integer TwinLMConfig field (hidden_size)")
+    values: list[PositiveInt] = Field(default_factory=lambda: [128, 256, 512], min_length=1)
+    batch: PositiveInt = 4
+    seq_len: PositiveInt = 128
+
+    @field_validator("sweep")
+    @classmethod
+    def _a_size(cls, value: str) -> str:
+        from twinlm.model.configuration_twinlm import TwinLMConfig
+
+        sizes = [k for k, f in TwinLMConfig.__dataclass_fields__.items() if f.type in (int, "int")]
+        if value != "seq_len" and value not in sizes:
+            raise ValueError(
+                f"sweep={value!r} is not seq_len or an integer TwinLMConfig field ({', '.join(sizes)})"
+            )
+        return value
+
+
+class GenerationParams(Section):
+    new_tokens: PositiveInt = 64
+    batch: PositiveInt = 1
+
+
+class DownstreamParams(Section):
+    suite: Path = Field(description="an evaluation suite, e.g. configs/evaluate/quick.yaml")
+
+    @field_validator("suite")
+    @classmethod
+    def _a_suite(cls, value: Path) -> Path:
+        from twinlm.evaluation import load_suite
+
+        try:
+            load_suite(value)
+        except TwinLMError as err:
+            raise ValueError(str(err)) from None
+        return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+    """A measure: the function run on each finished run, and the schema of its parameters."""
+
+    run: Callable[[Path, dict, dict], dict[str, Any]]
+    params: type[Section] = NoParams
+
+    def problem(self, values: dict[str, Any]) -> str | None:
+        try:
+            self.params.model_validate(values)
+        except ValidationError as err:
+            return format_validation_error(err, "parameters", self.params).removeprefix(
+                "invalid parameters: "
+            )
+        return None
+
+
+MEASURES: dict[str, Measurement] = {
+    "length": Measurement(measure_length, LengthParams),
+    "attention": Measurement(measure_attention),
+    "train_eval_gap": Measurement(measure_train_eval_gap),
+    "bits_per_byte": Measurement(measure_bits_per_byte),
+    "cost": Measurement(measure_cost, CostParams),
+    "generation": Measurement(measure_generation, GenerationParams),
+    "downstream": Measurement(measure_downstream, DownstreamParams),
+    "curve": Measurement(measure_curve),
 }
 
 
@@ -333,13 +429,17 @@ def _metrics(run_dir: Path) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------------------
 # Running
 # ------------------------------------------------------------------------------------------------
-def _dotted(overrides: dict[str, Any]) -> list[str]:
-    return [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in overrides.items()]
+RUN_FILE = "ablation_run.json"
+RESUME_HINT = "the finished runs are kept: run the same command again to go on"
 
 
 def _shared_tokenizer(config: AblationConfig, name: str, seed: int, runs: Path) -> dict[str, Any]:
     """Runs that do not change the tokenizer share the one trained by the first such run (same tokens)."""
-    plain = [v for v in config.variants if not any(k.startswith("tokenizer.") for k in config.variants[v])]
+    plain = [
+        v
+        for v in config.variants
+        if not any(k.startswith("tokenizer") for k, _ in _pairs(config.variants[v]))
+    ]
     if name not in plain or (name, seed) == (plain[0], config.seeds[0]):
         return {}
     trained = runs / plain[0] / f"seed{config.seeds[0]}" / "tokenizer"
@@ -350,35 +450,108 @@ def _shared_tokenizer(config: AblationConfig, name: str, seed: int, runs: Path) 
     )
 
 
+def _pairs(overrides: dict[str, Any]) -> list[tuple[str, Any]]:
+    return flatten_overrides(overrides)
+
+
+def run_overrides(config: AblationConfig, name: str, seed: int, runs: Path) -> list[tuple[str, Any]]:
+    """The overrides of one (variant, seed) run: the base's, the variant's, the shared tokenizer (last: it
+    replaces tokenizer settings the base names), seed, output folder, resume. Each sets one field."""
+    fixed = {
+        "training.seed": seed,
+        "output_dir": str(runs / name / f"seed{seed}"),
+        "training.resume_from_checkpoint": "latest",
+    }
+    return [
+        *_pairs(config.base.overrides),
+        *_pairs(config.variants[name]),
+        *_shared_tokenizer(config, name, seed, runs).items(),
+        *fixed.items(),
+    ]
+
+
+def run_config(config: AblationConfig, name: str, seed: int, runs: Path) -> Any:
+    """The resolved pretraining config of one run; a one-line TwinLMError naming the variant."""
+    from twinlm.training.config import load_run_config
+
+    try:
+        return load_run_config(config.base.config, run_overrides(config, name, seed, runs))
+    except TwinLMError as err:
+        raise TwinLMError(f"variant {name!r}: {err}") from None
+
+
+def check_variants(config: AblationConfig, runs: Path) -> None:
+    """Before anything trains: every variant's run config and model config are valid (one line each)."""
+    from twinlm.training.loop import probe_model_config
+
+    for name in config.variants:
+        cfg = run_config(config, name, config.seeds[0], runs)
+        try:
+            probe_model_config(cfg)
+        except TwinLMError as err:
+            raise TwinLMError(f"variant {name!r}: {err}") from None
+
+
+def _run_fingerprint(cfg: Any) -> str:
+    """What a run's result depends on: its resolved config (model, data, budget, seed...), the contents of
+    its local data files and of the tokenizer it is given."""
+    import glob
+
+    from twinlm.fingerprint import files_digest, fingerprint
+
+    files: list[str] = []
+    for source in cfg.data.sources:
+        if source.path:
+            files += sorted(glob.glob(source.path)) if glob.has_magic(source.path) else [source.path]
+    tokenizer = [str(cfg.tokenizer.path)] if cfg.tokenizer.path is not None else []
+    return fingerprint(
+        {
+            "run": cfg.model_dump(mode="json"),
+            "data": files_digest(files),
+            "tokenizer": files_digest(tokenizer),
+        }
+    )
+
+
 def run_variant(config: AblationConfig, name: str, seed: int, runs: Path) -> dict[str, Any]:
-    """Train one (variant, seed) run under RUNS (or read it back when finished) and take the measurements."""
+    """Train one (variant, seed) run under RUNS (or read it back when it finished with the same inputs) and
+    take the measurements (each again when its parameters changed)."""
+    import shutil
+
+    from twinlm.fileio import write_json_atomic
+    from twinlm.stopping import check_stop, raise_interrupted
+
+    check_stop(RESUME_HINT)
     run_dir = runs / name / f"seed{seed}"
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    cfg = run_config(config, name, seed, runs)
+    fingerprint = _run_fingerprint(cfg)
+    if run_dir.exists() and read_json(run_dir / RUN_FILE).get("fingerprint") != fingerprint:
+        print(f"re-running {run_dir}: its settings, data or tokenizer changed since it was trained")
+        shutil.rmtree(run_dir)
+    summary = read_json(run_dir / "summary.json")
     if not summary.get("final_model"):
         from twinlm.training import pretrain
 
-        overrides = {
-            **config.base.overrides,
-            **config.variants[name],
-            # last: replaces tokenizer settings the base names (all runs share them) by the trained tokenizer
-            **_shared_tokenizer(config, name, seed, runs),
-            "training.seed": seed,
-            "output_dir": str(run_dir),
-            "training.resume_from_checkpoint": "latest",
-        }
-        summary = pretrain(config.base.config, _dotted(overrides))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_dir / RUN_FILE, {"fingerprint": fingerprint, "variant": name, "seed": seed})
+        summary = pretrain(cfg)
+        if summary.get("interrupted_by"):
+            raise_interrupted(summary["interrupted_by"], f"{run_dir} saved a checkpoint; {RESUME_HINT}")
     measured_path = run_dir / MEASURES_FILE
-    measured = json.loads(measured_path.read_text()) if measured_path.is_file() else {}
+    measured = read_json(measured_path)
     for measure in config.measures:
-        if measure.name not in measured:
-            measured[measure.name] = MEASURES[measure.name](run_dir, summary, measure.params)
-            measured_path.write_text(json.dumps(measured, indent=2))
+        params = config.params(measure)
+        done = measured.get(measure.name)
+        if not isinstance(done, dict) or done.get("params") != params or "values" not in done:
+            check_stop(RESUME_HINT)
+            values = MEASURES[measure.name].run(run_dir, summary, params)
+            measured[measure.name] = {"params": params, "values": values}
+            write_json_atomic(measured_path, measured, f"the measurements of {run_dir}")
     values = {
         k: summary.get(k) for k in ("val_loss", "val_ppl", "train_seconds", "tokens_per_s", "parameters")
     }
-    for group in measured.values():
-        values.update(group)
+    for measure in config.measures:
+        values.update(measured[measure.name]["values"])
     return {
         "variant": name,
         "seed": seed,
@@ -478,6 +651,29 @@ def check_claim(config: AblationConfig, claim: Comparison, table: dict) -> dict[
     return {"better": claim.better, "worse": claim.worse, "metric": metric, "verdict": verdict, "text": text}
 
 
+def _folders(path: str | Path, out: str | Path | None, runs_dir: str | Path | None) -> tuple[Path, Path]:
+    out = Path(out) if out is not None else Path("outputs/ablations") / Path(path).stem
+    return out, Path(runs_dir) if runs_dir is not None else out / "runs"
+
+
+def prepare_ablation(
+    path: str | Path,
+    out: str | Path | None = None,
+    runs_dir: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> AblationConfig:
+    """Everything checked before the first run trains: the question, every variant's run and model config,
+    the measures' parameters, the output folders (one-line TwinLMError otherwise)."""
+    from twinlm.fileio import ensure_output_dir
+
+    config = load_ablation(path, overrides)
+    out, runs = _folders(path, out, runs_dir)
+    ensure_output_dir(out, "--out")
+    ensure_output_dir(runs, "--runs")
+    check_variants(config, runs)
+    return config
+
+
 def run_ablation(
     path: str | Path,
     out: str | Path | None = None,
@@ -485,12 +681,16 @@ def run_ablation(
     overrides: list[str] | tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Run every (variant, seed) under `runs_dir` (default OUT/runs), measure, and write report.md,
-    results.json and plots into `out` (default outputs/ablations/NAME)."""
-    config = load_ablation(path, overrides)
-    out = Path(out) if out is not None else Path("outputs/ablations") / Path(path).stem
-    out.mkdir(parents=True, exist_ok=True)
-    where = Path(runs_dir) if runs_dir is not None else out / "runs"
-    runs = [run_variant(config, name, seed, where) for name in config.variants for seed in config.seeds]
+    results.json and plots into `out` (default outputs/ablations/NAME). SIGINT/SIGTERM stop the whole
+    question with its finished runs kept (`Interrupted`); the same command goes on from there."""
+    from twinlm.fileio import write_json_atomic, write_text_atomic
+    from twinlm.stopping import check_stop, stop_on_signal
+
+    config = prepare_ablation(path, out, runs_dir, overrides)
+    out, where = _folders(path, out, runs_dir)
+    with stop_on_signal():
+        runs = [run_variant(config, name, seed, where) for name in config.variants for seed in config.seeds]
+        check_stop(RESUME_HINT)
     table = _aggregate(runs, list(config.variants))
     result = {
         "question": config.question,
@@ -501,9 +701,9 @@ def run_ablation(
         "answer": answer(config, table),
         "runs": [{k: r[k] for k in ("variant", "seed", "values")} for r in runs],
     }
-    (out / "results.json").write_text(json.dumps(result, indent=2))
+    write_json_atomic(out / "results.json", result, "the results")
     plots = plot_ablation(config, runs, table, out)
-    (out / "report.md").write_text(format_report(config, result, plots))
+    write_text_atomic(out / "report.md", format_report(config, result, plots), "the report")
     print(f"\n{config.question}\n  answer: {result['answer']['text']}\n  report: {out / 'report.md'}")
     return result
 
@@ -546,6 +746,8 @@ def plot_ablation(config: AblationConfig, runs: list[dict], table: dict, out: Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from twinlm.fileio import atomic_file
+
     fig, (curves, bars) = plt.subplots(1, 2, figsize=(11, 4))
     for name in config.variants:
         per_seed = [dict(r["curve"]) for r in runs if r["variant"] == name and r["curve"]]
@@ -554,7 +756,8 @@ def plot_ablation(config: AblationConfig, runs: list[dict], table: dict, out: Pa
             curves.plot(steps, [statistics.fmean(c[s] for c in per_seed) for s in steps], label=name)
     curves.set_xlabel("step")
     curves.set_ylabel("train loss")
-    curves.legend(fontsize=8)
+    if curves.lines:
+        curves.legend(fontsize=8)
     names = [n for n in config.variants if config.metric in table[n]]
     bars.bar(
         names,
@@ -567,7 +770,8 @@ def plot_ablation(config: AblationConfig, runs: list[dict], table: dict, out: Pa
     fig.suptitle(config.question, fontsize=10)
     fig.tight_layout()
     path = out / "results.png"
-    fig.savefig(path, dpi=110)
+    with atomic_file(path, "the plot") as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return [path]
 
@@ -594,21 +798,27 @@ def write_index(results: dict[str, dict[str, Any]], seconds: dict[str, float], o
             + (f"{seconds[name]:.0f} |" if name in seconds else "n/a |")
         )
     lines += ["", f"Total wall time: {sum(seconds.values()):.0f} s over {len(seconds)} question(s)."]
-    path = out / "README.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    from twinlm.fileio import write_text_atomic
+
+    return write_text_atomic(out / "README.md", "\n".join(lines) + "\n", "the index")
 
 
 def run(args: argparse.Namespace) -> int:
     many = len(args.configs) > 1
-    results, seconds = {}, {}
-    for path in args.configs:
+
+    def folders(path: str) -> tuple[Path | None, Path | None]:
         name = Path(path).stem
         out = None if args.out is None else Path(args.out) / name if many else Path(args.out)
         runs = None if args.runs is None else Path(args.runs) / name if many else Path(args.runs)
+        return out, runs
+
+    for path in args.configs:  # every question checked before the first one trains
+        prepare_ablation(path, *folders(path), list(args.overrides))
+    results, seconds = {}, {}
+    for path in args.configs:
         start = time.perf_counter()
-        results[name] = run_ablation(path, out, runs, list(args.overrides))
-        seconds[name] = time.perf_counter() - start
+        results[Path(path).stem] = run_ablation(path, *folders(path), list(args.overrides))
+        seconds[Path(path).stem] = time.perf_counter() - start
     if many and args.out is not None:
         print(f"index: {write_index(results, seconds, Path(args.out))}")
     return 0

@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from twinlm.errors import TwinLMError
+from twinlm.errors import Interrupted, TwinLMError, resource_problem
 
 # sub-command -> (module that implements it, one-line help). The module's `add_parser(subparsers)`
 # adds the sub-command and sets `func=callable(args) -> exit code`.
@@ -67,7 +67,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one `twinlm` command; bad input is one line on stderr and exit status 2."""
+    """Run one `twinlm` command. Bad input, and a resource that ran out (disk, memory, a folder that cannot
+    be written), are one line on stderr and exit status 2; a stop signal is 128 + its number."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = parse_args(argv)
@@ -79,9 +80,19 @@ def main(argv: list[str] | None = None) -> int:
     except TwinLMError as err:
         print(f"twinlm {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as err:
+        print(f"twinlm {args.command}: {err}", file=sys.stderr)
+        return 128 + err.signum
     except KeyboardInterrupt:
         print(f"twinlm {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # what ran out deep inside torch/safetensors/tokenizers: one line, no traceback
+        problem = resource_problem(err)
+        if problem is None:
+            raise
+        detail = " ".join(str(err).split())[:200]
+        print(f"twinlm {args.command}: error: {problem} ({detail})", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

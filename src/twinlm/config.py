@@ -36,7 +36,8 @@ MixedPrecision = Literal["no", "bf16", "fp16"]
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors, defaults are validated too."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # inf/nan are refused in every float field: a budget of .inf minutes would never end
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 class OptimizerSection(Section):
@@ -127,20 +128,43 @@ def parse_overrides(args: Sequence[str]) -> list[tuple[str, Any]]:
     return pairs
 
 
+def flatten_overrides(values: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """{'training': {'lr': 1}, 'data.seq_len': 64} -> [('training.lr', 1), ('data.seq_len', 64)]: a mapping
+    of overrides sets the leaves it names, never a whole section."""
+    pairs: list[tuple[str, Any]] = []
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            pairs += flatten_overrides(value, dotted + ".")
+        else:
+            pairs.append((dotted, value))
+    return pairs
+
+
 def apply_overrides(values: dict[str, Any], overrides: Iterable[tuple[str, Any]]) -> dict[str, Any]:
-    """Set each dotted key in a nested dict (creating sections as needed); validation comes later."""
+    """Set each dotted key in a nested dict (creating sections as needed); validation comes later.
+
+    One semantics everywhere: a key sets one field. A mapping given as a value (`training={epochs: 2}` on
+    the command line, `overrides: {training: {epochs: 2}}` in YAML) sets the fields it names and keeps the
+    section's others."""
     for key, value in overrides:
-        node = values
-        parts = key.split(".")
-        for depth, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            elif not isinstance(child, dict):
-                raise TwinLMError(f"override {key}: {'.'.join(parts[: depth + 1])} is not a section")
-            node = child
-        node[parts[-1]] = value
+        leaves = flatten_overrides(value, f"{key}.") if isinstance(value, dict) and value else [(key, value)]
+        for leaf, leaf_value in leaves:
+            _set_dotted(values, leaf, leaf_value)
     return values
+
+
+def _set_dotted(values: dict[str, Any], key: str, value: Any) -> None:
+    node = values
+    parts = key.split(".")
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise TwinLMError(f"override {key}: {'.'.join(parts[: depth + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
 
 
 def split_overrides(argv: Sequence[str], options: Iterable[str]) -> tuple[list[str], list[str]]:
@@ -276,4 +300,7 @@ def build_config(
 
 def dump_config(config: BaseModel, path: str | os.PathLike) -> None:
     """Write a resolved config as YAML (next to a run's outputs, so that the run can be reproduced)."""
-    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+    from twinlm.fileio import write_text_atomic
+
+    text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    write_text_atomic(path, text, "the resolved config")

@@ -33,8 +33,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from twinlm.errors import TwinLMError
+from twinlm.errors import TwinLMError, is_out_of_memory
+from twinlm.fileio import atomic_folder, check_output_folder
 from twinlm.model import TwinLMConfig, TwinLMForCausalLM, TwinLMForMaskedLM, TwinLMModel
+from twinlm.model_folder import check_weights, load_error
 
 # transformers class name -> the equivalent twinlm class
 SUPPORTED: dict[str, type[nn.Module]] = {
@@ -435,8 +437,10 @@ def _checkpoint_loader(source: Path) -> Any:
 def _load_hf(loader: Any, source: Path) -> nn.Module:
     try:
         model, info = loader.from_pretrained(source, local_files_only=True, output_loading_info=True)
-    except OSError as err:
-        raise TwinLMError(f"cannot load the checkpoint in {source}: {str(err).splitlines()[0]}") from err
+    except (OSError, ValueError, RuntimeError) as err:
+        if is_out_of_memory(err):
+            raise
+        raise load_error(err, source) from None
     if info.get("missing_keys"):
         missing = sorted(info["missing_keys"])
         raise TwinLMError(f"{source} lacks weights of a {type(model).__name__}: {', '.join(missing[:5])}")
@@ -450,8 +454,8 @@ def convert_checkpoint(source: str | Path, output: str | Path, seed: int = 0) ->
     if output.resolve() == source.resolve():
         raise TwinLMError(f"output {output} is the source directory; choose another output directory")
     loader = _checkpoint_loader(source)
-    if output.exists() and not output.is_dir():
-        raise TwinLMError(f"output {output} exists and is not a directory")
+    check_weights(source)  # a damaged or missing weights file: one line naming it
+    check_output_folder(output, "output")
 
     with tqdm(total=4, desc="convert", unit="step") as steps:
         steps.set_postfix_str("loading")
@@ -464,12 +468,13 @@ def convert_checkpoint(source: str | Path, output: str | Path, seed: int = 0) ->
         difference = max_logit_difference(hf_model, twin, seed=seed)
         steps.update()
         steps.set_postfix_str("saving")
-        twin.save_pretrained(output)
         copied = []
-        for name in TOKENIZER_FILES:
-            if (source / name).is_file():
-                shutil.copy2(source / name, output / name)
-                copied.append(name)
+        with atomic_folder(output, "the converted model") as tmp:
+            twin.save_pretrained(tmp)
+            for name in TOKENIZER_FILES:
+                if (source / name).is_file():
+                    shutil.copy2(source / name, tmp / name)
+                    copied.append(name)
         steps.update()
     return ConversionSummary(
         source=source,

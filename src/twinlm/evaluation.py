@@ -15,18 +15,22 @@ control, per seed, then mean +- std). Finished cells are not rerun: an interrupt
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
+import math
 import random
 import statistics
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, PositiveFloat, field_validator, model_validator
 
-from twinlm.config import Section, build_config
-from twinlm.errors import TwinLMError
+from twinlm.config import Section, build_config, flatten_overrides
+from twinlm.errors import Interrupted, TwinLMError
+from twinlm.fileio import read_json
 
 CELL_FILE = "cell.json"
+CONTROL_FILE = "control.json"
+RESUME_HINT = "the finished cells are kept: run the same command again to go on"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -35,13 +39,21 @@ CELL_FILE = "cell.json"
 class SplitFrom(Section):
     """A task that ships as one labelled file (or several): split it into train/dev/test, seeded."""
 
-    files: list[Path]
+    files: list[Path] = Field(min_length=1)
     header: bool = Field(True, description="the files start with a header line")
     columns: list[str] | None = Field(None, description="column names when there is no header")
     text_column: str
     label_column: str
-    ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    ratios: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = (0.8, 0.1, 0.1)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _whole(self) -> SplitFrom:
+        if not math.isclose(sum(self.ratios), 1.0, abs_tol=1e-6):
+            raise ValueError(f"ratios {list(self.ratios)} (train, dev, test) must add up to 1")
+        if not self.header and not self.columns:
+            raise ValueError("header is false: name the columns (columns: [text, label])")
+        return self
 
 
 class SuiteTask(Section):
@@ -55,11 +67,20 @@ class SuiteTask(Section):
 class Suite(Section):
     """Tasks, seeds and the learning-rate grid; `overrides` apply to every task."""
 
-    tasks: dict[str, SuiteTask]
+    tasks: dict[str, SuiteTask] = Field(min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
-    lrs: list[float] | None = Field(None, description="learning rates to try; chosen per model on mean dev")
+    lrs: list[PositiveFloat] | None = Field(
+        None, min_length=1, description="learning rates to try; chosen per model on mean dev"
+    )
     overrides: dict[str, Any] = Field(default_factory=dict)
     control: bool = True
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds {seeds} repeat a seed: each seed is one fine-tuning run")
+        return seeds
 
 
 def load_suite(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Suite:
@@ -106,13 +127,18 @@ def _read_split_rows(spec: SplitFrom) -> list[tuple[str, str]]:
 
 def prepare_split(name: str, spec: SplitFrom, out: Path) -> dict[str, str]:
     """Write train/dev/test TSVs (columns text, label) under OUT/data/NAME (again when the split settings
-    changed); return the task overrides that point at them."""
+    or the source files' contents changed); return the task overrides that point at them."""
+    from twinlm.fileio import write_json_atomic, write_text_atomic
+    from twinlm.fingerprint import files_digest, fingerprint
+
     folder = out / "data" / name
     files = {split: folder / f"{split}.tsv" for split in ("train", "dev", "test")}
     made_from = folder / "split_from.json"
-    wanted = spec.model_dump_json()
+    wanted = fingerprint({"spec": spec.model_dump(mode="json"), "sources": files_digest(spec.files)})
     fresh = (
-        made_from.is_file() and made_from.read_text() == wanted and all(f.is_file() for f in files.values())
+        made_from.is_file()
+        and read_json(made_from).get("fingerprint") == wanted
+        and all(f.is_file() for f in files.values())
     )
     if not fresh:
         rows = _read_split_rows(spec)
@@ -124,90 +150,108 @@ def prepare_split(name: str, spec: SplitFrom, out: Path) -> dict[str, str]:
             "dev": rows[n_train : n_train + n_dev],
             "test": rows[n_train + n_dev :],
         }
+        empty = [split for split, part in parts.items() if not part]
+        if empty:
+            raise TwinLMError(
+                f"tasks.{name}.split_from: {len(rows)} rows leave the {', '.join(empty)} split(s) empty at "
+                f"ratios {list(spec.ratios)}; give more rows or other ratios"
+            )
         folder.mkdir(parents=True, exist_ok=True)
         for split, part in parts.items():
-            tmp = files[split].with_suffix(".tmp")
-            tmp.write_text("text\tlabel\n" + "".join(f"{a}\t{b}\n" for a, b in part), encoding="utf-8")
-            tmp.replace(files[split])
-        made_from.write_text(wanted)
+            text = "text\tlabel\n" + "".join(f"{a}\t{b}\n" for a, b in part)
+            write_text_atomic(files[split], text, f"the {split} split of {name}")
+        write_json_atomic(made_from, {"fingerprint": wanted, "spec": spec.model_dump(mode="json")})
     overrides = {f"task.{split}": str(file) for split, file in files.items()}
     return {**overrides, "task.format": "tsv", "task.text_column": "text", "task.label_column": "label"}
 
 
 def make_control(checkpoint: str, out: Path, seed: int, label: str | None = None) -> Path:
-    """The checkpoint's architecture and tokenizer with random weights (seeded), saved like a checkpoint."""
+    """The checkpoint's architecture and tokenizer with random weights (seeded), saved like a checkpoint;
+    made again when the checkpoint's config or tokenizer changed since (fingerprinted like a checkpoint)."""
+    from twinlm.fileio import atomic_folder, write_json_atomic
+    from twinlm.fingerprint import fingerprint, model_folder_digest
+    from twinlm.model_folder import check_model_folder
+
     name = _slug(label or Path(checkpoint).name or "model")
     target = out / "controls" / f"{name}-seed{seed}"
-    if (target / "config.json").is_file():
+    config = check_model_folder(checkpoint, "checkpoint", tokenizer=True)
+    tokenizer_files = {
+        k: v
+        for k, v in model_folder_digest(checkpoint).items()
+        if not k.startswith(("model", "pytorch_model"))
+    }
+    wanted = fingerprint({"config": config, "tokenizer": tokenizer_files, "seed": seed})
+    if (target / "config.json").is_file() and read_json(target / CONTROL_FILE).get("fingerprint") == wanted:
         return target
+    if target.exists():
+        print(f"making the control {target} again: the checkpoint's architecture or tokenizer changed")
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
     import twinlm
 
-    config = AutoConfig.from_pretrained(checkpoint)
-    if getattr(config, "model_type", None) != "twinlm":
-        raise TwinLMError(f"{checkpoint}: not a twinlm checkpoint (model_type {config.model_type!r})")
-    cls = twinlm.TwinLMForCausalLM if config.is_causal else twinlm.TwinLMForMaskedLM
+    model_config = AutoConfig.from_pretrained(checkpoint)
+    cls = twinlm.TwinLMForCausalLM if model_config.is_causal else twinlm.TwinLMForMaskedLM
     torch.manual_seed(seed)
-    tmp = target.with_name(target.name + ".tmp")
-    cls(config).save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(checkpoint).save_pretrained(tmp)
-    tmp.replace(target)
+    with atomic_folder(target, f"the control of {checkpoint}") as tmp:
+        cls(model_config).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(checkpoint).save_pretrained(tmp)
+        write_json_atomic(tmp / CONTROL_FILE, {"fingerprint": wanted, "of": str(checkpoint), "seed": seed})
     return target
 
 
-def _dotted(overrides: dict[str, Any]) -> list[str]:
-    return [
-        f"{key}={json.dumps(value) if not isinstance(value, str) else value}"
-        for key, value in overrides.items()
-    ]
+def cell_config(model_path: str, spec: SuiteTask, overrides: dict[str, Any], folder: Path) -> Any:
+    """The fine-tuning config a cell runs: the task's config with the overrides (dotted keys, each setting
+    one field), the model and the cell's output folder; a one-line TwinLMError when it is not valid."""
+    from twinlm.finetune.config import load_finetune_config
+
+    pairs = flatten_overrides(overrides) + [("model.path", model_path), ("output_dir", str(folder / "run"))]
+    return load_finetune_config(spec.config, pairs)
 
 
-def _fingerprint(model_path: str, spec: SuiteTask, overrides: dict[str, Any]) -> str:
-    """What a cell's result depends on: the model (path, weights' size and time), the task config and files,
-    the settings."""
-    import hashlib
-    import os
+def _fingerprint(model_path: str, cfg: Any) -> str:
+    """What a cell's result depends on: the model's files (weights, config, tokenizer), the resolved
+    fine-tuning config (task, settings, seed, lr) and the contents of the task's files."""
+    from twinlm.fingerprint import files_digest, fingerprint, model_folder_digest
 
-    weights = sorted(Path(model_path).glob("*.safetensors")) + sorted(Path(model_path).glob("*.bin"))
-    facts = {
-        "model": os.path.realpath(model_path),
-        "weights": [(w.name, w.stat().st_size, w.stat().st_mtime_ns) for w in weights],
-        "task_config": spec.config.read_text(encoding="utf-8"),
-        "settings": overrides,
-        # the task's files (e.g. splits made by the suite): rewritten files make the cell stale
-        "files": {
-            v: (Path(v).stat().st_size, Path(v).stat().st_mtime_ns)
-            for v in overrides.values()
-            if isinstance(v, str) and Path(v).is_file()
-        },
-    }
-    return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
+    task_files = [f for f in (cfg.task.train, cfg.task.dev, cfg.task.test) if f is not None]
+    return fingerprint(
+        {
+            "model": model_folder_digest(model_path),
+            "run": cfg.model_dump(mode="json"),
+            "task_files": files_digest(task_files),
+        }
+    )
 
 
-class EvaluationInterrupted(TwinLMError):
+class EvaluationInterrupted(Interrupted):
     """A fine-tuning run of the evaluation was stopped (SIGINT/SIGTERM): the evaluation stops too."""
 
 
 def run_cell(model_path: str, task: str, spec: SuiteTask, overrides: dict[str, Any], folder: Path) -> dict:
-    """Fine-tune once (or read the finished result when the model and settings are unchanged): best dev and
-    its test scores, the baseline if run."""
+    """Fine-tune once (or read the finished result when nothing it depends on changed): best dev and its
+    test scores, the baseline if run."""
+    import shutil
+    import signal
+
+    from twinlm.fileio import write_json_atomic
+
     done = folder / CELL_FILE
-    fingerprint = _fingerprint(model_path, spec, overrides)
+    cfg = cell_config(model_path, spec, overrides, folder)
+    fingerprint = _fingerprint(model_path, cfg)
     if done.is_file():
-        cell = json.loads(done.read_text())
+        cell = read_json(done)
         if cell.get("fingerprint") == fingerprint:
             return cell
-        print(f"re-running {folder}: the model or the settings changed since it was run")
+        print(f"re-running {folder}: the model, its task files or the settings changed since it was run")
     from twinlm.finetune import finetune
 
-    settings = {**overrides, "model.path": model_path, "output_dir": str(folder / "run")}
-    summary = finetune(spec.config, _dotted(settings))
-    if summary.get("interrupted_by"):  # a partial run is no result: keep it out of the finished cells
+    summary = finetune(cfg)
+    stopped = summary.get("interrupted_by")
+    if stopped:  # a partial run is no result: keep it out of the finished cells
+        signum = int(getattr(signal, stopped, signal.SIGTERM))
         raise EvaluationInterrupted(
-            f"interrupted by {summary['interrupted_by']} while fine-tuning {folder}; the finished cells are "
-            "kept: run the same command again to go on"
+            signum, f"interrupted by {stopped} while fine-tuning {folder}; {RESUME_HINT}"
         )
     best = summary.get("best") or {}
     cell = {
@@ -221,11 +265,7 @@ def run_cell(model_path: str, task: str, spec: SuiteTask, overrides: dict[str, A
         "seconds": summary.get("seconds"),
     }
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps(cell, indent=2))
-    tmp.replace(done)
-    import shutil
-
+    write_json_atomic(done, cell, f"the result of {folder}")
     shutil.rmtree(folder / "run", ignore_errors=True)  # the fine-tuned weights are not needed: scores are
     return cell
 
@@ -256,25 +296,74 @@ def checkpoint_labels(checkpoints: list[str]) -> list[str]:
     return unique
 
 
-def _models(checkpoints: list[str], suite: Suite, out: Path) -> list[dict[str, Any]]:
-    """Each checkpoint, then its control (one random init per seed), with the label used in reports."""
+@dataclasses.dataclass(frozen=True)
+class EvaluatedModel:
+    """A checkpoint, or its control (the same architecture and tokenizer, random weights, one per seed)."""
+
+    label: str
+    kind: str  # "checkpoint" | "control"
+    of: str  # the checkpoint's label
+    checkpoint: str
+
+    def path(self, seed: int, out: Path) -> str:
+        if self.kind == "checkpoint":
+            return self.checkpoint
+        return str(make_control(self.checkpoint, out, seed, self.of))
+
+
+def _models(checkpoints: list[str], suite: Suite) -> list[EvaluatedModel]:
+    """Each checkpoint, then its control, with the label used in reports."""
     models = []
     for ckpt, label in zip(checkpoints, checkpoint_labels(checkpoints), strict=True):
-        models.append({"label": label, "kind": "checkpoint", "of": label, "path": lambda seed, c=ckpt: c})
+        models.append(EvaluatedModel(label, "checkpoint", label, ckpt))
         if suite.control:
-            models.append(
-                {
-                    "label": f"{label} (control)",
-                    "kind": "control",
-                    "of": label,
-                    "path": lambda seed, c=ckpt, name=label: str(make_control(c, out, seed, name)),
-                }
-            )
+            models.append(EvaluatedModel(f"{label} (control)", "control", label, ckpt))
     return models
 
 
-def _score_model(model: dict, suite: Suite, out: Path, task_overrides: dict[str, dict]) -> dict[str, Any]:
+def _cell_overrides(
+    suite: Suite, name: str, split: dict[str, str], seed: int, lr: float | None, baseline: bool
+) -> dict[str, Any]:
+    """The overrides of one (task, lr, seed) cell: suite's, the task's, its split files, seed, lr."""
+    spec = suite.tasks[name]
+    overrides = {
+        **dict(flatten_overrides(suite.overrides)),
+        **dict(flatten_overrides(spec.overrides)),
+        **split,
+        "training.seed": seed,
+        "training.baseline": baseline,
+    }
+    if lr is not None:
+        overrides["training.lr"] = lr
+    return overrides
+
+
+def _check_cells(checkpoints: list[str], suite: Suite, out: Path, splits: dict[str, dict]) -> None:
+    """Before anything trains: every task config with every cell's overrides is valid, names files that
+    exist and has the dev and test splits the report needs (one-line TwinLMError otherwise)."""
+    for name, spec in suite.tasks.items():
+        for lr in suite.lrs or [None]:
+            overrides = _cell_overrides(suite, name, splits[name], suite.seeds[0], lr, True)
+            try:
+                cfg = cell_config(checkpoints[0], spec, overrides, out / "check")
+            except TwinLMError as err:
+                raise TwinLMError(f"tasks.{name} ({spec.config}): {err}") from None
+            hub = cfg.task.hub
+            for split in ("dev", "test"):
+                if getattr(cfg.task, split) is None and (
+                    hub is None or getattr(hub, f"{split}_split") is None
+                ):
+                    need = "to pick the best model" if split == "dev" else "for the test scores it reports"
+                    raise TwinLMError(
+                        f"tasks.{name} ({spec.config}) has no {split} split, which evaluate needs {need}; "
+                        f"give task.{split} in the task config (or split_from in the suite)"
+                    )
+
+
+def _score_model(model: EvaluatedModel, suite: Suite, out: Path, splits: dict[str, dict]) -> dict[str, Any]:
     """Run every (task, lr, seed) cell of one model; per task, the lr with the best mean dev metric."""
+    from twinlm.stopping import check_stop
+
     lrs = suite.lrs or [None]
     tasks = {}
     for name, spec in suite.tasks.items():
@@ -282,17 +371,11 @@ def _score_model(model: dict, suite: Suite, out: Path, task_overrides: dict[str,
         for lr in lrs:
             cells = []
             for seed in suite.seeds:
-                overrides = {
-                    **suite.overrides,
-                    **spec.overrides,
-                    **task_overrides[name],
-                    "training.seed": seed,
-                }
-                overrides["training.baseline"] = model["kind"] == "checkpoint" and seed == suite.seeds[0]
-                if lr is not None:
-                    overrides["training.lr"] = lr
-                folder = out / "runs" / _slug(model["label"]) / name / f"lr{lr}-seed{seed}"
-                cells.append(run_cell(model["path"](seed), name, spec, overrides, folder))
+                check_stop(RESUME_HINT)
+                baseline = model.kind == "checkpoint" and seed == suite.seeds[0]
+                overrides = _cell_overrides(suite, name, splits[name], seed, lr, baseline)
+                folder = out / "runs" / _slug(model.label) / name / f"lr{lr}-seed{seed}"
+                cells.append(run_cell(model.path(seed, out), name, spec, overrides, folder))
             by_lr[lr] = cells
         best_lr = max(
             by_lr, key=lambda lr: statistics.fmean(c["dev"].get(c["metric"], 0.0) for c in by_lr[lr])
@@ -309,9 +392,9 @@ def _score_model(model: dict, suite: Suite, out: Path, task_overrides: dict[str,
         }
     per_seed = [statistics.fmean(t["test"][i] for t in tasks.values()) for i in range(len(suite.seeds))]
     return {
-        "label": model["label"],
-        "kind": model["kind"],
-        "of": model["of"],
+        "label": model.label,
+        "kind": model.kind,
+        "of": model.of,
         "tasks": tasks,
         "average": {"per_seed": per_seed, **_mean_std(per_seed)},
     }
@@ -327,23 +410,32 @@ def evaluate_checkpoints(
     out: str | Path,
     overrides: list[str] | tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """Fine-tune every checkpoint (and its control) on every task; write report.md, results.json, a PNG."""
+    """Fine-tune every checkpoint (and its control) on every task; write report.md, results.json, a PNG.
+
+    Everything is checked before the first fine-tuning run (the suite, every task config with its
+    overrides, the checkpoints, the output folder); SIGINT/SIGTERM stop the whole evaluation with its
+    finished cells kept (`Interrupted`), and the same command goes on from there."""
+    from twinlm.fileio import atomic_file, ensure_output_dir, write_json_atomic, write_text_atomic
+    from twinlm.model_folder import check_model_folder
+    from twinlm.stopping import check_stop, stop_on_signal
+
     suite, out = load_suite(suite_path, overrides), Path(out)
     for ckpt in checkpoints:
-        if not (Path(ckpt) / "config.json").is_file():
-            raise TwinLMError(
-                f"checkpoint {ckpt!r} has no config.json; give a folder written by save_pretrained"
-            )
-    out.mkdir(parents=True, exist_ok=True)
-    task_overrides = {
-        name: prepare_split(name, spec.split_from, out) if spec.split_from else {}
-        for name, spec in suite.tasks.items()
-    }
-    results = [_score_model(m, suite, out, task_overrides) for m in _models(checkpoints, suite, out)]
+        check_model_folder(ckpt, "checkpoint", tokenizer=True)
+    ensure_output_dir(out, "--out")
+    with stop_on_signal():
+        splits = {
+            name: prepare_split(name, spec.split_from, out) if spec.split_from else {}
+            for name, spec in suite.tasks.items()
+        }
+        _check_cells(checkpoints, suite, out, splits)
+        results = [_score_model(m, suite, out, splits) for m in _models(checkpoints, suite)]
+        check_stop(RESUME_HINT)
     report = build_results(results, suite)
-    (out / "results.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(format_report(report))
-    plot_results(report, out / "results.png")
+    write_json_atomic(out / "results.json", report, "the results")
+    write_text_atomic(out / "report.md", format_report(report), "the report")
+    with atomic_file(out / "results.png", "the plot") as tmp:
+        plot_results(report, tmp)
     print(format_report(report))
     print(f"\nreport: {out / 'report.md'}  results: {out / 'results.json'}  plot: {out / 'results.png'}")
     return report

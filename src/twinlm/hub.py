@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 from twinlm.errors import TwinLMError
 from twinlm.model_card import CARD_FILE, LOSS_CURVE_FILE, read_config, write_model_card
+from twinlm.model_folder import check_weights
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -511,6 +512,7 @@ def run_push(args: argparse.Namespace) -> int:
         validate_repo_id(args.repo_id)
     except HFValidationError as err:
         raise TwinLMError(f"invalid repo id {args.repo_id!r}: expected 'namespace/name' ({err})") from err
+    check_weights(folder)  # never push a damaged or weightless model
     token = check_can_push()
     if kind is not None:
         print(f"{args.dir} is a {kind}: pushing its model in {folder}")

@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -259,7 +257,14 @@ def _check_kind(kind: str) -> str:
 
 def _check_vocab_size(kind: str, vocab_size: int) -> None:
     """Reject sizes that cannot hold the special tokens plus the alphabet (before any training)."""
+    from twinlm.training.config import MAX_VOCAB_SIZE
+
     minimum = len(_special_list(kind)) + (_BYTE_ALPHABET if kind == "bpe" else 1)
+    if isinstance(vocab_size, int) and vocab_size > MAX_VOCAB_SIZE:
+        raise TwinLMError(
+            f"vocab size {vocab_size:,} is beyond what a tokenizer can be trained to here (at most "
+            f"{MAX_VOCAB_SIZE:,}); check the value"
+        )
     if not isinstance(vocab_size, int) or vocab_size < minimum:
         what = "256 byte symbols" if kind == "bpe" else "at least one symbol"
         raise TwinLMError(
@@ -341,36 +346,21 @@ def _wrap(tok: Any, kind: str, model_max_length: int) -> PreTrainedTokenizerFast
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out_dir: str | os.PathLike[str]) -> Path:
-    """Save atomically: write into a temporary folder beside `out_dir`, then rename it into place.
+    """Save atomically: write into `OUT.tmp` beside `out_dir`, then rename it into place.
 
-    An existing `out_dir` is replaced only once the new one is complete, so a failure never leaves a
-    half-written tokenizer behind.
+    An existing `out_dir` is replaced only once the new one is complete, so a failure (a full disk) never
+    leaves a half-written tokenizer behind; it is a one-line TwinLMError.
     """
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise TwinLMError(f"--out {out} exists and is not a directory: choose a directory path")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should be an ordinary dir
+    from twinlm.fileio import atomic_folder, check_output_folder
+
+    out = check_output_folder(out_dir, "the tokenizer folder")
+    with atomic_folder(out, "the tokenizer") as tmp:
         tokenizer.save_pretrained(str(tmp))
         # Portable class name: transformers v4 and v5 both map it to their generic fast tokenizer.
         config_path = tmp / "tokenizer_config.json"
         config = json.loads(config_path.read_text(encoding="utf-8"))
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
         config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -685,6 +675,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     values = config.model_dump(exclude={"sources", "streaming"})
     source = _source_from_args(args, args.files, config.text_source)
     kind = _check_kind(values["type"])
+    _check_vocab_size(kind, int(values["vocab_size"]))
+    from twinlm.fileio import check_output_folder
+
+    check_output_folder(values["out"], "--out")  # before training, not after
     print(
         f"training a {kind} tokenizer ({values['vocab_size']:,} tokens) on {source.describe()}",
     )

@@ -21,7 +21,6 @@ import itertools
 import json
 import math
 import os
-import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -33,7 +32,8 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from twinlm.errors import TwinLMError
+from twinlm.errors import TwinLMError, is_out_of_memory
+from twinlm.fileio import atomic_folder, ensure_output_dir, write_json_atomic
 from twinlm.finetune.baselines import run_baseline
 from twinlm.finetune.config import (
     FinetuneConfig,
@@ -43,6 +43,7 @@ from twinlm.finetune.config import (
 )
 from twinlm.finetune.data import Split, encode_split, load_task, make_collator
 from twinlm.finetune.metrics import classification_scores, tagging_scores
+from twinlm.model_folder import check_model_folder, load_error
 from twinlm.training.components import HubPublisher, MetricsLogger, StopSignal
 from twinlm.training.engine import (
     Batch,
@@ -68,12 +69,8 @@ def check_checkpoint(path: str, revision: str | None = None) -> dict[str, Any]:
     """The checkpoint's config.json as a dict; TwinLMError unless it is a twinlm model (local or Hub)."""
     from transformers import PretrainedConfig
 
-    local = Path(path)
-    if local.exists() and not (local / "config.json").is_file():
-        raise TwinLMError(
-            f"model.path {path!r} is not a model checkpoint (no config.json); give a folder written by "
-            "save_pretrained, e.g. outputs/tiny-mlm/final"
-        )
+    if Path(path).exists():  # a local folder: a twinlm model whose files are whole
+        return check_model_folder(path, "model.path")
     try:
         config_dict, _ = PretrainedConfig.get_config_dict(path, revision=revision)
     except (OSError, ValueError) as err:
@@ -219,7 +216,12 @@ def load_model(cfg: FinetuneConfig, labels: list[str], tokenizer: Any) -> tuple[
         if cfg.task.type == "sequence_classification"
         else TwinLMForTokenClassification
     )
-    model, info = _load_quietly(cls, cfg.model.path, config, cfg.model.revision)
+    try:
+        model, info = _load_quietly(cls, cfg.model.path, config, cfg.model.revision)
+    except (OSError, ValueError, RuntimeError) as err:
+        if is_out_of_memory(err):
+            raise
+        raise load_error(err, cfg.model.path) from None
     _check_body_loaded(info, overrides, config_dict, cfg.model.path)
     return model, causal
 
@@ -441,6 +443,8 @@ class Finetuner:
         start = time.perf_counter()
         cfg = self.cfg
         prepare_wandb_mode(cfg.logging.report_to, int(os.environ.get("RANK", "0")) == 0)
+        if int(os.environ.get("RANK", "0")) == 0:
+            ensure_output_dir(self.output_dir, "output_dir")
         self.accelerator = acc = build_accelerator(cfg.training, cfg.logging.report_to, self.output_dir)
         with RunLock(self.output_dir, enabled=acc.is_main_process):
             acc.wait_for_everyone()
@@ -509,19 +513,15 @@ class Finetuner:
         acc = self.accelerator
         if not model_is_finite(self.model):
             raise NonFiniteError(f"the model holds NaN/inf values at step {record['step']}: not saved")
-        best, tmp = self.output_dir / "best", self.output_dir / "best.tmp"
+        best = self.output_dir / "best"
         state_dict = acc.get_state_dict(self.model)
         if acc.is_main_process:
-            if tmp.exists():
-                shutil.rmtree(tmp)
             model = acc.unwrap_model(self.model)
             state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
-            model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp)
-            (tmp / "eval_results.json").write_text(json.dumps(record, indent=2))
-            if best.exists():
-                shutil.rmtree(best)
-            os.replace(tmp, best)
+            with atomic_folder(best, "the best model") as tmp:
+                model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp)
+                (tmp / "eval_results.json").write_text(json.dumps(record, indent=2))
         acc.wait_for_everyone()
         return best
 
@@ -586,7 +586,7 @@ class Finetuner:
         return summary
 
     def _write_metrics(self, summary: dict[str, Any]) -> None:
-        (self.output_dir / METRICS_FILE).write_text(json.dumps(summary, indent=2))
+        write_json_atomic(self.output_dir / METRICS_FILE, summary, "the fine-tuning metrics")
 
 
 def format_report(summary: dict[str, Any], output_dir: Path) -> str:

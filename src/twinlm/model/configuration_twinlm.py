@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from huggingface_hub.dataclasses import strict
-from huggingface_hub.errors import StrictDataclassClassValidationError
+from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
 from transformers import PreTrainedConfig
 from transformers.utils import logging
 
@@ -41,6 +41,18 @@ CHOICES: dict[str, tuple[str, ...]] = {
 # Absolute position encodings: positions past the table (or past what the model was trained on) are
 # an error rather than a silent wrap-around or extrapolation.
 ABSOLUTE_POSITIONS = ("learned", "sinusoidal")
+
+# Upper bounds for sizes no machine can train (a typo such as hidden_size=100000 or a vocabulary of 10**9 ends
+# here in one line instead of in an allocator's traceback): each several times the largest published model.
+SIZE_LIMITS = {
+    "vocab_size": 2**21,  # 2,097,152 (the largest vocabularies in use: ~256k-900k)
+    "hidden_size": 2**16,  # 65,536 (the largest models: 12k-25k)
+    "intermediate_size": 2**18,  # 262,144
+    "num_hidden_layers": 1024,
+    "num_attention_heads": 2048,
+    "max_position_embeddings": 2**21,
+    "type_vocab_size": 1024,
+}
 
 # Written into every saved config so that any head loads with trust_remote_code=True from any checkpoint.
 AUTO_MAP = {
@@ -78,7 +90,10 @@ def _explain_bad_choices(cls: type) -> type:
             and not (value is None and name == "classifier_pooling")
         ):
             raise ValueError(choice_error(name, value))
-        strict_setattr(self, name, value)
+        try:
+            strict_setattr(self, name, value)
+        except StrictDataclassFieldValidationError as err:  # a wrong type, e.g. hidden_size='abc'
+            raise ValueError(f"{name}={value!r}: {err.__cause__ or err}") from None
 
     cls.__setattr__ = __setattr__
     return cls
@@ -200,6 +215,12 @@ class TwinLMConfig(PreTrainedConfig):
         for field in positive:
             if getattr(self, field) < 1:
                 raise ValueError(f"{field}={getattr(self, field)} must be a positive integer")
+        for field, limit in SIZE_LIMITS.items():
+            if getattr(self, field) > limit:
+                raise ValueError(
+                    f"{field}={getattr(self, field):,} is beyond what any machine can train here (at most "
+                    f"{limit:,}); check the value"
+                )
         if self.type_vocab_size < 0:
             raise ValueError(
                 f"type_vocab_size={self.type_vocab_size} must be >= 0 (0 = no segment embeddings)"
@@ -342,4 +363,4 @@ def _preset_dir() -> Path | None:
     return None
 
 
-__all__ = ["TwinLMConfig", "CHOICES", "ABSOLUTE_POSITIONS", "check_config_keys", "load_preset"]
+__all__ = ["TwinLMConfig", "CHOICES", "ABSOLUTE_POSITIONS", "SIZE_LIMITS", "check_config_keys", "load_preset"]

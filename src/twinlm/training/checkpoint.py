@@ -13,7 +13,6 @@ deletes the newest intact checkpoint.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -25,7 +24,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from twinlm.errors import TwinLMError
+from twinlm.errors import TwinLMError, resource_problem
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "train_state.json"
@@ -213,9 +212,12 @@ def save_checkpoint(
             write_manifest(tmp)
             os.replace(tmp, final)
             _fsync_dir(root)
-    except OSError as err:
+    except Exception as err:  # torch's writer raises RuntimeError on a full disk, not OSError
         shutil.rmtree(tmp, ignore_errors=True)
-        raise TwinLMError(_save_failure(err, root, tmp, output_dir, estimated_bytes)) from None
+        problem = resource_problem(err)
+        if problem is None:
+            raise
+        raise TwinLMError(_save_failure(err, problem, root, tmp, output_dir, estimated_bytes)) from None
     if main:
         rotate_checkpoints(output_dir, keep_last)
     accelerator.wait_for_everyone()
@@ -237,15 +239,16 @@ def rotate_checkpoints(output_dir: Path, keep_last: int) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def _save_failure(err: OSError, root: Path, tmp: Path, output_dir: Path, estimated_bytes: int) -> str:
+def _save_failure(
+    err: Exception, cause: str, root: Path, tmp: Path, output_dir: Path, estimated_bytes: int
+) -> str:
     """One line: what failed, the space a checkpoint needs and the space left, what is intact."""
     found = list_checkpoints(output_dir)
     need = sum(p.stat().st_size for p in found[-1].rglob("*") if p.is_file()) if found else estimated_bytes
     free = shutil.disk_usage(root if root.exists() else output_dir).free
-    cause = "the disk is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else (err.strerror or str(err))
     intact = ", ".join(p.name for p in found) or "none yet"
     return (
-        f"saving {tmp.name.removesuffix('.tmp')} failed: {cause} ({err.filename or tmp}); a checkpoint needs "
+        f"saving {tmp.name.removesuffix('.tmp')} failed: {cause} ({getattr(err, 'filename', None) or tmp}); a checkpoint needs "
         f"about {need / 1e6:,.1f} MB, {free / 1e6:,.1f} MB are free on {root}; the unfinished {tmp.name} was "
         f"removed, earlier checkpoints are intact ({intact}): free space and resume with "
         "training.resume_from_checkpoint=latest"

@@ -16,31 +16,29 @@ import torch
 from tqdm.auto import tqdm
 
 from twinlm.errors import TwinLMError
+from twinlm.stopping import STOP
 from twinlm.training.engine import Engine
 from twinlm.training.tracking import MetricsLog
 
 
 class StopSignal:
-    """SIGINT/SIGTERM set a flag; after each step all processes agree on it, and the engine stops."""
+    """SIGINT/SIGTERM set the process-wide stop flag (twinlm.stopping, shared with the command running the
+    engine); after each step all processes agree on it, and the engine stops. A signal that came before
+    the first step (during setup) stops the run before it trains."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
+        self._held = False
 
     def on_start(self, engine: Engine) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: no handlers, no clean stop
-                pass
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.signum = signum
+        STOP.enter()
+        self._held = True
+        if STOP.signum:
+            self.signum = STOP.signum
+            engine.request_stop(signal.Signals(STOP.signum).name)
 
     def after_step(self, engine: Engine) -> None:
-        signum = self.signum or 0
+        signum = STOP.signum or 0
         acc = engine.accelerator
         if acc.num_processes > 1:  # saving is collective: every process must stop at the same step
             flags = acc.gather(torch.tensor([signum], device=acc.device))
@@ -50,9 +48,13 @@ class StopSignal:
             engine.request_stop(signal.Signals(signum).name)
 
     def on_end(self, engine: Engine) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
+        pass
+
+    def close(self, engine: Engine) -> None:
+        """Called by the engine however the loop ended: the outermost holder restores the handlers."""
+        if self._held:
+            self._held = False
+            STOP.exit()
 
 
 class MetricsLogger:
@@ -144,6 +146,11 @@ class MetricsLogger:
         if self.log_every and engine.stop_reason is None and engine.state.loss_steps:
             self._log_line(engine)
         self.progress.close()
+
+    def close(self, engine: Engine) -> None:
+        """However the loop ended (an error too): close the bar, so that a message starts on its own line."""
+        if self.progress is not None:
+            self.progress.close()
 
 
 class Evaluator:

@@ -41,6 +41,9 @@ __all__ = [
     "parse_overrides",
 ]
 
+# The largest vocabulary a tokenizer may be trained to (TwinLMConfig's own limit, SIZE_LIMITS["vocab_size"]).
+MAX_VOCAB_SIZE = 2**21
+
 _Section = Section  # the one section base (twinlm.config); the old name kept for importers
 
 
@@ -64,7 +67,7 @@ class TokenizerTrainSection(_Section):
     """Train a tokenizer on the run's data first (saved in OUTPUT_DIR/tokenizer)."""
 
     type: Literal["wordpiece", "bpe"] | None = None  # None: wordpiece for masked LM, bpe for causal
-    vocab_size: int = Field(8000, gt=0)
+    vocab_size: int = Field(8000, gt=0, le=MAX_VOCAB_SIZE)
     min_frequency: int = Field(2, ge=1)
     lowercase: bool | None = None  # None: tokenizer default
     model_max_length: int | None = None  # None: the data's seq_len

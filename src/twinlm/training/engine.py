@@ -23,7 +23,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from twinlm.errors import TwinLMError
+from twinlm.errors import TwinLMError, is_out_of_memory
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids", "labels")
 MAX_CONSECUTIVE_SKIPS = 10  # with nonfinite="skip": a model that keeps producing NaN is broken, stop
@@ -116,6 +116,7 @@ class Engine:
         self.state = state or TrainState()
         self.stop_reason: str | None = None  # set by a component: the loop ends after this step
         self._data: Iterator[Batch] | None = None
+        self._batch_shape: tuple[int, ...] | None = None
         forward = inspect.signature(accelerator.unwrap_model(model).forward).parameters
         self.model_normalises = "num_items_in_batch" in forward  # transformers' convention
 
@@ -124,17 +125,21 @@ class Engine:
 
     def train(self) -> TrainState:
         """Run steps until max_steps, the time budget or a stop request; components act before, between
-        and after."""
-        for component in self.components:
-            component.on_start(self)
-        self.model.train()
-        self._data = self.batches(self.state)
-        while self.stop_reason is None and self.ended_by() is None:
-            self.train_step()
+        and after (and release what they hold, e.g. signal handlers, however the loop ends)."""
+        try:
             for component in self.components:
-                component.after_step(self)
-        for component in self.components:
-            component.on_end(self)
+                component.on_start(self)
+            self.model.train()
+            self._data = self.batches(self.state)
+            while self.stop_reason is None and self.ended_by() is None:
+                self.train_step()
+                for component in self.components:
+                    component.after_step(self)
+            for component in self.components:
+                component.on_end(self)
+        finally:
+            for component in self.components:
+                getattr(component, "close", lambda engine: None)(self)
         return self.state
 
     def ended_by(self) -> str | None:
@@ -147,6 +152,20 @@ class Engine:
         return None
 
     def train_step(self) -> None:
+        """One optimizer step over one accumulation window; running out of memory is a one-line error."""
+        try:
+            self._window_step()
+        except (RuntimeError, MemoryError) as err:
+            if not is_out_of_memory(err):
+                raise
+            shape = " x ".join(map(str, self._batch_shape)) if self._batch_shape else "?"
+            raise TwinLMError(
+                f"out of memory in training step {self.state.step + 1} (micro-batches of {shape} tokens on "
+                f"{self.accelerator.device}): lower training.batch_size (raise training.grad_accum to keep the "
+                "batch), the sequence length or the model size, or set training.gradient_checkpointing=true"
+            ) from None
+
+    def _window_step(self) -> None:
         """One optimizer step over one accumulation window (look ahead: count its target tokens first)."""
         acc, state = self.accelerator, self.state
         started = time.perf_counter()
@@ -189,6 +208,7 @@ class Engine:
     ) -> torch.Tensor:
         """Forward and backward of one micro-batch; returns its share of the window's mean loss."""
         acc = self.accelerator
+        self._batch_shape = tuple(batch["input_ids"].shape)
         batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items() if k in MODEL_INPUTS}
         with acc.accumulate(self.model):
             with acc.autocast():

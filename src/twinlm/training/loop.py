@@ -14,7 +14,6 @@ optimizer step by this loop and saved with the checkpoint.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
 import shutil
@@ -35,7 +34,9 @@ from accelerate.utils import (
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Sampler
 
 from twinlm.config import OptimizerSection
-from twinlm.errors import TwinLMError
+from twinlm.errors import TwinLMError, is_out_of_memory
+from twinlm.fileio import atomic_folder, ensure_output_dir, write_json_atomic
+from twinlm.stopping import check_stop
 from twinlm.training.checkpoint import (
     checkpoints_root,
     find_resume_checkpoint,
@@ -182,6 +183,53 @@ def build_model_config(cfg: RunConfig, tokenizer: Any) -> Any:
         )
     check_sequence_length(cfg, model_config)
     return model_config
+
+
+def probe_model_config(cfg: RunConfig) -> Any:
+    """The run's model config before the tokenizer exists (its special-token ids come later, its vocabulary
+    is the one the tokenizer will be trained to): every model setting, the sequence length and the memory
+    the model needs are checked before minutes of tokenizer training, not after."""
+    from twinlm import TwinLMConfig
+
+    source = cfg.model.preset if cfg.model.preset is not None else str(cfg.model.config_file)
+    probe = {**cfg.model.overrides, "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    if cfg.tokenizer.train is not None and "vocab_size" not in cfg.model.overrides:
+        probe["vocab_size"] = cfg.tokenizer.train.vocab_size
+    try:
+        config = TwinLMConfig.from_preset(source, **probe)
+    except (ValueError, TypeError) as err:
+        raise TwinLMError(f"model ({source}): {err}") from None
+    check_sequence_length(cfg, config)
+    check_model_memory(config)
+    return config
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to a new allocation on this machine (Linux MemAvailable)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_model_memory(model_config: Any) -> int:
+    """The model's parameter count (built on the meta device: no memory); a TwinLMError when its fp32
+    weights, gradients and AdamW moments (16 bytes a parameter) cannot fit in this machine's memory when
+    training on the CPU (on a GPU, an allocation that fails is reported in one line where it happens)."""
+    with torch.device("meta"):
+        n_params = parameter_counts(build_model(model_config))[0]
+    available = _available_memory() if _on_cpu() else None
+    need = 16 * n_params
+    if available is not None and need > available:
+        raise TwinLMError(
+            f"the model has {n_params / 1e6:,.0f}M parameters: training needs about {need / 2**30:,.1f} GiB for "
+            f"its weights, gradients and AdamW moments, and this machine has {available / 2**30:,.1f} GiB "
+            "available; lower model.overrides (hidden_size, num_hidden_layers, intermediate_size, vocab_size)"
+        )
+    return n_params
 
 
 def check_sequence_length(cfg: RunConfig, model_config: Any) -> None:
@@ -379,17 +427,9 @@ class PretrainingRun:
     def _setup_data(self) -> None:
         """The model config (objective first: it picks the tokenizer), tokenizer, datasets, loaders."""
         cfg, train, acc = self.cfg, self.cfg.training, self.accelerator
-        from twinlm import TwinLMConfig
-
-        source = cfg.model.preset if cfg.model.preset is not None else str(cfg.model.config_file)
-        try:
-            # (special-token ids come from the tokenizer later; a preset's own may not fit its vocabulary)
-            probe = {**cfg.model.overrides, "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
-            probe_config = TwinLMConfig.from_preset(source, **probe)
-        except (ValueError, TypeError) as err:
-            raise TwinLMError(f"model ({source}): {err}") from None
-        check_sequence_length(cfg, probe_config)  # before minutes of tokenizer training, not after
+        probe_config = probe_model_config(cfg)
         self.tokenizer = build_tokenizer(cfg, acc, bool(probe_config.is_causal))
+        check_stop("the run has not started training; run the same command again to start it")
         self.model_config = build_model_config(cfg, self.tokenizer)
         self.causal = bool(self.model_config.is_causal)
 
@@ -418,7 +458,17 @@ class PretrainingRun:
         """Model (same initial weights on every process), optimizer and schedule, prepared by Accelerate."""
         cfg, train, acc = self.cfg, self.cfg.training, self.accelerator
         set_seed(train.seed)
-        model = build_model(self.model_config)
+        check_model_memory(self.model_config)
+        try:
+            model = build_model(self.model_config)
+        except (RuntimeError, MemoryError) as err:
+            if not is_out_of_memory(err):
+                raise
+            raise TwinLMError(
+                f"out of memory while building the model ({self.model_config.num_hidden_layers} layers, hidden "
+                f"size {self.model_config.hidden_size}, vocabulary {self.model_config.vocab_size}); lower "
+                "model.overrides"
+            ) from None
         self.n_params, n_flop_params = parameter_counts(model)
         self.flops_per_token = flops_per_token(
             n_flop_params,
@@ -489,9 +539,9 @@ class PretrainingRun:
     def run(self) -> dict[str, Any]:
         cfg, acc = self.cfg, None
         prepare_wandb_mode(cfg.logging.report_to, int(os.environ.get("RANK", "0")) == 0)
+        if int(os.environ.get("RANK", "0")) == 0:
+            ensure_output_dir(self.output_dir, "output_dir")
         self.accelerator = acc = build_accelerator(cfg.training, cfg.logging.report_to, cfg.output_dir)
-        if acc.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
         with RunLock(self.output_dir, enabled=acc.is_main_process):
             acc.wait_for_everyone()
             set_seed(cfg.training.seed)
@@ -564,23 +614,13 @@ class PretrainingRun:
         acc = self.accelerator
         if not model_is_finite(self.model):
             raise NonFiniteError(f"the model holds NaN/inf values: not exported to {target}")
-        tmp = target.with_name(target.name + ".tmp")
         state_dict = acc.get_state_dict(self.model)  # gathers ZeRO-3 shards: every process takes part
         if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
             model = acc.unwrap_model(self.model)
             state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
-            try:
+            with atomic_folder(target, "the exported model (the checkpoints are intact)") as tmp:
                 model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
                 self.tokenizer.save_pretrained(tmp)
-            except OSError as err:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise TwinLMError(
-                    f"exporting {target} failed: {err.strerror or err} ({err.filename or tmp}); "
-                    f"{shutil.disk_usage(tmp.parent).free / 1e6:,.1f} MB free; the checkpoints are intact"
-                ) from None
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(tmp, target)
         acc.wait_for_everyone()
         return target
 
@@ -601,13 +641,13 @@ class PretrainingRun:
                 "datasets": [s.hub for s in self.cfg.data.sources if s.hub],
                 "metrics": {k: summary[k] for k in ("val_loss", "val_ppl", "val_accuracy") if k in summary},
             }
-            (final_dir / "training_info.json").write_text(json.dumps(info, indent=2))
+            write_json_atomic(final_dir / "training_info.json", info, "the model card's training info")
         if self.hub is not None:
             if final_dir is not None:
                 self.hub.submit(final_dir, f"twinlm pretraining: step {state.step}")
             summary.update(self.hub.finish())
             if acc.is_main_process:
-                (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+                write_json_atomic(self.output_dir / "summary.json", summary, "the run summary")
             self.hub.check(summary, final_dir or Path(summary["checkpoint"]))
         acc.wait_for_everyone()
         acc.end_training()  # also tears down the process group
@@ -641,7 +681,7 @@ class PretrainingRun:
             **{f"initial_{k}": v for k, v in state.initial_eval.items()},
         }
         if acc.is_main_process:
-            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            write_json_atomic(self.output_dir / "summary.json", summary, "the run summary")
             plot = plot_training_curves(
                 read_metrics(self.logger.metrics.path),
                 self.output_dir / "loss_curve.png",
