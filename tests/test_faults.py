@@ -238,7 +238,8 @@ def test_a_run_whose_hub_pushes_all_fail_says_so(
     def refuse(*args: object, **kwargs: object) -> str:
         raise twinlm.hub.HubPushError("connection refused by the Hub")
 
-    monkeypatch.setattr(twinlm.hub, "push_folder", refuse)
+    monkeypatch.setattr(twinlm.hub, "check_can_push", lambda token=None: "hf_not_a_real_token")
+    monkeypatch.setattr(twinlm.hub, "upload", refuse)  # every commit of every push fails
     out = tmp_path / "run"
     overrides = ["hub.push=true", "hub.repo_id=tester/never", f"hub.allow_failure={str(allow).lower()}"]
     cfg = config(assets, out, max_steps=2, save_every=0, eval_every=0)

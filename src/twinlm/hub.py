@@ -1,8 +1,8 @@
 """Publishing to the Hugging Face Hub: push a saved model folder, or checkpoints in the background.
 
 - `push_folder` uploads one folder (model export + generated model card) with retries on transient errors.
-- `BackgroundPusher` pushes checkpoints from a single worker thread while training goes on; failures are
-  logged and collected, never raised into the training loop.
+- `BackgroundPusher` pushes checkpoints on huggingface_hub's own background queue (`HfApi.run_as_future`)
+  while training goes on; failures are logged and collected, never raised into the training loop.
 - `twinlm push DIR REPO_ID` is the command-line front end.
 
 The token comes from huggingface_hub's usual places (`HF_TOKEN`, `hf auth login`) and is only ever
@@ -16,14 +16,12 @@ import argparse
 import fnmatch
 import logging
 import os
-import queue
 import re
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -193,28 +191,32 @@ def check_can_push(token: str | None = None) -> str:
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
+    """A hard link (no copy, and it outlives the source's deletion: a rotated checkpoint), else a copy."""
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
-        target.symlink_to(source.resolve())
-    except OSError:  # no symlinks here (e.g. Windows without developer mode): a hard link, else a copy
-        try:
-            os.link(source, target)
-        except OSError:
-            shutil.copy2(source, target)
+        os.link(source, target)
+    except OSError:  # another file system, or no hard links here
+        shutil.copy2(source, target)
 
 
-def _stage_with_card(folder: Path, staging: Path, patterns: list[str], card_kwargs: dict[str, Any]) -> None:
-    """Fill `staging` with links to the folder's files plus a freshly generated model card, so the card
-    goes up in the same commit without touching `folder`. README.md / loss_curve.png are not linked
-    before the card is written: writing through a link would overwrite the user's files."""
+def stage(folder: Path, staging: Path, patterns: list[str], card_kwargs: dict[str, Any] | None) -> Path:
+    """What one push uploads: the folder's files (hard links, never copies where links work) minus the
+    ignored ones, plus a freshly generated model card when the folder has none or `card_kwargs` are given
+    (README.md / loss_curve.png are not linked before the card is written: writing through a link would
+    overwrite the user's files). `folder` itself is never written to. Returns `staging`."""
     generated = {CARD_FILE, LOSS_CURVE_FILE}
+    own_card = (folder / CARD_FILE).exists() and card_kwargs is None
+    staging.mkdir(parents=True, exist_ok=True)
     for path in sorted(folder.rglob("*")):
         relative = path.relative_to(folder).as_posix()
-        if path.is_file() and relative not in generated and not _is_ignored(relative, patterns):
-            _link_or_copy(path, staging / relative)
-    write_model_card(staging, **card_kwargs)
-    if not (staging / LOSS_CURVE_FILE).exists() and (folder / LOSS_CURVE_FILE).is_file():
-        _link_or_copy(folder / LOSS_CURVE_FILE, staging / LOSS_CURVE_FILE)
+        if not path.is_file() or _is_ignored(relative, patterns) or (relative in generated and not own_card):
+            continue
+        _link_or_copy(path, staging / relative)
+    if not own_card and (folder / "config.json").is_file():
+        write_model_card(staging, **(card_kwargs or {}))
+        if not (staging / LOSS_CURVE_FILE).exists() and (folder / LOSS_CURVE_FILE).is_file():
+            _link_or_copy(folder / LOSS_CURVE_FILE, staging / LOSS_CURVE_FILE)
+    return staging
 
 
 def push_folder(
@@ -234,40 +236,57 @@ def push_folder(
     main if needed) and return the commit URL. A model card is generated into the upload (never into
     `folder`) when the folder has none or `card_kwargs` (write_model_card arguments) are given; otherwise
     the folder's own README.md goes up as it is."""
-    from huggingface_hub import HfApi
-
     folder = Path(folder)
     if not folder.is_dir():
         raise HubPushError(
             f"cannot push {folder}: no such folder (expected a folder written by save_pretrained)"
         )
     token = check_can_push(token)
-    patterns = ignore_patterns(include_training_state)
+    with tempfile.TemporaryDirectory(prefix="twinlm-push-") as tmp:
+        patterns = ignore_patterns(include_training_state)
+        staged = stage(folder, Path(tmp) / "upload", patterns, _card(repo_id, card_kwargs, folder))
+        return upload(
+            staged, repo_id, private=private, revision=revision, commit_message=commit_message,
+            token=token, max_retries=max_retries, retry_wait=retry_wait,
+        )  # fmt: skip
+
+
+def _card(repo_id: str, card_kwargs: dict[str, Any] | None, folder: Path) -> dict[str, Any] | None:
+    """The card's arguments (with the repo id) when one is generated; None keeps the folder's own card."""
+    if card_kwargs is None and (folder / CARD_FILE).exists():
+        return None
+    return {"repo_id": repo_id, **(card_kwargs or {})}
+
+
+def upload(
+    staged: Path,
+    repo_id: str,
+    *,
+    private: bool,
+    revision: str | None,
+    commit_message: str,
+    token: str,
+    max_retries: int = 5,
+    retry_wait: float = 1.0,
+) -> str:
+    """One commit of a staged folder (repo and branch created if needed), with twinlm's one layer of retries
+    for the calls huggingface_hub sends once; returns the commit URL."""
+    from huggingface_hub import HfApi
+
     api = HfApi(token=token)
-    what = f"push of {folder} to {repo_id}" + (f"@{revision}" if revision else "")
-    with tempfile.TemporaryDirectory(prefix="twinlm-card-") as tmp:
-        upload = folder
-        if (card_kwargs is not None or not (folder / CARD_FILE).exists()) and (
-            folder / "config.json"
-        ).is_file():
-            upload = Path(tmp)
-            _stage_with_card(folder, upload, patterns, {"repo_id": repo_id, **(card_kwargs or {})})
+    what = f"push of {staged.name} to {repo_id}" + (f"@{revision}" if revision else "")
 
-        def attempt() -> str:
-            api.create_repo(repo_id, private=private, exist_ok=True)
-            if revision and revision != "main":
-                api.create_branch(repo_id, branch=revision, exist_ok=True)
-            info = api.upload_folder(
-                folder_path=upload,
-                repo_id=repo_id,
-                revision=revision,
-                commit_message=commit_message,
-                ignore_patterns=list(patterns),  # upload_folder extends the list it is given
-            )
-            return str(info.commit_url) if hasattr(info, "commit_url") else str(info)
+    def attempt() -> str:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision and revision != "main":
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        info = api.upload_folder(
+            folder_path=staged, repo_id=repo_id, revision=revision, commit_message=commit_message
+        )
+        return str(info.commit_url) if hasattr(info, "commit_url") else str(info)
 
-        url = with_retries(attempt, what=what, max_retries=max_retries, retry_wait=retry_wait, token=token)
-    logger.info("pushed %s -> %s", folder, url)
+    url = with_retries(attempt, what=what, max_retries=max_retries, retry_wait=retry_wait, token=token)
+    logger.info("pushed %s -> %s", staged, url)
     return url
 
 
@@ -291,19 +310,14 @@ def _main_process() -> bool:
     return int(os.environ.get("RANK", "0") or 0) == 0
 
 
-@dataclass
-class _Job:
-    snapshot: Path
-    result: PushResult
-    card_kwargs: dict[str, Any] | None = field(default=None)
-
-
 class BackgroundPusher:
-    """Pushes checkpoint folders from one worker thread, in submission order, without blocking training.
+    """Pushes on huggingface_hub's own background queue (`HfApi.run_as_future`: one worker, in submission
+    order; what transformers' Trainer uses for every-save pushes), without blocking training.
 
-    `submit` copies the folder (minus training state unless asked) to a temp dir first, so the training
-    loop may overwrite or rotate the checkpoint at once. Errors never reach the caller: each is logged as a
-    warning and kept in `failures`. `close()` waits for the queue and returns every PushResult.
+    Each push is one snapshot: the folder's files hard-linked into a staging folder (so the training loop
+    may rotate a checkpoint at once), or, for a folder written only for this push (`owned=True`, e.g. an
+    export into `snapshot_folder()`), that folder itself. Errors never reach the caller: each is logged as
+    a warning and kept in its PushResult; `close()` waits for the futures and returns every result.
     Only the main process pushes: on other ranks (RANK != 0, or enabled=False) submit does nothing.
     """
 
@@ -321,19 +335,13 @@ class BackgroundPusher:
     ) -> None:
         self.repo_id, self.private, self.revision = repo_id, private, revision
         self._token = token  # never shown: excluded from repr and logs
-        self.include_training_state = include_training_state
+        self.patterns = ignore_patterns(include_training_state)
         self.max_retries, self.retry_wait = max_retries, retry_wait
         self.enabled = _main_process() if enabled is None else enabled
         self.results: list[PushResult] = []
-        self.failures: list[PushResult] = []
-        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._futures: list[Any] = []
+        self._api: Any = None
         self._tmp = Path(tempfile.mkdtemp(prefix="twinlm-push-")) if self.enabled else None
-        self._closed = False
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        if self.enabled:
-            self._thread = threading.Thread(target=self._work, name="twinlm-hub-push", daemon=True)
-            self._thread.start()
 
     def __repr__(self) -> str:
         return (
@@ -349,44 +357,64 @@ class BackgroundPusher:
     @property
     def pending(self) -> int:
         """Pushes submitted but not finished."""
-        return self._queue.unfinished_tasks
+        return sum(not f.done() for f in self._futures)
+
+    @property
+    def failures(self) -> list[PushResult]:
+        return [r for r in self.results if r.error is not None]
+
+    def snapshot_folder(self, name: str) -> Path:
+        """A fresh path in the pusher's own space to export a model into and submit with owned=True."""
+        if self._tmp is None:
+            return (
+                Path(tempfile.gettempdir()) / f"twinlm-unused-{name}"
+            )  # never written: not the main process
+        return self._tmp / f"{len(self.results):05d}-{name}"
 
     def submit(
-        self, folder: str | Path, commit_message: str, card_kwargs: dict[str, Any] | None = None
+        self,
+        folder: str | Path,
+        commit_message: str,
+        card_kwargs: dict[str, Any] | None = None,
+        owned: bool = False,
     ) -> None:
-        """Snapshot `folder` and queue its push; returns at once (after the local copy)."""
+        """Stage `folder` (links, or the folder itself when `owned`) and queue its push; returns at once."""
         if not self.enabled:
             return
+        assert self._tmp is not None
+        folder = Path(folder)
         result = PushResult(folder=str(folder), commit_message=commit_message)
-        with self._lock:
-            self.results.append(result)
-            if self._closed:
-                self._fail(result, "submitted after close()")
-                return
+        self.results.append(result)
         try:
-            snapshot = self._snapshot(Path(folder), len(self.results))
+            token = check_can_push(self._token)
+            card = _card(self.repo_id, card_kwargs, folder)
+            staging = folder if owned else self._tmp / f"{len(self.results):05d}-{folder.name}"
+            if owned:
+                if card is not None:
+                    write_model_card(folder, **card)
+            else:
+                stage(folder, staging, self.patterns, card)
         except Exception as err:  # noqa: BLE001 - the training loop must go on
-            self._fail(result, f"could not snapshot the folder: {_describe(err, self._token)}")
+            self._fail(result, f"could not stage the folder: {_describe(err, self._token)}")
             return
-        self._queue.put(_Job(snapshot=snapshot, result=result, card_kwargs=card_kwargs))
+        if self._api is None:
+            from huggingface_hub import HfApi
+
+            self._api = HfApi(token=token)
+        self._futures.append(self._api.run_as_future(self._push, staging, result, token))
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until every submitted push has finished (True), or `timeout` seconds passed (False)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self._queue.unfinished_tasks:
-            if deadline is not None and time.monotonic() > deadline:
-                return False
-            time.sleep(0.02)
-        return True
+        from concurrent.futures import wait
+
+        return not wait(self._futures, timeout=timeout).not_done
 
     def close(self, wait: bool = True) -> list[PushResult]:
-        """Stop accepting pushes; with wait=True finish the queued ones first. Returns all results so far."""
-        with self._lock:
-            already, self._closed = self._closed, True
-        if self._thread is not None and not already:
-            self._queue.put(None)
-        if wait and self._thread is not None:
-            self._thread.join()
+        """With wait=True, wait for every queued push; remove the staging space. Returns all results."""
+        if wait:
+            self.wait()
+        if self._tmp is not None and not self.pending:
+            shutil.rmtree(self._tmp, ignore_errors=True)
         if self.failures:
             logger.warning(
                 "%d of %d pushes to %s failed; first: %s",
@@ -397,57 +425,26 @@ class BackgroundPusher:
             )
         return list(self.results)
 
-    # -- worker side --------------------------------------------------------------------------------
-    def _snapshot(self, folder: Path, index: int) -> Path:
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{folder} is not a folder")
-        assert self._tmp is not None
-        target = self._tmp / f"{index:05d}-{folder.name}"
-        patterns = ignore_patterns(self.include_training_state)
-        for path in sorted(folder.rglob("*")):
-            relative = path.relative_to(folder).as_posix()
-            if path.is_file() and not _is_ignored(relative, patterns):
-                (target / relative).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(path, target / relative)
-        target.mkdir(parents=True, exist_ok=True)
-        return target
-
     def _fail(self, result: PushResult, reason: str) -> None:
         result.error = reason
-        self.failures.append(result)
         logger.warning(
             "push of %s to %s failed (training continues): %s", result.folder, self.repo_id, reason
         )
 
-    def _work(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                if self._tmp is not None:
-                    shutil.rmtree(self._tmp, ignore_errors=True)
-                self._queue.task_done()
-                return
-            start = time.perf_counter()
-            try:
-                job.result.url = push_folder(
-                    job.snapshot,
-                    self.repo_id,
-                    private=self.private,
-                    revision=self.revision,
-                    commit_message=job.result.commit_message,
-                    token=self._token,
-                    max_retries=self.max_retries,
-                    retry_wait=self.retry_wait,
-                    include_training_state=self.include_training_state,
-                    card_kwargs=job.card_kwargs,
-                )
-            except Exception as err:  # noqa: BLE001 - never let a push kill the run
-                reason = str(err) if isinstance(err, HubPushError) else _describe(err, self._token)
-                self._fail(job.result, reason)
-            finally:
-                job.result.seconds = time.perf_counter() - start
-                shutil.rmtree(job.snapshot, ignore_errors=True)
-                self._queue.task_done()
+    def _push(self, staging: Path, result: PushResult, token: str) -> None:
+        """On huggingface_hub's worker: one commit; the outcome goes into `result`, never raised."""
+        start = time.perf_counter()
+        try:
+            result.url = upload(
+                staging, self.repo_id, private=self.private, revision=self.revision,
+                commit_message=result.commit_message, token=token, max_retries=self.max_retries,
+                retry_wait=self.retry_wait,
+            )  # fmt: skip
+        except Exception as err:  # noqa: BLE001 - never let a push kill the run
+            self._fail(result, str(err) if isinstance(err, HubPushError) else _describe(err, self._token))
+        finally:
+            result.seconds = time.perf_counter() - start
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 # -- command line -----------------------------------------------------------------------------------

@@ -220,8 +220,14 @@ class HubPublisher:
             hub.repo_id, private=hub.private, revision=hub.revision, enabled=enabled
         )
 
-    def submit(self, folder: Path, message: str, card_kwargs: dict[str, Any] | None = None) -> None:
-        self.pusher.submit(folder, message, card_kwargs=card_kwargs)
+    def submit(
+        self, folder: Path, message: str, card_kwargs: dict[str, Any] | None = None, owned: bool = False
+    ) -> None:
+        self.pusher.submit(folder, message, card_kwargs=card_kwargs, owned=owned)
+
+    def snapshot_folder(self, name: str) -> Path:
+        """Where to export a model that is pushed once and then removed (submit it with owned=True)."""
+        return self.pusher.snapshot_folder(name)
 
     def finish(self) -> dict[str, Any]:
         """Wait for the queue; {'hub_pushes', 'hub_pushes_ok', 'hub_failures'} for the summary."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -602,11 +601,10 @@ class PretrainingRun:
             acc, self.output_dir, step, engine.state.state_dict(), self.cfg.training.keep_last, estimate
         )
         if self.hub is not None and self.cfg.hub.push_checkpoints and not existed:
-            # The Hub gets a loadable model (not the optimizer state) for each checkpoint, in the background.
-            snapshot = self._export(self.output_dir / "hub-snapshot")
-            self.hub.submit(snapshot, f"twinlm pretraining: checkpoint at step {step}")
-            if acc.is_main_process:  # submit() took its own copy: leave no second model behind
-                shutil.rmtree(snapshot, ignore_errors=True)
+            # The Hub gets a loadable model (not the optimizer state) for each checkpoint, in the background:
+            # exported once, into the pusher's own space, and removed there once pushed.
+            snapshot = self._export(self.hub.snapshot_folder(f"step-{step}"))
+            self.hub.submit(snapshot, f"twinlm pretraining: checkpoint at step {step}", owned=True)
         return path
 
     def _export(self, target: Path) -> Path:
