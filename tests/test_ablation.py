@@ -103,17 +103,29 @@ def test_ablation_runs_measures_and_answers(base_run, monkeypatch):
     seeds = [r["values"]["val_loss"] for r in result["runs"] if r["variant"] == "scaled"]
     assert seeds[0] != seeds[1]
     # the answer follows from the numbers
+    # the answer follows from the numbers: a paired t-test over the two seeds (scipy's, computed here)
+    from scipy.stats import ttest_rel
+
     ans = result["answer"]
     a, b = table["scaled"]["val_loss"], table["unscaled"]["val_loss"]
-    assert ans["measurable"] == (abs(a["mean"] - b["mean"]) > a["std"] + b["std"])
+    assert ans["measurable"] == (ttest_rel(a["values"], b["values"]).pvalue < 0.05)
     assert ("no measurable difference" in ans["text"]) == (not ans["measurable"])
+    assert "paired t-test over 2 seeds, p = " in ans["text"]
     claim = ans["claims"][0]
-    sa, su = table["scaled"]["saturation"], table["unscaled"]["saturation"]
-    advantage, spread = su["mean"] - sa["mean"], sa["std"] + su["std"]
-    expected = (
-        "agrees" if advantage > spread else "disagrees" if -advantage > spread else "no measurable difference"
-    )
-    assert claim["verdict"] == expected
+    sa, su = table["scaled"]["saturation"]["values"], table["unscaled"]["saturation"]["values"]
+    differences = [x - y for x, y in zip(sa, su, strict=True)]
+    if len(set(differences)) == 1:  # no spread between the seeds: no test
+        assert claim["verdict"] == "untested"
+    else:
+        p_value = ttest_rel(sa, su).pvalue
+        expected = (
+            "no measurable difference"
+            if p_value >= 0.05
+            else "agrees"
+            if sum(differences) < 0
+            else "disagrees"
+        )
+        assert claim["verdict"] == expected and claim["test"]["p_value"] == pytest.approx(p_value)
     report = (out / "report.md").read_text()
     assert "Textbook claim scaled vs unscaled on saturation" in report
     assert question["question"] in report and "Measured answer" in report and "results.png" in report
@@ -250,7 +262,7 @@ def test_index_of_several_questions(tmp_path):
     }
     path = write_index({"01-q": result}, {"01-q": 12.3}, tmp_path)
     text = path.read_text()
-    assert "[Does it matter?](01-q/report.md) | a is best | 1 / 1 / 0 | 12 |" in text
+    assert "[Does it matter?](01-q/report.md) | a is best | 1 / 1 / 0 / 0 | 12 |" in text
     assert "Total wall time: 12 s over 1 question(s)." in text
 
 

@@ -2,11 +2,12 @@
 
 An ablation config is one base pretraining run (a run config plus overrides: model, data, budget) and
 named variants (more overrides), trained with the same data order, seeds and budget, at least two seeds
-each so that differences are judged against the seed-to-seed spread. Each run is a normal twinlm run
-(resumable; finished runs are not rerun). After training, the measurements the config names are taken
-on each final model (see MEASURES). The report (report.md, results.json, PNG plots) gives the table,
-a short answer computed from the numbers ("no measurable difference" where the gap is within the
-spread) and flags where the numbers disagree with the textbook answer.
+each. Each run is a normal twinlm run (resumable; finished runs are not rerun, runs whose inputs changed
+are). After training, the measurements the config names are taken on each final model (see MEASURES). The
+report (report.md, results.json, PNG plots) gives the table and a short answer computed from the numbers:
+two variants are compared seed by seed with a paired t-test (twinlm.stats), the difference, its 95%
+interval and the p-value are printed, "no measurable difference" where p >= 0.05; each textbook claim is
+marked as agreeing or DISAGREEING with the measurement.
 
     twinlm ablate configs/ablations/02-scaled-attention.yaml --out docs/ablations/02-scaled-attention
 """
@@ -29,6 +30,8 @@ from pydantic import Field, PositiveInt, ValidationError, field_validator, model
 from twinlm.config import Section, build_config, flatten_overrides, format_validation_error
 from twinlm.errors import TwinLMError
 from twinlm.fileio import read_json
+from twinlm.stats import Comparison as StatComparison
+from twinlm.stats import compare, summarize
 
 MEASURES_FILE = "measures.json"
 
@@ -560,9 +563,9 @@ def run_variant(config: AblationConfig, name: str, seed: int, runs: Path) -> dic
     }
 
 
-def _aggregate(runs: list[dict[str, Any]], variants: list[str]) -> dict[str, dict[str, dict[str, float]]]:
-    """variant -> metric -> {mean, std, n} over seeds (numbers only)."""
-    table: dict[str, dict[str, dict[str, float]]] = {}
+def _aggregate(runs: list[dict[str, Any]], variants: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
+    """variant -> metric -> {mean, std, n, values (one per seed, in the question's seed order)}."""
+    table: dict[str, dict[str, dict[str, Any]]] = {}
     for name in variants:
         values = [r["values"] for r in runs if r["variant"] == name]
         keys = [
@@ -570,20 +573,18 @@ def _aggregate(runs: list[dict[str, Any]], variants: list[str]) -> dict[str, dic
             for k in values[0]
             if all(isinstance(v.get(k), (int, float)) and not isinstance(v.get(k), bool) for v in values)
         ]
-        table[name] = {
-            k: {
-                "mean": statistics.fmean(v[k] for v in values),
-                "std": statistics.stdev([v[k] for v in values]) if len(values) > 1 else 0.0,
-                "n": len(values),
-            }
-            for k in keys
-        }
+        table[name] = {k: dataclasses.asdict(summarize([v[k] for v in values])) for k in keys}
     return table
 
 
-def answer(config: AblationConfig, table: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
-    """The best variant on the metric, whether its lead over the runner-up exceeds the seed spread,
-    and whether that agrees with the textbook's expected winner."""
+def _comparison(table: dict, a: str, b: str, metric: str) -> StatComparison:
+    """a - b on `metric`, seed by seed (every variant runs the same seeds: a paired t-test)."""
+    return compare(table[a][metric]["values"], table[b][metric]["values"], paired=True)
+
+
+def answer(config: AblationConfig, table: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """The best variant on the metric, whether its lead over the runner-up is significant (paired t-test over
+    the seeds), and whether that agrees with the textbook's expected winner."""
     metric = config.metric
     scored = {
         name: row[metric]
@@ -594,22 +595,19 @@ def answer(config: AblationConfig, table: dict[str, dict[str, dict[str, float]]]
         return {"text": f"not enough finite {metric} values to compare", "winner": None, "measurable": False}
     order = sorted(scored, key=lambda n: scored[n]["mean"], reverse=not config.lower_is_better)
     best, second = order[0], order[1]
-    gap = abs(scored[best]["mean"] - scored[second]["mean"])
-    spread = scored[best]["std"] + scored[second]["std"]
-    measurable = gap > spread
+    lead = _comparison(table, best, second, metric)
+    measurable = lead.significant
+    numbers = f"{scored[best]['mean']:.4f} vs {second} {scored[second]['mean']:.4f}: {lead.describe()}"
     text = (
-        f"{best} is best on {metric} ({scored[best]['mean']:.4f} vs {second} {scored[second]['mean']:.4f}, "
-        f"gap {gap:.4f} vs seed spread {spread:.4f})"
+        f"{best} is best on {metric} ({numbers})"
         if measurable
-        else f"no measurable difference on {metric} between {best} and {second} (gap {gap:.4f} within the seed "
-        f"spread {spread:.4f})"
+        else f"no measurable difference on {metric} between {best} and {second} ({numbers})"
     )
     disagrees = None
-    if config.expect is not None:
-        expected = scored.get(config.expect)
-        beaten = expected is not None and any(
-            (scored[n]["mean"] < expected["mean"]) == config.lower_is_better
-            and abs(scored[n]["mean"] - expected["mean"]) > scored[n]["std"] + expected["std"]
+    if config.expect is not None and config.expect in scored:
+        beaten = any(
+            (scored[n]["mean"] < scored[config.expect]["mean"]) == config.lower_is_better
+            and _comparison(table, n, config.expect, metric).significant
             for n in scored
             if n != config.expect
         )
@@ -623,32 +621,42 @@ def answer(config: AblationConfig, table: dict[str, dict[str, dict[str, float]]]
         "text": text,
         "winner": best if measurable else None,
         "measurable": measurable,
+        "test": dataclasses.asdict(lead),
         "disagrees": disagrees or any(c["verdict"] == "disagrees" for c in claims),
         "claims": claims,
     }
 
 
 def check_claim(config: AblationConfig, claim: Comparison, table: dict) -> dict[str, Any]:
-    """Does `better` beat `worse` by more than their summed seed spread (agrees), the reverse (disagrees),
-    or neither (no measurable difference)?"""
+    """Does `better` beat `worse` significantly (agrees), the reverse (disagrees), or neither (no measurable
+    difference; untested with too few seeds)? Paired t-test over the seeds."""
     metric = claim.metric or config.metric
     lower = config.lower_is_better if claim.lower_is_better is None else claim.lower_is_better
     a, b = table[claim.better].get(metric), table[claim.worse].get(metric)
     if a is None or b is None:
         return {"text": f"{claim.better} vs {claim.worse}: {metric} not measured for both", "verdict": None}
-    advantage = (b["mean"] - a["mean"]) if lower else (a["mean"] - b["mean"])
-    spread = a["std"] + b["std"]
+    test = _comparison(table, claim.better, claim.worse, metric)
+    advantage = -test.difference if lower else test.difference
     verdict = (
-        "agrees" if advantage > spread else "disagrees" if -advantage > spread else "no measurable difference"
+        ("agrees" if advantage > 0 else "disagrees")
+        if test.significant
+        else ("no measurable difference" if test.tested else "untested")
     )
     text = (
-        f"{claim.better} vs {claim.worse} on {metric}: {a['mean']:.4g} vs {b['mean']:.4g} "
-        f"(spread {spread:.2g}): "
-        + {"agrees": "agrees with the textbook", "disagrees": "DISAGREES with the textbook"}.get(
-            verdict, verdict
-        )
+        f"{claim.better} vs {claim.worse} on {metric}: {a['mean']:.4g} vs {b['mean']:.4g}, {test.describe()}: "
+        + {
+            "agrees": "agrees with the textbook",
+            "disagrees": "DISAGREES with the textbook",
+        }.get(verdict, verdict)
     )
-    return {"better": claim.better, "worse": claim.worse, "metric": metric, "verdict": verdict, "text": text}
+    return {
+        "better": claim.better,
+        "worse": claim.worse,
+        "metric": metric,
+        "verdict": verdict,
+        "test": dataclasses.asdict(test),
+        "text": text,
+    }
 
 
 def _folders(path: str | Path, out: str | Path | None, runs_dir: str | Path | None) -> tuple[Path, Path]:
@@ -726,7 +734,8 @@ def format_report(config: AblationConfig, result: dict[str, Any], plots: list[Pa
         "",
         *(f"- Textbook claim {c['text']}." for c in result["answer"].get("claims", [])),
         "",
-        f"{len(config.seeds)} seeds per variant (mean ± std); base run `{config.base.config}` with "
+        f"{len(config.seeds)} seeds per variant (mean ± std); differences judged with a paired t-test over the "
+        f"seeds (scipy.stats.ttest_rel) at the 0.05 level; base run `{config.base.config}` with "
         f"`{json.dumps(config.base.overrides)}`.",
         "",
         "| variant | overrides | " + " | ".join(columns) + " |",
@@ -787,12 +796,15 @@ def write_index(results: dict[str, dict[str, Any]], seconds: dict[str, float], o
         "",
         "Written by `make ablate` (`twinlm ablate configs/ablations/*.yaml`); each link is a full report.",
         "",
-        "| question | measured answer | textbook claims (agree / disagree / no measurable difference) | wall s |",
+        "| question | measured answer | textbook claims (agree / disagree / no measurable difference / untested) "
+        "| wall s |",
         "|---|---|---|---|",
     ]
     for name, result in results.items():
         claims = [c.get("verdict") for c in result["answer"].get("claims", [])]
-        counts = " / ".join(str(claims.count(v)) for v in ("agrees", "disagrees", "no measurable difference"))
+        counts = " / ".join(
+            str(claims.count(v)) for v in ("agrees", "disagrees", "no measurable difference", "untested")
+        )
         lines.append(
             f"| [{result['question']}]({name}/report.md) | {result['answer']['text']} | {counts} | "
             + (f"{seconds[name]:.0f} |" if name in seconds else "n/a |")

@@ -1,0 +1,130 @@
+"""The one statistics helper of `twinlm evaluate` and `twinlm ablate`: a named test, stated in every report.
+
+Two models (or variants) run with the same seeds are compared seed by seed with a **paired t-test**
+(scipy.stats.ttest_rel: the seed fixes the data order and the initialisation, so the per-seed differences
+are what varies); runs with other seeds with **Welch's t-test** (ttest_ind, unequal variances). Every
+comparison reports the mean difference, its 95% confidence interval, the p-value, the test and the number of
+seeds; "no measurable difference" when p >= alpha (0.05 unless said otherwise), and "untested" when there
+are too few seeds (fewer than 2 per side) or the seeds do not vary.
+
+    from twinlm.stats import compare, summarize
+    gain = compare(checkpoint_scores, control_scores, paired=True)
+    print(gain.describe("points", scale=100))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import warnings
+from collections.abc import Sequence
+
+ALPHA = 0.05
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    """Mean and sample standard deviation of one quantity over seeds."""
+
+    mean: float
+    std: float
+    n: int
+    values: tuple[float, ...]
+
+
+def summarize(values: Sequence[float]) -> Summary:
+    values = tuple(float(v) for v in values)
+    if not values:
+        raise ValueError("summarize: no values")
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return Summary(statistics.fmean(values), std, len(values), values)
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """`a` - `b`: the mean difference, its 95% interval and the p-value of the named test."""
+
+    test: str  # "paired t-test", "Welch's t-test", or "untested: <why>"
+    difference: float
+    low: float | None
+    high: float | None
+    p_value: float | None
+    n_a: int
+    n_b: int
+    alpha: float = ALPHA
+
+    @property
+    def tested(self) -> bool:
+        return self.p_value is not None
+
+    @property
+    def significant(self) -> bool:
+        """p < alpha (never for an untested comparison)."""
+        return self.p_value is not None and self.p_value < self.alpha
+
+    @property
+    def seeds(self) -> str:
+        return f"{self.n_a} seeds" if self.n_a == self.n_b else f"{self.n_a} vs {self.n_b} seeds"
+
+    def describe(self, unit: str = "", scale: float = 1.0, digits: int = 4) -> str:
+        """'+3.37 points (95% CI [+1.6, +5.1]; paired t-test over 3 seeds, p = 0.017)'."""
+        value = f"{self.difference * scale:+.{digits}g}{' ' + unit if unit else ''}"
+        if not self.tested:
+            return f"{value} ({self.test}, {self.seeds})"
+        level = f"{(1 - self.alpha) * 100:g}%"
+        interval = f"{level} CI [{self.low * scale:+.{digits}g}, {self.high * scale:+.{digits}g}]"
+        return f"{value} ({interval}; {self.test} over {self.seeds}, p = {self.p_value:.3g})"
+
+    def verdict(self) -> str:
+        """'significant at 0.05', 'no measurable difference at 0.05' or 'untested'."""
+        if not self.tested:
+            return "untested"
+        return f"{'significant' if self.significant else 'no measurable difference'} at {self.alpha:g}"
+
+
+def _flat(values: list[float]) -> bool:
+    """No spread beyond floating-point rounding (a t-test of such values only measures the rounding)."""
+    return statistics.pstdev(values) <= 1e-9 * max(1.0, max(abs(v) for v in values))
+
+
+def compare(a: Sequence[float], b: Sequence[float], paired: bool = False, alpha: float = ALPHA) -> Comparison:
+    """Is mean(a) - mean(b) different from 0? Paired t-test over matched seeds (`paired`, equal lengths),
+    else Welch's t-test; untested with fewer than 2 values per side or no spread at all."""
+    from scipy import stats as scipy_stats
+
+    a, b = [float(v) for v in a], [float(v) for v in b]
+    if paired and len(a) != len(b):
+        raise ValueError(f"a paired comparison needs as many values on each side ({len(a)} vs {len(b)})")
+    difference = statistics.fmean(a) - statistics.fmean(b)
+    untested = None
+    if min(len(a), len(b)) < 2:
+        untested = "untested: one seed"
+    elif paired and _flat([x - y for x, y in zip(a, b, strict=True)]):
+        untested = "untested: the per-seed differences do not vary"
+    elif not paired and _flat(a) and _flat(b):
+        untested = "untested: the seeds do not vary"
+    if untested:
+        return Comparison(untested, difference, None, None, None, len(a), len(b), alpha)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # near-identical data: scipy warns, the test stands
+        result = scipy_stats.ttest_rel(a, b) if paired else scipy_stats.ttest_ind(a, b, equal_var=False)
+        interval = result.confidence_interval(1 - alpha)
+    p_value = float(result.pvalue)
+    if not math.isfinite(p_value):
+        return Comparison(
+            "untested: the test is undefined here", difference, None, None, None, len(a), len(b)
+        )
+    return Comparison(
+        "paired t-test" if paired else "Welch's t-test",
+        difference,
+        float(interval.low),
+        float(interval.high),
+        p_value,
+        len(a),
+        len(b),
+        alpha,
+    )
+
+
+__all__ = ["ALPHA", "Comparison", "Summary", "compare", "summarize"]
