@@ -60,12 +60,13 @@ def test_help_imports_nothing_heavy(argv: list[str]) -> None:
     assert "usage: twinlm" in result["help"]
 
 
-def test_auto_classes_know_twinlm_after_a_light_import(tmp_path) -> None:
+def test_auto_classes_know_twinlm_once_its_model_package_is_imported(tmp_path) -> None:
     code = textwrap.dedent(
         """
         import sys
         import twinlm
-        assert "torch" not in sys.modules
+        assert "torch" not in sys.modules  # import twinlm is light
+        import twinlm.model  # registers with the Auto classes (their public register calls)
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
         config = AutoConfig.for_model("twinlm", vocab_size=64, hidden_size=32, num_hidden_layers=1,
                                       num_attention_heads=2, intermediate_size=64, is_causal=True)
@@ -81,7 +82,7 @@ def test_auto_classes_know_twinlm_after_a_light_import(tmp_path) -> None:
     load = textwrap.dedent(
         """
         import sys
-        import twinlm
+        import twinlm.model
         from transformers import AutoModelForCausalLM
         print(type(AutoModelForCausalLM.from_pretrained(sys.argv[1])).__name__)
         """

@@ -186,11 +186,11 @@ def make_control(checkpoint: str, out: Path, seed: int, label: str | None = None
     if target.exists():
         print(f"making the control {target} again: the checkpoint's architecture or tokenizer changed")
     import torch
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     import twinlm
 
-    model_config = AutoConfig.from_pretrained(checkpoint)
+    model_config = twinlm.TwinLMConfig.from_pretrained(checkpoint)
     cls = twinlm.TwinLMForCausalLM if model_config.is_causal else twinlm.TwinLMForMaskedLM
     torch.manual_seed(seed)
     with atomic_folder(target, f"the control of {checkpoint}") as tmp:

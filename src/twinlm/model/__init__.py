@@ -10,7 +10,7 @@ from .modeling_twinlm import (
     TwinLMPreTrainedModel,
 )
 
-# Auto class -> model class. Registered with transformers' Auto classes when twinlm is imported, and
+# Auto class -> model class. Registered with transformers' Auto classes when this package is imported, and
 # written into every saved config's `auto_map` so that a process without twinlm can load any head of a
 # checkpoint with trust_remote_code=True (e.g. a sequence classifier from a masked-LM checkpoint).
 AUTO_CLASSES = {
