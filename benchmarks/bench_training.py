@@ -23,12 +23,13 @@ from common import (
     alternate,
     matmul_peak,
     median,
-    model_flops_per_token,
     ratio,
     repeats,
     run_single,
     training_memory,
 )
+
+from twinlm.training.tracking import model_flops_per_token
 
 
 @dataclass(frozen=True)

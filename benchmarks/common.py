@@ -223,20 +223,6 @@ def unique_parameters(model: Any) -> list[Any]:
     return list(seen.values())
 
 
-def model_flops_per_token(model: Any, num_layers: int, hidden: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x (parameters that multiply, i.e. all but position/segment tables)
-    + 12 x layers x hidden x seq_len for the attention scores (PaLM appendix B)."""
-    skip = ("position", "wpe", "token_type")
-    total = 0
-    seen: set[int] = set()
-    for name, p in model.named_parameters():
-        if id(p) in seen or any(s in name for s in skip):
-            continue
-        seen.add(id(p))
-        total += p.numel()
-    return 6.0 * total + 12.0 * num_layers * hidden * seq_len
-
-
 def training_memory(model: Any, step: Callable[[], Any]) -> dict[str, float]:
     """Bytes a training step holds at its peak, counted exactly from tensors:
 

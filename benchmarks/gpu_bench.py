@@ -32,10 +32,11 @@ from common import (
     alternate,
     machine_info,
     median,
-    model_flops_per_token,
     ratio,
     write_results,
 )
+
+from twinlm.training.tracking import model_flops_per_token
 
 # bf16 dense tensor-core peaks (FLOP/s) from the data sheets; the longest matching name wins.
 PEAK_BF16 = {

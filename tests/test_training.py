@@ -300,17 +300,20 @@ def test_latest_checkpoint_ignores_half_written_ones(tmp_path: Path) -> None:
 
 
 def test_flops_and_mfu_inputs() -> None:
-    from twinlm.training.tracking import Throughput, flops_per_token, peak_flops_per_device
+    from twinlm import TwinLMConfig, TwinLMForMaskedLM
+    from twinlm.training.tracking import model_flops_per_token, parameter_counts, peak_flops_per_device
 
     # 6N plus the attention term 12 * layers * hidden * seq_len
-    assert flops_per_token(1_000_000, 2, 64, 128) == 6_000_000 + 12 * 2 * 64 * 128
     assert peak_flops_per_device(123e12) == 123e12
-    meter = Throughput(flops_per_token=1e6, peak_flops_total=1e9)
-    meter.add(1000)
-    time.sleep(0.05)
-    rates = meter.measure()
-    assert 0 < rates["tokens_per_s"] < 1000 / 0.05 + 1
-    assert rates["mfu"] == pytest.approx(rates["tokens_per_s"] * 1e6 / 1e9)
+    config = TwinLMConfig.from_preset("tiny-bert-base", vocab_size=100)
+    model = TwinLMForMaskedLM(config)
+    total, multiplying = parameter_counts(model)
+    named = dict(model.named_parameters())  # tied weights once
+    lookups = sum(p.numel() for n, p in named.items() if "position" in n or "token_type" in n)
+    assert any("position" in n for n in named) and any("token_type" in n for n in named)
+    assert multiplying == total - lookups  # position and segment tables are read, not multiplied
+    layers, hidden = config.num_hidden_layers, config.hidden_size
+    assert model_flops_per_token(model, layers, hidden, 128) == 6 * multiplying + 12 * layers * hidden * 128
 
 
 # ------------------------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ import json
 import math
 import netrc
 import os
-import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -47,19 +46,25 @@ def peak_flops_per_device(override: float | None = None) -> float | None:
     return None
 
 
+# Embedding tables that are read (indexed), not multiplied: left out of the FLOP count. Token embeddings
+# count: tied to the LM head, they multiply there.
+LOOKUP_TABLES = ("position", "wpe", "token_type")
+
+
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
-    """(all parameters, parameters without position-embedding tables), counting tied weights once."""
+    """(all parameters, parameters that multiply: without position/segment lookup tables), counting tied
+    weights once."""
     seen: set[int] = set()
-    total = positions = 0
+    total = lookups = 0
     for name, param in model.named_parameters():
         if id(param) in seen:
             continue
         seen.add(id(param))
         n = getattr(param, "ds_numel", param.numel())  # ZeRO-3 partitions parameters
         total += n
-        if "position" in name:
-            positions += n
-    return total, total - positions
+        if any(table in name for table in LOOKUP_TABLES):
+            lookups += n
+    return total, total - lookups
 
 
 def flops_per_token(n_params: int, num_layers: int, hidden_size: int, seq_len: int) -> float:
@@ -70,34 +75,9 @@ def flops_per_token(n_params: int, num_layers: int, hidden_size: int, seq_len: i
     return 6.0 * n_params + 12.0 * num_layers * hidden_size * seq_len
 
 
-class Throughput:
-    """Tokens per second (all processes together) between two `measure` calls, and MFU from it."""
-
-    def __init__(self, flops_per_token: float, peak_flops_total: float | None) -> None:
-        self.flops_per_token = flops_per_token
-        self.peak_flops_total = peak_flops_total
-        self.reset()
-
-    def reset(self) -> None:
-        self._start = time.perf_counter()
-        self._tokens = 0
-
-    def add(self, tokens: int) -> None:
-        self._tokens += tokens
-
-    def pause(self) -> float:
-        """Mark the start of time that is not training (evaluation, checkpoints); see `resume`."""
-        return time.perf_counter()
-
-    def resume(self, paused_at: float) -> None:
-        self._start += time.perf_counter() - paused_at
-
-    def measure(self) -> dict[str, float | None]:
-        elapsed = max(time.perf_counter() - self._start, 1e-9)
-        tps = self._tokens / elapsed
-        mfu = tps * self.flops_per_token / self.peak_flops_total if self.peak_flops_total else None
-        self.reset()
-        return {"tokens_per_s": tps, "mfu": mfu}
+def model_flops_per_token(model: torch.nn.Module, num_layers: int, hidden_size: int, seq_len: int) -> float:
+    """`flops_per_token` of a model's multiplying parameters: the one MFU rule of training and benchmarks."""
+    return flops_per_token(parameter_counts(model)[1], num_layers, hidden_size, seq_len)
 
 
 def wandb_has_credentials() -> bool:
