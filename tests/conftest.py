@@ -59,3 +59,21 @@ def inject_nan_at(monkeypatch, step: int) -> None:
         return loss
 
     monkeypatch.setattr(Engine, "forward_backward_step", poisoned)
+
+
+def hold_run_lock(output_dir):
+    """A live process that holds OUTPUT_DIR's run lock (as a run in progress does); kill it to release."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, time\n"
+        "from twinlm.training.lock import RunLock\n"
+        "lock = RunLock(sys.argv[1]); lock.acquire()\n"
+        "print('held', flush=True); time.sleep(120)\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(output_dir)], stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout.readline().strip() == "held"
+    return holder

@@ -18,7 +18,7 @@ import pytest
 import test_training
 import torch
 import yaml
-from conftest import inject_nan_at
+from conftest import hold_run_lock, inject_nan_at
 
 from twinlm.errors import TwinLMError
 from twinlm.training import pretrain
@@ -152,7 +152,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_good_checkpoints(
     assert [c.name for c in list_checkpoints(out)] == ["checkpoint-3"]
     assert verify_checkpoint(out / "checkpoints" / "checkpoint-3") is None
     assert not (out / "final").exists() and not (out / "summary.json").exists()
-    assert not (out / LOCK_FILE).exists()  # released: a resume may start at once
+    assert not (out / LOCK_FILE).read_text()  # released: a resume may start at once
 
 
 def test_nonfinite_skip_skips_and_counts_the_step(
@@ -200,11 +200,8 @@ def test_disk_full_during_a_checkpoint(
 def test_a_second_run_on_the_same_output_dir_is_refused(assets: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "run"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = hold_run_lock(out)
     try:
-        import socket
-
-        (out / LOCK_FILE).write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname()}))
         with pytest.raises(TwinLMError, match=f"in use by another run \\(pid {holder.pid}") as err:
             pretrain(config(assets, out, max_steps=2))
         assert "\n" not in str(err.value) and not (out / "metrics.jsonl").exists()
@@ -226,7 +223,7 @@ def test_a_stale_lock_of_a_dead_run_is_taken_over(
     summary = pretrain(config(assets, out, max_steps=2, save_every=0, eval_every=0))
     assert summary["steps"] == 2
     assert f"taking over {out / LOCK_FILE} from a run that is gone (pid {dead.pid}" in capsys.readouterr().out
-    assert not (out / LOCK_FILE).exists()
+    assert not (out / LOCK_FILE).read_text()
 
 
 @pytest.mark.parametrize("allow", [False, True])

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import inject_nan_at
+from conftest import hold_run_lock, inject_nan_at
 from conftest_hub import hub_env, local_hub  # noqa: F401
 
 from twinlm.errors import TwinLMError
@@ -254,7 +254,7 @@ def test_a_nan_step_stops_fine_tuning_and_keeps_the_last_good_best_model(
     assert "\n" not in str(err.value)
     saved = json.loads((out / "best" / "eval_results.json").read_text())
     assert saved["step"] <= 2  # the best model of a step before the NaN, untouched
-    assert not (out / "metrics.json").exists() and not (out / LOCK_FILE).exists()
+    assert not (out / "metrics.json").exists() and not (out / LOCK_FILE).read_text()
 
     summary = finetune(config, ["training.nonfinite=skip"])  # skip the step instead, and count it
     assert summary["skipped_steps"] == 1 and summary["steps"] == 5
@@ -290,18 +290,19 @@ def test_ctrl_c_stops_after_the_step_and_keeps_the_best_model(mlm_ckpt, sentimen
 
 
 def test_a_second_run_on_the_same_output_dir_is_refused(mlm_ckpt, sentiment, tmp_path):
-    import socket
 
     from twinlm.finetune import finetune
-    from twinlm.training.lock import LOCK_FILE
 
     out = tmp_path / "run"
     out.mkdir()
-    owner = {"pid": os.getppid(), "host": socket.gethostname(), "started": 0}  # a live process
-    (out / LOCK_FILE).write_text(json.dumps(owner))
-    with pytest.raises(TwinLMError, match=r"output_dir .*run is in use by another run"):
-        finetune(seq_config(mlm_ckpt, sentiment, out, max_steps=1, baseline=False))
-    assert not (out / "best").exists()
+    holder = hold_run_lock(out)  # a run in progress
+    try:
+        with pytest.raises(TwinLMError, match=r"output_dir .*run is in use by another run"):
+            finetune(seq_config(mlm_ckpt, sentiment, out, max_steps=1, baseline=False))
+        assert not (out / "best").exists()
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_grad_accum_steps_like_the_full_batch_for_tagging(mlm_ckpt, tmp_path):

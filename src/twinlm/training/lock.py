@@ -1,4 +1,9 @@
-"""One run per output_dir: a lock file with the owner's pid and host, taken over when that process is dead."""
+"""One run per output_dir: an OS file lock (filelock) on OUTPUT_DIR/.twinlm-run.lock.
+
+The operating system releases the lock when the process holding it dies, so a crashed run never blocks
+the next one. The holder writes its pid and host into the file: a second run names them in its message,
+and a run that takes over from a dead one says so.
+"""
 
 from __future__ import annotations
 
@@ -8,24 +13,11 @@ import socket
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from twinlm.errors import TwinLMError
 
 LOCK_FILE = ".twinlm-run.lock"
-
-
-def _alive(pid: int) -> bool:
-    """Whether a process of this machine is running (a zombie, killed but not reaped, is not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 class RunLock:
@@ -34,8 +26,12 @@ class RunLock:
     def __init__(self, output_dir: Path, enabled: bool = True) -> None:
         self.path = Path(output_dir) / LOCK_FILE
         self.enabled = enabled
-        self.held = False
         self.owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        self._lock: Any = None
+
+    @property
+    def held(self) -> bool:
+        return self._lock is not None
 
     def __enter__(self) -> RunLock:
         if self.enabled:
@@ -47,48 +43,42 @@ class RunLock:
     ) -> None:
         self.release()
 
-    def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                self._take_over_if_stale()
-                continue
-            with os.fdopen(fd, "w") as fh:
-                json.dump(self.owner, fh)
-            self.held = True
-            return
-        raise TwinLMError(f"could not lock {self.path}: another run keeps taking it")
-
-    def _take_over_if_stale(self) -> None:
+    def _recorded_owner(self) -> dict[str, Any] | None:
         try:
             owner = json.loads(self.path.read_text())
-            pid, host = int(owner["pid"]), str(owner["host"])
-        except FileNotFoundError:
-            return
-        except (ValueError, KeyError, TypeError, OSError):
-            print(f"taking over {self.path}: unreadable (a run died while writing it)")
-            self.path.unlink(missing_ok=True)
-            return
-        here = host == socket.gethostname()
-        if here and pid == os.getpid():  # an earlier run in this process ended without releasing it
-            self.path.unlink(missing_ok=True)
-            return
-        if not here or _alive(pid):
+        except (OSError, ValueError):
+            return None
+        return owner if isinstance(owner, dict) and "pid" in owner else None
+
+    def acquire(self) -> None:
+        from filelock import FileLock, Timeout
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.path))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            owner = self._recorded_owner() or {}
             raise TwinLMError(
-                f"output_dir {self.path.parent} is in use by another run (pid {pid} on {host}); wait for it to "
-                f"finish or choose another output_dir (if that run is gone, delete {self.path})"
+                f"output_dir {self.path.parent} is in use by another run (pid {owner.get('pid', '?')} on "
+                f"{owner.get('host', '?')}); wait for it to finish or choose another output_dir"
+            ) from None
+        previous = self._recorded_owner()
+        if previous is not None:  # the lock was free: its last holder died without releasing it
+            print(
+                f"taking over {self.path} from a run that is gone (pid {previous['pid']} on "
+                f"{previous.get('host', '?')})"
             )
-        print(f"taking over {self.path} from a run that is gone (pid {pid} on {host})")
-        self.path.unlink(missing_ok=True)
+        self.path.write_text(json.dumps(self.owner))
+        self._lock = lock
 
     def release(self) -> None:
-        if not self.held:
+        """Clear the owner record and release the lock (the file stays: removing it races with a waiter)."""
+        if self._lock is None:
             return
         try:
-            if json.loads(self.path.read_text()).get("pid") == self.owner["pid"]:
-                self.path.unlink()
-        except (OSError, ValueError):
+            self.path.write_text("")
+        except OSError:
             pass
-        self.held = False
+        self._lock.release()
+        self._lock = None
