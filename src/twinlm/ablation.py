@@ -691,14 +691,24 @@ def run_ablation(
     """Run every (variant, seed) under `runs_dir` (default OUT/runs), measure, and write report.md,
     results.json and plots into `out` (default outputs/ablations/NAME). SIGINT/SIGTERM stop the whole
     question with its finished runs kept (`Interrupted`); the same command goes on from there."""
-    from twinlm.fileio import write_json_atomic, write_text_atomic
+    from twinlm.session import run_folder
     from twinlm.stopping import check_stop, stop_on_signal
 
     config = prepare_ablation(path, out, runs_dir, overrides)
     out, where = _folders(path, out, runs_dir)
-    with stop_on_signal():
-        runs = [run_variant(config, name, seed, where) for name in config.variants for seed in config.seeds]
-        check_stop(RESUME_HINT)
+    with run_folder(out, "--out"):  # one run of a question per folder at a time
+        with stop_on_signal():
+            runs = [
+                run_variant(config, name, seed, where) for name in config.variants for seed in config.seeds
+            ]
+            check_stop(RESUME_HINT)
+        return _report(config, runs, out)
+
+
+def _report(config: AblationConfig, runs: list[dict[str, Any]], out: Path) -> dict[str, Any]:
+    """results.json, report.md and the plots of a question whose runs are all finished."""
+    from twinlm.fileio import write_json_atomic, write_text_atomic
+
     table = _aggregate(runs, list(config.variants))
     result = {
         "question": config.question,

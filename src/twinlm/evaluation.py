@@ -415,27 +415,28 @@ def evaluate_checkpoints(
     Everything is checked before the first fine-tuning run (the suite, every task config with its
     overrides, the checkpoints, the output folder); SIGINT/SIGTERM stop the whole evaluation with its
     finished cells kept (`Interrupted`), and the same command goes on from there."""
-    from twinlm.fileio import atomic_file, ensure_output_dir, write_json_atomic, write_text_atomic
+    from twinlm.fileio import atomic_file, write_json_atomic, write_text_atomic
     from twinlm.model_folder import check_model_folder
+    from twinlm.session import run_folder
     from twinlm.stopping import check_stop, stop_on_signal
 
     suite, out = load_suite(suite_path, overrides), Path(out)
     for ckpt in checkpoints:
         check_model_folder(ckpt, "checkpoint", tokenizer=True)
-    ensure_output_dir(out, "--out")
-    with stop_on_signal():
-        splits = {
-            name: prepare_split(name, spec.split_from, out) if spec.split_from else {}
-            for name, spec in suite.tasks.items()
-        }
-        _check_cells(checkpoints, suite, out, splits)
-        results = [_score_model(m, suite, out, splits) for m in _models(checkpoints, suite)]
-        check_stop(RESUME_HINT)
-    report = build_results(results, suite)
-    write_json_atomic(out / "results.json", report, "the results")
-    write_text_atomic(out / "report.md", format_report(report), "the report")
-    with atomic_file(out / "results.png", "the plot") as tmp:
-        plot_results(report, tmp)
+    with run_folder(out, "--out"):  # one evaluation per folder at a time
+        with stop_on_signal():
+            splits = {
+                name: prepare_split(name, spec.split_from, out) if spec.split_from else {}
+                for name, spec in suite.tasks.items()
+            }
+            _check_cells(checkpoints, suite, out, splits)
+            results = [_score_model(m, suite, out, splits) for m in _models(checkpoints, suite)]
+            check_stop(RESUME_HINT)
+        report = build_results(results, suite)
+        write_json_atomic(out / "results.json", report, "the results")
+        write_text_atomic(out / "report.md", format_report(report), "the report")
+        with atomic_file(out / "results.png", "the plot") as tmp:
+            plot_results(report, tmp)
     print(format_report(report))
     print(f"\nreport: {out / 'report.md'}  results: {out / 'results.json'}  plot: {out / 'results.png'}")
     return report

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from twinlm.errors import TwinLMError, is_out_of_memory
-from twinlm.fileio import atomic_folder, ensure_output_dir, write_json_atomic
+from twinlm.fileio import atomic_folder, write_json_atomic
 from twinlm.finetune.baselines import run_baseline
 from twinlm.finetune.config import (
     FinetuneConfig,
@@ -44,6 +44,7 @@ from twinlm.finetune.config import (
 from twinlm.finetune.data import Split, encode_split, load_task, make_collator
 from twinlm.finetune.metrics import classification_scores, tagging_scores
 from twinlm.model_folder import check_model_folder, load_error
+from twinlm.session import run_folder
 from twinlm.training.components import HubPublisher, MetricsLogger, StopSignal
 from twinlm.training.engine import (
     Batch,
@@ -54,7 +55,6 @@ from twinlm.training.engine import (
     count_label_targets,
     model_is_finite,
 )
-from twinlm.training.lock import RunLock
 from twinlm.training.loop import build_accelerator
 from twinlm.training.optim import build_optimizer, build_scheduler
 from twinlm.training.tracking import init_tracking, prepare_wandb_mode
@@ -443,10 +443,8 @@ class Finetuner:
         start = time.perf_counter()
         cfg = self.cfg
         prepare_wandb_mode(cfg.logging.report_to, int(os.environ.get("RANK", "0")) == 0)
-        if int(os.environ.get("RANK", "0")) == 0:
-            ensure_output_dir(self.output_dir, "output_dir")
-        self.accelerator = acc = build_accelerator(cfg.training, cfg.logging.report_to, self.output_dir)
-        with RunLock(self.output_dir, enabled=acc.is_main_process):
+        with run_folder(self.output_dir, "output_dir"):
+            self.accelerator = acc = build_accelerator(cfg.training, cfg.logging.report_to, self.output_dir)
             acc.wait_for_everyone()
             self._setup_training(self._setup_task())
             baseline = self._start()

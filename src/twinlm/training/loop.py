@@ -34,7 +34,8 @@ from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Sa
 
 from twinlm.config import OptimizerSection
 from twinlm.errors import TwinLMError, is_out_of_memory
-from twinlm.fileio import atomic_folder, ensure_output_dir, write_json_atomic
+from twinlm.fileio import atomic_folder, write_json_atomic
+from twinlm.session import run_folder
 from twinlm.stopping import check_stop
 from twinlm.training.checkpoint import (
     checkpoints_root,
@@ -53,7 +54,6 @@ from twinlm.training.engine import (
     count_lm_targets,
     model_is_finite,
 )
-from twinlm.training.lock import RunLock
 from twinlm.training.optim import build_optimizer, build_scheduler
 from twinlm.training.tracking import (
     MetricsLog,
@@ -538,10 +538,8 @@ class PretrainingRun:
     def run(self) -> dict[str, Any]:
         cfg, acc = self.cfg, None
         prepare_wandb_mode(cfg.logging.report_to, int(os.environ.get("RANK", "0")) == 0)
-        if int(os.environ.get("RANK", "0")) == 0:
-            ensure_output_dir(self.output_dir, "output_dir")
-        self.accelerator = acc = build_accelerator(cfg.training, cfg.logging.report_to, cfg.output_dir)
-        with RunLock(self.output_dir, enabled=acc.is_main_process):
+        with run_folder(self.output_dir, "output_dir"):
+            self.accelerator = acc = build_accelerator(cfg.training, cfg.logging.report_to, cfg.output_dir)
             acc.wait_for_everyone()
             set_seed(cfg.training.seed)
             self._setup_data()
