@@ -150,6 +150,14 @@ SWITCHES += [
     ("attention_bias", False, {}, "forward"),
     ("mlp_bias", False, {}, "forward"),
     ("rope_theta", 500.0, {"position_embedding_type": "rope"}, "forward"),
+    ("global_attention_every_n_layers", 2, {"sliding_window": 3}, "forward"),
+    ("layer_types", ["sliding_attention", "full_attention"], {"sliding_window": 3}, "forward"),
+    (
+        "local_rope_theta",
+        500.0,
+        {"position_embedding_type": "rope", "sliding_window": 3, "global_attention_every_n_layers": 2},
+        "forward",
+    ),
     ("relative_attention_num_buckets", 8, {"position_embedding_type": "relative"}, "forward"),
     (
         "relative_attention_max_distance",

@@ -34,7 +34,9 @@ if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
 
 
-def cached(cache, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+def cached(
+    cache, key: torch.Tensor, value: torch.Tensor, layer_idx: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The keys and values to attend to: this forward's, after the cache's (which then keeps them)."""
     return (key, value) if cache is None else cache.update(key, value, layer_idx)
 
@@ -313,7 +315,9 @@ class WindowRecipe:
     documents: torch.Tensor | None  # (batch, length): a document id per token (packed rows)
     position_bias: Callable[[torch.Tensor], torch.Tensor | None]  # (q, k) distance -> (1, heads, q, k)
 
-    def bias(self, q_tok: torch.Tensor, k_tok: torch.Tensor, distance: torch.Tensor, batch: int) -> torch.Tensor:
+    def bias(
+        self, q_tok: torch.Tensor, k_tok: torch.Tensor, distance: torch.Tensor, batch: int
+    ) -> torch.Tensor:
         """The mask of `groups` groups of queries, each against its own run of keys: q_tok (r, groups,
         block, 1) and k_tok (r, groups, 1, keys) token indices (r: 1 or batch), distance (block, keys) =
         k_tok - q_tok (the same in every group). Returns (batch * groups, 1 | heads, block, keys): bool, or
@@ -383,7 +387,9 @@ class WindowBlocks:
         query = F.pad(query.transpose(1, 2), (0, 0, 0, 0, 0, row - n))
         query = query.view(b * groups, block, h, d).transpose(1, 2)  # (b * groups, h, block, d): a view
 
-        def windows(x: torch.Tensor) -> torch.Tensor:  # (b, kv_h, n, d) -> (b * groups, kv_h, keys, d): a view
+        def windows(
+            x: torch.Tensor,
+        ) -> torch.Tensor:  # (b, kv_h, n, d) -> (b * groups, kv_h, keys, d): a view
             padded = F.pad(x.transpose(1, 2), (0, 0, 0, 0, left, row - left - n))
             flat = F.pad(padded.reshape(b * row, *padded.shape[2:]), (0, 0, 0, 0, 0, keys - block))
             return flat.unfold(0, keys, block).permute(0, 1, 3, 2)
@@ -401,7 +407,9 @@ class WindowBlocks:
         q_tok = queries.index[:, :, None, None]
         k_tok = q_tok + distance
         batch = queries.index.shape[0]
-        return WindowQueries(k_tok.clamp(0, recipe.length - 1)[:, :, 0], recipe.bias(q_tok, k_tok, distance, batch))
+        return WindowQueries(
+            k_tok.clamp(0, recipe.length - 1)[:, :, 0], recipe.bias(q_tok, k_tok, distance, batch)
+        )
 
 
 @dataclass

@@ -255,7 +255,9 @@ class TwinLMConfig(PreTrainedConfig):
                 f"and softmax layers); got attention_scoring={self.attention_scoring!r}"
             )
         if "sliding_attention" in layer_types and self.sliding_window is None:
-            raise ValueError("layer_types has 'sliding_attention' layers but sliding_window is None; set a window")
+            raise ValueError(
+                "layer_types has 'sliding_attention' layers but sliding_window is None; set a window"
+            )
         if self.sliding_window is not None and "sliding_attention" not in layer_types:
             raise ValueError(
                 f"sliding_window={self.sliding_window} is set but no layer is 'sliding_attention' "
@@ -321,7 +323,9 @@ class TwinLMConfig(PreTrainedConfig):
         if self.rope_theta <= 0:
             raise ValueError(f"rope_theta={self.rope_theta} must be positive")
         if self.local_rope_theta is not None and self.local_rope_theta <= 0:
-            raise ValueError(f"local_rope_theta={self.local_rope_theta} must be None (= rope_theta) or positive")
+            raise ValueError(
+                f"local_rope_theta={self.local_rope_theta} must be None (= rope_theta) or positive"
+            )
         if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
             raise ValueError(
                 f"pad_token_id={self.pad_token_id} is outside the vocabulary (vocab_size={self.vocab_size}); "

@@ -66,14 +66,23 @@ class LinearMask:
                 new_state = None if cache is None else _state(phi_k, value.float(), state)
             else:
                 output, new_state = linear_attention(
-                    phi_q, phi_k, value.float(), self.is_causal, self.documents, self.chunk, state, cache is not None
+                    phi_q,
+                    phi_k,
+                    value.float(),
+                    self.is_causal,
+                    self.documents,
+                    self.chunk,
+                    state,
+                    cache is not None,
                 )
                 weights = None
         if cache is not None:
             cache.update_recurrent_state(new_state, layer)
             # The cache counts tokens (get_seq_length, what generate() and the positions read) through its
             # convolution state; linear attention has no convolution: a zero-channel state carries the count.
-            cache.update_conv_state(query.new_zeros(query.shape[0], 0, query.shape[2]), layer, conv_kernel_size=1)
+            cache.update_conv_state(
+                query.new_zeros(query.shape[0], 0, query.shape[2]), layer, conv_kernel_size=1
+            )
         output = output.to(value.dtype)
         weights = weights.to(value.dtype) if weights is not None else None
         return output.transpose(1, 2).reshape(query.shape[0], query.shape[2], -1), weights
@@ -91,7 +100,10 @@ class LinearMask:
         weights = weights * allowed
         numerator, denominator = weights @ value, weights.sum(-1, keepdim=True)
         if state is not None:
-            numerator, denominator = numerator + phi_q @ state[..., :-1], denominator + phi_q @ state[..., -1:]
+            numerator, denominator = (
+                numerator + phi_q @ state[..., :-1],
+                denominator + phi_q @ state[..., -1:],
+            )
         denominator = torch.where(denominator > 0, denominator, 1.0)
         return numerator / denominator, weights / denominator
 
@@ -169,7 +181,9 @@ def _earlier_chunks(q, k, v, kv, doc):
     # the keys of a chunk from its last document start on: those of the document its last token is in
     in_tail = doc == doc[..., -1:]
     tail = torch.cat([zero, k.transpose(-1, -2) @ (v * in_tail[:, None, ..., None])], dim=2)
-    previous = torch.cat([doc.new_full((b, 1), -2), doc[:, :-1, -1]], dim=1)  # last document id of chunk c - 1
+    previous = torch.cat(
+        [doc.new_full((b, 1), -2), doc[:, :-1, -1]], dim=1
+    )  # last document id of chunk c - 1
     starts = (doc[..., 1:] != doc[..., :-1]).any(-1) | (doc[..., 0] != previous)  # a document starts in chunk
     chunk_index = torch.arange(chunks, device=doc.device)
     last_start = torch.where(starts, chunk_index, -1).cummax(1).values  # r(c) inclusive of c
@@ -179,5 +193,7 @@ def _earlier_chunks(q, k, v, kv, doc):
         return x.gather(2, index[:, None, :, None, None].expand(-1, x.shape[1], -1, *x.shape[-2:]))
 
     carried = at(tail, r) + before[:, :, :-1] - at(before, r)
-    continues = (doc == previous[..., None])[:, None, ..., None]  # the query's document began before the chunk
+    continues = (doc == previous[..., None])[
+        :, None, ..., None
+    ]  # the query's document began before the chunk
     return (q @ carried) * continues

@@ -309,7 +309,12 @@ class TwinLMModel(TwinLMPreTrainedModel):
         for layer in self.layers if queries is None else self.layers[:-1]:
             kind = layer.attention_type
             hidden, _ = layer(
-                hidden, token_mask, masks[kind], rotary[kind], cache=cache, output_attentions=output_attentions
+                hidden,
+                token_mask,
+                masks[kind],
+                rotary[kind],
+                cache=cache,
+                output_attentions=output_attentions,
             )
         if queries is not None:
             # through the block's __call__: its hooks (FSDP, Accelerate's offload, user hooks) and checkpointing
@@ -371,7 +376,6 @@ class TwinLMModel(TwinLMPreTrainedModel):
             )
 
 
-
 def softmax_attention_mask(
     model: TwinLMModel,
     layer_type: str,
@@ -416,12 +420,7 @@ def softmax_attention_mask(
     # Without a mask, when the keys are exactly the tokens so far: a causal query block that is the whole
     # sequence is SDPA's is_causal, and a single new token may see every key. Several new tokens after a
     # cache need the explicit (bottom-right aligned) mask: SDPA's is_causal aligns top-left.
-    if (
-        plain
-        and position_bias is None
-        and geometry.exact
-        and (not config.is_causal or q_len in (1, kv_len))
-    ):
+    if plain and position_bias is None and geometry.exact and (not config.is_causal or q_len in (1, kv_len)):
         return AttentionMask(is_causal=config.is_causal and q_len > 1)
 
     allowed = allowed_pairs(config, window, geometry, q_idx, k_idx, attention_mask, document_positions)
@@ -430,9 +429,7 @@ def softmax_attention_mask(
     allowed = allowed | (q_idx == k_idx)
     if position_bias is None:  # SDPA and eager take the boolean mask itself: no dense float bias
         return AttentionMask(bias=allowed)
-    bias = torch.zeros(allowed.shape, dtype=torch.float32, device=device).masked_fill(
-        ~allowed, float("-inf")
-    )
+    bias = torch.zeros(allowed.shape, dtype=torch.float32, device=device).masked_fill(~allowed, float("-inf"))
     return AttentionMask(bias=bias + position_bias.float())
 
 
@@ -622,7 +619,6 @@ class QuerySubset:
         view[0], view[dim] = self.index.shape
         shape[dim] = self.index.shape[1]
         return x.expand(self.index.shape[0], *x.shape[1:]).gather(dim, self.index.view(view).expand(shape))
-
 
 
 def drop_trivial_masks(
