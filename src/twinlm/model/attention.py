@@ -302,6 +302,11 @@ def window_reach(window: int, is_causal: bool) -> tuple[int, int]:
     return (window - 1, 0) if is_causal else (window // 2, window // 2)
 
 
+def block_size(left: int, right: int) -> int:
+    """Queries per block: the window's width, at most MAX_WINDOW_BLOCK."""
+    return max(min(left + right + 1, MAX_WINDOW_BLOCK), 1)
+
+
 @dataclass
 class WindowRecipe:
     """What decides which keys a query of a windowed layer may see, per token, so that the mask of any set
@@ -362,7 +367,7 @@ class WindowBlocks:
 
     @classmethod
     def build(cls, recipe: WindowRecipe, batch: int, device: torch.device) -> "WindowBlocks":
-        block = max(min(recipe.left + recipe.right + 1, MAX_WINDOW_BLOCK), 1)
+        block = block_size(recipe.left, recipe.right)
         keys = block + recipe.left + recipe.right
         groups = -(-(recipe.left + recipe.length + recipe.right) // block)
         g = torch.arange(groups, device=device)[None, :, None, None] * block
@@ -375,7 +380,7 @@ class WindowBlocks:
     @staticmethod
     def applies(length: int, left: int, right: int) -> bool:
         """Whether blocks compute fewer (query, key) pairs than dense attention over `length` tokens."""
-        block = max(min(left + right + 1, MAX_WINDOW_BLOCK), 1)
+        block = block_size(left, right)
         return (length + left + right) * (block + left + right) < length * length
 
     def attend(self, attention, query, key, value, cache, dropout, output_attentions):
@@ -387,9 +392,8 @@ class WindowBlocks:
         query = F.pad(query.transpose(1, 2), (0, 0, 0, 0, 0, row - n))
         query = query.view(b * groups, block, h, d).transpose(1, 2)  # (b * groups, h, block, d): a view
 
-        def windows(
-            x: torch.Tensor,
-        ) -> torch.Tensor:  # (b, kv_h, n, d) -> (b * groups, kv_h, keys, d): a view
+        def windows(x: torch.Tensor) -> torch.Tensor:
+            """(b, kv_heads, n, d) -> (b * groups, kv_heads, keys, d): overlapping views of one padded copy."""
             padded = F.pad(x.transpose(1, 2), (0, 0, 0, 0, left, row - left - n))
             flat = F.pad(padded.reshape(b * row, *padded.shape[2:]), (0, 0, 0, 0, 0, keys - block))
             return flat.unfold(0, keys, block).permute(0, 1, 3, 2)
@@ -425,7 +429,8 @@ class WindowQueries:
         b, h, m, d = query.shape
         index = self.key_index.reshape(b, -1, 1, 1)
 
-        def windows(x: torch.Tensor) -> torch.Tensor:  # (b, kv_h, n, d) -> (b * m, kv_h, keys, d)
+        def windows(x: torch.Tensor) -> torch.Tensor:
+            """(b, kv_heads, n, d) -> (b * m, kv_heads, keys, d): each query's keys, gathered."""
             taken = x.transpose(1, 2).gather(1, index.expand(-1, -1, x.shape[1], d))
             return taken.view(b * m, -1, x.shape[1], d).transpose(1, 2)
 

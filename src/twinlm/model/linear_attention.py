@@ -71,9 +71,9 @@ class LinearMask:
                     value.float(),
                     self.is_causal,
                     self.documents,
-                    self.chunk,
-                    state,
-                    cache is not None,
+                    chunk=self.chunk,
+                    state=state,
+                    return_state=cache is not None,
                 )
                 weights = None
         if cache is not None:
@@ -158,12 +158,12 @@ def _chunked(phi_q, phi_k, value_one, is_causal, documents, chunk):
     numerator = ((q @ k.transpose(-1, -2)) * inside) @ v
     kv = k.transpose(-1, -2) @ v  # (b, h, chunks, d, d_v + 1): each chunk's sums
     numerator = numerator + _earlier_chunks(q, k, v, kv, doc)
-    if not is_causal:  # the chunks after: the same computation on the reversed sequence
-        flip = (lambda x: x.flip(2, 3)), (lambda x: x.flip(2))
+    if not is_causal:  # the chunks after: the same computation on the reversed sequence, reversed back
+        reverse = lambda x: x.flip(2, 3)  # noqa: E731  (chunks and the tokens in them)
         later = _earlier_chunks(
-            flip[0](q), flip[0](k), flip[0](v), flip[1](kv), None if doc is None else doc.flip(1, 2)
+            reverse(q), reverse(k), reverse(v), kv.flip(2), None if doc is None else doc.flip(1, 2)
         )
-        numerator = numerator + flip[0](later)
+        numerator = numerator + reverse(later)
     return numerator.view(b, h, chunks * chunk, -1)[:, :, :n], kv.sum(2)
 
 

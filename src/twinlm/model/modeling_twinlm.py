@@ -414,7 +414,10 @@ def softmax_attention_mask(
             )
             return WindowBlocks.build(recipe, geometry.batch, device)
     q_idx, k_idx = geometry.indices(device)
-    position_bias = model.positions.attention_bias(k_idx - q_idx)
+    # (the q x k distances only where a position bias uses them: at 8k tokens they are 512 MB and a second)
+    position_bias = (
+        model.positions.attention_bias(k_idx - q_idx) if model.positions.biases_attention else None
+    )
     q_len, kv_len = geometry.q_len, geometry.kv_len
     plain = attention_mask is None and document_positions is None and window is None
     # Without a mask, when the keys are exactly the tokens so far: a causal query block that is the whole

@@ -26,6 +26,9 @@ from .configuration_twinlm import TwinLMConfig
 class PositionEncoding(nn.Module):
     """No positional information (position_embedding_type='none'); also the base of the others."""
 
+    # whether attention_bias uses the (query, key) distances: without, the model never builds that q x k matrix
+    biases_attention = False
+
     def __init__(self, config: TwinLMConfig):
         super().__init__()
         self.config = config
@@ -96,6 +99,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class RelativePositions(PositionEncoding):
     """T5-style: a learned scalar per head and per bucket of relative distance (log-spaced buckets)."""
 
+    biases_attention = True
+
     def __init__(self, config: TwinLMConfig):
         super().__init__(config)
         self.bias = nn.Embedding(config.relative_attention_num_buckets, config.num_attention_heads)
@@ -133,6 +138,8 @@ def relative_position_bucket(
 
 class AlibiPositions(PositionEncoding):
     """ALiBi (Press et al. 2022): a fixed, per-head linear penalty on distance; no parameters."""
+
+    biases_attention = True
 
     def attention_bias(self, distance: torch.Tensor) -> torch.Tensor:
         slopes = alibi_slopes(self.config.num_attention_heads, distance.device)
