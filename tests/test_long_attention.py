@@ -269,6 +269,24 @@ def test_layer_mix_errors_name_the_field(overrides, message):
         tiny_config(**overrides)
 
 
+def test_loading_with_a_window_or_fewer_layers_rederives_layer_types(tmp_path):
+    """from_pretrained(..., sliding_window=w) turns a saved full-attention model into a windowed one (as before
+    layer_types existed); a layer_types the user wrote is kept, and must then fit."""
+    lm(True, num_hidden_layers=3).save_pretrained(tmp_path / "full")
+    windowed = TwinLMForCausalLM.from_pretrained(tmp_path / "full", sliding_window=4)
+    assert windowed.config.layer_types == ["sliding_attention"] * 3
+    config = TwinLMConfig.from_pretrained(
+        tmp_path / "full", sliding_window=4, global_attention_every_n_layers=2
+    )
+    assert config.layer_types == ["full_attention", "sliding_attention", "full_attention"]
+    assert len(TwinLMForCausalLM.from_pretrained(tmp_path / "full", num_hidden_layers=1).model.layers) == 1
+    lm(True, sliding_window=4, layer_types=["sliding_attention", "full_attention"]).save_pretrained(
+        tmp_path / "mix"
+    )
+    with pytest.raises(ValueError, match="layer_types has 2 entries but num_hidden_layers=1"):
+        TwinLMConfig.from_pretrained(tmp_path / "mix", num_hidden_layers=1)
+
+
 def test_a_config_changed_after_it_was_built_is_refused_by_the_model():
     config = tiny_config()
     config.sliding_window = 4  # layer_types was derived without it
@@ -339,6 +357,21 @@ def test_cached_continuation_equals_one_pass(overrides):
         out = model(ids[:, start:end], cache=out.cache, use_cache=True)
         pieces.append(out.logits)
     torch.testing.assert_close(torch.cat(pieces, 1), model(ids, use_cache=False).logits, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("overrides", MIXES[:3], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_left_padded_long_prompts_generate_like_single_prompts(blocked_calls, overrides):
+    """A prompt long enough for windows in blocks, left-padded in a batch: each row generates what it
+    generates alone (the padding's keys are masked in the blocks, then in the caches)."""
+    model = lm(True, **overrides).eval()
+    long, short = torch.randint(5, 97, (1, 20)), torch.randint(5, 97, (1, 13))
+    batch = torch.cat([long, torch.cat([torch.zeros(1, 7, dtype=torch.long), short], 1)])
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    together = model.generate(batch, attention_mask=(batch != 0).long(), **kwargs)
+    assert torch.equal(together[0:1, 20:], model.generate(long, **kwargs)[:, 20:])
+    assert torch.equal(together[1:2, 20:], model.generate(short, **kwargs)[:, 13:])
+    if "sliding_window" in overrides:
+        assert blocked_calls["blocks"] > 0
 
 
 def test_sliding_window_cache_holds_the_window_and_linear_cache_a_constant_state():
@@ -455,6 +488,17 @@ def test_linear_model_respects_padding_and_documents(monkeypatch, causal):
     if causal:  # and the future does not leak
         changed = torch.cat([doc_a[:, :4], doc_b[:, :3]], 1)
         torch.testing.assert_close(model(changed).logits[:, :4], model(doc_a).logits[:, :4])
+
+
+def test_linear_encoder_with_sparse_prediction_computes_every_query():
+    """Linear attention cannot take some queries only: the last block computes all, the loss is the same."""
+    ids = torch.randint(5, 97, (2, 10))
+    labels = torch.where(torch.arange(10) % 3 == 0, ids, torch.full_like(ids, -100))
+    sparse = lm(False, attention_scoring="linear", sparse_prediction=True).train()
+    dense = lm(False, attention_scoring="linear").train()
+    out = sparse(ids, labels=labels)
+    assert out.logits.shape == (8, 97)
+    torch.testing.assert_close(out.loss, dense(ids, labels=labels).loss)
 
 
 def test_linear_attention_weights_are_its_normalised_kernel():

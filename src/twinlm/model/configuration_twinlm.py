@@ -206,14 +206,7 @@ class TwinLMConfig(PreTrainedConfig):
 
     def _derived_layer_types(self) -> list[str]:
         """layer_types from the shortcuts: linear scoring, sliding_window, global_attention_every_n_layers."""
-        layers, every = range(self.num_hidden_layers), self.global_attention_every_n_layers
-        if self.attention_scoring == "linear":
-            return ["linear_attention" for _ in layers]
-        if self.sliding_window is None:
-            return ["full_attention" for _ in layers]
-        if every is None:
-            return ["sliding_attention" for _ in layers]
-        return ["full_attention" if i % max(every, 1) == 0 else "sliding_attention" for i in layers]
+        return derive_layer_types({field: getattr(self, field) for field in LAYER_TYPE_SOURCES})
 
     def validate_layer_type(self) -> None:
         """layer_types against the layers, the window and the scoring (transformers' check, with twinlm's
@@ -353,7 +346,16 @@ class TwinLMConfig(PreTrainedConfig):
     # ----------------------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> "TwinLMConfig":
-        """transformers' loader (from_pretrained, AutoConfig): a saved config's extra keys are kept."""
+        """transformers' loader (from_pretrained, AutoConfig): a saved config's extra keys are kept. Keyword
+        overrides of what layer_types derives from (e.g. sliding_window=64, num_hidden_layers=2) apply before the
+        config is built, so that a derived layer_types follows them (transformers would set them afterwards)."""
+        changed = {key: kwargs.pop(key) for key in LAYER_TYPE_SOURCES if key in kwargs}
+        if changed:
+            saved = {key: config_dict.get(key, FIELD_DEFAULTS[key]) for key in LAYER_TYPE_SOURCES}
+            derived = config_dict.get("layer_types") in (None, derive_layer_types(saved))
+            config_dict = {**config_dict, **changed}
+            if derived:
+                config_dict.pop("layer_types", None)
         token = _LOADING_SAVED_CONFIG.set(True)
         try:
             return super().from_dict(config_dict, **kwargs)
@@ -376,6 +378,29 @@ class TwinLMConfig(PreTrainedConfig):
         values = load_preset(name)
         check_config_keys(overrides, source="overrides")
         return cls(**{**values, **overrides})
+
+
+# The fields layer_types is derived from (when it is not given).
+LAYER_TYPE_SOURCES = (
+    "num_hidden_layers",
+    "attention_scoring",
+    "sliding_window",
+    "global_attention_every_n_layers",
+)
+FIELD_DEFAULTS = {key: TwinLMConfig.__dataclass_fields__[key].default for key in LAYER_TYPE_SOURCES}
+
+
+def derive_layer_types(values: dict[str, Any]) -> list[str]:
+    """Every layer linear_attention with linear scoring; else sliding_attention where a window is set (all of
+    them, or all but layers 0, n, 2n, ... with global_attention_every_n_layers=n); else full_attention."""
+    layers, every = range(values["num_hidden_layers"]), values["global_attention_every_n_layers"]
+    if values["attention_scoring"] == "linear":
+        return ["linear_attention" for _ in layers]
+    if values["sliding_window"] is None:
+        return ["full_attention" for _ in layers]
+    if every is None:
+        return ["sliding_attention" for _ in layers]
+    return ["full_attention" if i % max(every, 1) == 0 else "sliding_attention" for i in layers]
 
 
 def load_preset(name: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
