@@ -99,9 +99,9 @@ class TwinLMConfig(PreTrainedConfig):
       norm_position: post (2017 paper, BERT) | pre (GPT-2 and later)
       embedding_norm: normalise the embedding sum (BERT); None = True for post-norm, False for pre-norm
       hidden_act: relu | gelu | gelu_new | swiglu | geglu
-      attention_scoring: scaled_dot | dot (no 1/sqrt(d_k)) | additive (Bahdanau-style, per head)
-      attention_scoring="linear": linear attention (Katharopoulos et al. 2020, elu + 1 feature map): O(n d^2)
-        time and memory, and a constant-size recurrent state instead of a KV cache when generating
+      attention_scoring: scaled_dot | dot (no 1/sqrt(d_k)) | additive (Bahdanau-style, per head) | linear
+        (Katharopoulos et al. 2020, elu + 1 features: O(n d^2) time and memory, a constant-size recurrent state
+        instead of a KV cache when generating; no window, no ALiBi/T5 bias, no attention dropout)
       sliding_window: None (full attention) or a window size w: a causal token sees itself and the
         w - 1 tokens before it; a bidirectional token sees w // 2 tokens on each side. Computed in blocks
         (each block of queries against the keys its window reaches): O(n w) time and memory

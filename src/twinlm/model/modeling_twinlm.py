@@ -165,7 +165,7 @@ class TwinLMPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["TwinLMPostNormLayer", "TwinLMPreNormLayer"]
     _supports_sdpa = True
     _supports_flash_attn = True  # where a variant allows it: see check_flash_attention
-    _supports_flex_attn = True  # the same variants as flash, plus dropout-free static caches
+    _supports_flex_attn = True  # the variants flash computes (no attention dropout); static caches too
     # transformers' output recording (capture_outputs): each block's output is a hidden state (the first
     # one is the embeddings, the last the final norm's output), each attention module's weights an attention.
     _can_record_outputs = {"hidden_states": TwinLMLayer, "attentions": TwinLMAttention}
@@ -511,7 +511,7 @@ def flex_attention_mask(
 
     def mask_mod(b, h, q_idx, kv_idx):
         q, k = q_idx + past, kv_idx + offset
-        allowed = k <= q if config.is_causal else k == k
+        allowed = k <= q if config.is_causal else k == k  # (k == k: every pair)
         if window is not None:
             allowed = allowed & (k - q >= -left) & (k - q <= right)
         if padding is not None:
