@@ -542,6 +542,8 @@ def test_linear_attention_needs_a_cache_built_from_the_config():
 
 @pytest.fixture
 def eager_flex(monkeypatch):
+    """transformers' flex integration without its torch.compile: torch's eager flex_attention (the same
+    block mask, evaluated densely)."""
     from torch.nn.attention.flex_attention import flex_attention
     from transformers.integrations import flex_attention as integration
 
@@ -551,6 +553,8 @@ def eager_flex(monkeypatch):
         lambda query, key, value, training=False, **kwargs: flex_attention(query, key, value, **kwargs),
     )
 
+
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
 FLEX_CASES = [
     dict(),
