@@ -33,7 +33,8 @@ ablate: install
 	DS_ACCELERATOR=cpu WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false \
 		$(PY) -m twinlm.cli ablate configs/ablations/*.yaml --out docs/ablations --runs outputs/ablations
 
-# twinlm against the transformers references, side by side (results: benchmarks/results/; ~15 min on 2 cores).
+# twinlm against the transformers references, side by side, and attention against sequence length (results:
+# benchmarks/results/; ~15 min on 2 cores before the long-context section, which adds several minutes).
 bench: install
 	$(PY) benchmarks/run_all.py
 

@@ -69,9 +69,12 @@ class Section:
     headline: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     files: list[str] = field(default_factory=list)
+    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # more tables, by title
 
     def markdown(self) -> str:
         parts = [f"## {self.title}", "", markdown_table(self.rows), ""]
+        for title, rows in self.tables.items():
+            parts += [f"### {title}", "", markdown_table(rows), ""]
         parts += [f"- {note}" for note in self.notes]
         if self.files:
             parts.append(f"- files: {', '.join(self.files)}")
@@ -153,10 +156,17 @@ def write_results(sections: Sequence[Section], out: Path, stem: str, machine: di
 
 
 def run_single(
-    make: Callable[[argparse.Namespace], Section], description: str, argv: list[str] | None = None
+    make: Callable[[argparse.Namespace], Section],
+    description: str,
+    argv: list[str] | None = None,
+    extra: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> int:
-    """`python benchmarks/bench_x.py [--quick]`: run one benchmark, write its files, print its table."""
-    args = parser(description).parse_args(argv)
+    """`python benchmarks/bench_x.py [--quick]`: run one benchmark, write its files, print its table.
+    `extra` adds a benchmark's own options to the common ones."""
+    p = parser(description)
+    if extra is not None:
+        extra(p)
+    args = p.parse_args(argv)
     machine = machine_info()
     start = time.perf_counter()
     section = make(args)

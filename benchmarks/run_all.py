@@ -4,7 +4,7 @@ Writes benchmarks/results/benchmarks.{md,json} (with the machine it ran on) and 
 table. `--quick` runs every benchmark at toy size with 1 repeat (the smoke test; numbers mean nothing).
 The GPU benchmark is separate: `bash benchmarks/gpu.sh` on a machine with an NVIDIA GPU.
 
-    python benchmarks/run_all.py [--quick] [--only training,generation,data,end_to_end,quality] [--out DIR]
+    python benchmarks/run_all.py [--quick] [--only training,generation,data,end_to_end,quality,long_context] [--out DIR]
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")  # CPU-only benchmarks: keep Deep
 import bench_data  # noqa: E402
 import bench_end_to_end  # noqa: E402
 import bench_generation  # noqa: E402
+import bench_long_context  # noqa: E402
 import bench_quality  # noqa: E402
 import bench_training  # noqa: E402
 from common import Section, machine_info, markdown_table, parser, write_results  # noqa: E402
@@ -27,6 +28,7 @@ BENCHMARKS = {
     "data": bench_data.run,
     "end_to_end": bench_end_to_end.run,
     "quality": bench_quality.run,
+    "long_context": bench_long_context.run,
 }
 
 

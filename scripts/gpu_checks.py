@@ -6,12 +6,20 @@
    batches, and greedy generation with the KV cache (tests/test_flash_attention.py checks the same
    plumbing on the CPU against a reference of the kernel's contract).
 2. A few bf16 optimizer steps of each tiny preset on the GPU: the loss must fall.
+3. Long-context paths against the dense masked reference on the GPU: sliding windows in blocks (SDPA's CUDA
+   kernels on the blocked layout) in fp32 (outputs and gradients) and bf16, flex_attention (transformers
+   compiles it) with windows and a local/global mix, linear attention against its written-out form, and
+   generation with windowed and recurrent caches; then forward+backward times of full attention, a 256
+   window and linear attention at 8k tokens (printed, not checked).
 Prints one line per check and exits non-zero if any fails.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import time
+from unittest import mock
 
 import torch
 
@@ -85,6 +93,146 @@ def bf16_training_falls(preset: str) -> tuple[float, float]:
     return losses[0], losses[-1]
 
 
+DEVICE = "cuda"  # the long-context checks run on any device (a CPU smoke run sets "cpu")
+
+
+def synchronize() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+@contextlib.contextmanager
+def dense_windows():
+    """Windows as one dense masked attention: the reference the blocked layout must reproduce."""
+    from twinlm.model import attention
+
+    with mock.patch.object(attention.WindowBlocks, "applies", staticmethod(lambda *args: False)):
+        yield
+
+
+def long_batch(causal: bool, length: int = 1024):
+    ids = torch.randint(5, 512, (2, length), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, : length // 8] = 0 if causal else 1
+    mask[1, -length // 8 :] = 0 if not causal else 1
+    positions = (
+        torch.cat([torch.arange(length // 3), torch.arange(length - length // 3)]).expand(2, -1).to(DEVICE)
+    )
+    return ids, (dict(attention_mask=mask), mask.bool()), (dict(position_ids=positions), ids > -1)
+
+
+def blocked_window_error(causal: bool, dtype: torch.dtype, overrides: dict) -> tuple[float, float]:
+    """Max |difference| of logits and of q_proj gradients, blocked window vs dense masked (padded and packed)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.manual_seed(0)
+    preset = "tiny-modern-decoder" if causal else "tiny-modern-encoder"
+    config = TwinLMConfig.from_preset(preset, vocab_size=512, max_position_embeddings=2048, **overrides)
+    model = (TwinLMForCausalLM if causal else TwinLMForMaskedLM)(config).to(DEVICE).to(dtype).train()
+    ids, *cases = long_batch(causal)
+    worst_logits = worst_grads = 0.0
+    for kwargs, real in cases:
+        # the encoder trains with sparse prediction (tiny-modern-encoder): its last block runs per masked query
+        every_7th = torch.arange(ids.shape[1], device=DEVICE) % 7 == 0
+        labels = ids if causal else ids.masked_fill(~(real & every_7th), -100)
+        results = []
+        for reference in (False, True):
+            with dense_windows() if reference else contextlib.nullcontext():
+                model.zero_grad()
+                out = model(ids, labels=labels, **kwargs)
+                out.loss.backward()
+            results.append((out.logits.float(), model.model.layers[0].attention.q_proj.weight.grad.float()))
+        (a, ga), (b, gb) = results
+        difference = (a - b).abs()[real] if causal else (a - b).abs()
+        worst_logits = max(worst_logits, difference.max().item())
+        worst_grads = max(worst_grads, ((ga - gb).abs().max() / gb.abs().max().clamp_min(1e-12)).item())
+    return worst_logits, worst_grads
+
+
+def flex_error(causal: bool, overrides: dict) -> tuple[float, bool]:
+    """flex_attention (compiled by transformers) vs sdpa, bf16: max |logit diff|, and equal greedy tokens."""
+    torch.manual_seed(0)
+    preset = "tiny-modern-decoder" if causal else "tiny-modern-encoder"
+    config = TwinLMConfig.from_preset(preset, vocab_size=512, max_position_embeddings=2048, **overrides)
+    model = (TwinLMForCausalLM if causal else TwinLMForMaskedLM)(config).to(DEVICE).to(torch.bfloat16).eval()
+    ids, *cases = long_batch(causal)
+    worst = 0.0
+    with torch.no_grad():
+        for kwargs, real in cases:
+            outs = []
+            for implementation in ("sdpa", "flex_attention"):
+                model.config._attn_implementation = implementation
+                outs.append(model(ids, **kwargs).logits.float())
+            worst = max(worst, (outs[0] - outs[1]).abs()[real].max().item())
+    same = True
+    if causal:
+        tokens = []
+        for implementation in ("sdpa", "flex_attention"):
+            model.config._attn_implementation = implementation
+            tokens.append(model.generate(ids[:, :64], max_new_tokens=32, do_sample=False, pad_token_id=0))
+        same = torch.equal(tokens[0], tokens[1])
+    return worst, same
+
+
+def linear_error(causal: bool) -> float:
+    """Linear attention, chunked, against its written-out (n x n) form (output_attentions=True), fp32."""
+    torch.manual_seed(0)
+    preset = "tiny-modern-decoder" if causal else "tiny-modern-encoder"
+    config = TwinLMConfig.from_preset(
+        preset, vocab_size=512, max_position_embeddings=2048, attention_scoring="linear"
+    )
+    model = (TwinLMForCausalLM if causal else TwinLMForMaskedLM)(config).to(DEVICE).eval()
+    ids, *cases = long_batch(causal)
+    worst = 0.0
+    with torch.no_grad():
+        for kwargs, real in cases:
+            chunked = model(ids, use_cache=False, **kwargs).logits
+            written = model(ids, use_cache=False, output_attentions=True, **kwargs).logits
+            worst = max(worst, (chunked - written).abs()[real].max().item())
+    return worst
+
+
+def cached_generation_agrees(overrides: dict) -> bool:
+    torch.manual_seed(0)
+    config = TwinLMConfig.from_preset("tiny-modern-decoder", vocab_size=512, **overrides)
+    model = TwinLMForCausalLM(config).to(DEVICE).eval()
+    prompt = torch.randint(5, 512, (2, 48), device=DEVICE)
+    kwargs = dict(max_new_tokens=48, do_sample=False, pad_token_id=0)
+    return torch.equal(
+        model.generate(prompt, use_cache=True, **kwargs), model.generate(prompt, use_cache=False, **kwargs)
+    )
+
+
+def long_context_times(length: int = 8192) -> str:
+    """Forward + backward seconds of one layer (H256, 4 heads) per attention variant, bf16, on the GPU."""
+    results = []
+    for name, overrides in (
+        ("full", {}),
+        ("window 256", {"sliding_window": 256}),
+        ("linear", {"attention_scoring": "linear"}),
+    ):
+        torch.manual_seed(0)
+        config = TwinLMConfig.from_preset(
+            "mini-modern-decoder",
+            vocab_size=512,
+            num_hidden_layers=1,
+            max_position_embeddings=length,
+            **overrides,
+        )
+        model = twinlm.TwinLMModel(config).to(DEVICE)
+        embeds = torch.randn(1, length, config.hidden_size, device=DEVICE)
+        for i in range(4):
+            if i == 1:
+                synchronize()
+                start = time.perf_counter()
+            with torch.autocast(DEVICE, dtype=torch.bfloat16):
+                out = model(inputs_embeds=embeds, use_cache=False).last_hidden_state
+            out.float().square().mean().backward()
+        synchronize()
+        results.append(f"{name} {(time.perf_counter() - start) / 3 * 1000:.1f} ms")
+    return ", ".join(results)
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check")
@@ -106,6 +254,45 @@ def main() -> int:
             print(f"{'ok  ' if ok else 'FAIL'} flash greedy generation == sdpa {overrides}")
     else:
         print("skip flash checks: flash_attn is not installed")
+    for causal in (False, True):
+        for overrides in (
+            {"sliding_window": 64},
+            {"sliding_window": 64, "global_attention_every_n_layers": 2},
+        ):
+            for dtype, tolerance in ((torch.float32, 1e-4), (torch.bfloat16, 0.1)):
+                logits, grads = blocked_window_error(causal, dtype, overrides)
+                ok = logits < tolerance and grads < (1e-3 if dtype == torch.float32 else 0.1)
+                failures += not ok
+                print(
+                    f"{'ok  ' if ok else 'FAIL'} blocked window vs dense mask, causal={causal} {overrides} "
+                    f"{dtype}: max |logit diff| {logits:.2e}, relative q_proj grad diff {grads:.2e}"
+                )
+        for overrides in (
+            {},
+            {"sliding_window": 64},
+            {"sliding_window": 64, "global_attention_every_n_layers": 2},
+        ):
+            diff, same = flex_error(causal, overrides)
+            ok = diff < 0.1 and same
+            failures += not ok
+            print(
+                f"{'ok  ' if ok else 'FAIL'} flex_attention vs sdpa, causal={causal} {overrides}: max |logit diff| "
+                f"{diff:.4f}" + (f", greedy tokens equal: {same}" if causal else "")
+            )
+        diff = linear_error(causal)
+        ok = diff < 1e-3
+        failures += not ok
+        print(
+            f"{'ok  ' if ok else 'FAIL'} linear attention chunked vs written out, causal={causal}: {diff:.2e}"
+        )
+    for overrides in (
+        {"sliding_window": 16, "global_attention_every_n_layers": 2},
+        {"attention_scoring": "linear"},
+    ):
+        ok = cached_generation_agrees(overrides)
+        failures += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} greedy generation with the model's cache == without {overrides}")
+    print(f"info forward+backward at 8192 tokens, one layer, bf16: {long_context_times()}")
     for preset in TwinLMConfig.preset_names():
         if preset.startswith("tiny-"):
             first, last = bf16_training_falls(preset)

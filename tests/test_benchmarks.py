@@ -15,7 +15,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
-SECTIONS = {"training", "generation", "data", "end_to_end", "quality"}
+SECTIONS = {"training", "generation", "data", "end_to_end", "quality", "long_context"}
 
 pytestmark = pytest.mark.slow  # subprocesses
 
@@ -98,6 +98,40 @@ def test_run_all_quick_writes_every_section(tmp_path: Path) -> None:
         # the loss may not fall: then the evaluation before training, at 0 s, already counts)
         assert isinstance(row["reference s to target"], float) and row["reference s to target"] >= 0
         assert (tmp_path / row["curve"]).stat().st_size > 1000  # a PNG was drawn
+
+    long_context = sections["long_context"]
+    rows = long_context["rows"]
+    variants = {r["variant"] for r in rows}
+    assert {"full", "full, packed documents", "linear"} <= variants and len(variants) == 6
+    assert {(r["variant"], r["precision"]) for r in rows} == {
+        (v, p) for v in variants for p in ("fp32", "bf16 autocast")
+    }
+    for row in rows:
+        for key in ("fwd+bwd s", "attention fwd+bwd s", "layer activations MiB", "attention activations MiB"):
+            assert _number(row[key]), (key, row)
+        assert row["attention fwd+bwd s"] < row["fwd+bwd s"]
+    slopes = long_context["tables"][
+        "Log-log slopes (1 = linear in n, 2 = quadratic), from the second length on"
+    ]
+    # memory is counted exactly: windows in blocks and linear attention grow linearly, the dense mask faster
+    for row in slopes:
+        if (
+            row["variant"].startswith("window")
+            and "dense" not in row["variant"]
+            or row["variant"] == "linear"
+        ):
+            assert row["attention memory slope"] < 1.15, row
+        if row["variant"] == "full, packed documents":
+            assert row["attention memory slope"] > 1.3, row
+    decode = next(
+        rows for title, rows in long_context["tables"].items() if title.startswith("Greedy decoding")
+    )
+    assert {r["variant"] for r in decode} == {"full", "window 8", "linear"}
+    cache = {(r["variant"], r["context"]): r["cache MiB"] for r in decode}
+    assert cache[("full", 128)] > cache[("full", 32)] and cache[("linear", 128)] == cache[("linear", 32)]
+    for name in long_context["files"]:
+        assert (tmp_path / name).stat().st_size > 1000  # the plots were drawn
+    assert any("window 16 vs full attention" in h["benchmark"] for h in long_context["headline"])
 
     md = (tmp_path / "benchmarks.md").read_text()
     assert "## Headline" in md and "| benchmark | twinlm / reference |" in md

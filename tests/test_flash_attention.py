@@ -70,6 +70,7 @@ CASES = [
     dict(),
     dict(position_embedding_type="learned", num_key_value_heads=2),
     dict(sliding_window=3),
+    dict(sliding_window=3, global_attention_every_n_layers=2),  # a full and a windowed layer
     dict(share_qk=True, position_embedding_type="sinusoidal"),
     dict(position_embedding_type="none", attention_scoring="dot"),
 ]

@@ -261,6 +261,8 @@ def test_output_attentions_and_hidden_states():
 
 GENERATION_CASES = [dict(position_embedding_type=p) for p in POSITIONS] + [
     dict(sliding_window=3),
+    dict(sliding_window=3, global_attention_every_n_layers=2, local_rope_theta=100.0),
+    dict(attention_scoring="linear", position_embedding_type="rope"),
     dict(num_key_value_heads=2),
     dict(share_qk=True),
     dict(attention_scoring="additive"),

@@ -211,6 +211,8 @@ def test_hidden_states_and_attentions_are_recorded_per_layer():
 
 STATIC_CASES = [dict(position_embedding_type=p) for p in POSITIONS] + [
     dict(sliding_window=3),
+    dict(sliding_window=3, global_attention_every_n_layers=2),
+    dict(attention_scoring="linear"),
     dict(num_key_value_heads=2),
     dict(attention_scoring="additive"),
 ]

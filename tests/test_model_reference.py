@@ -150,6 +150,14 @@ SWITCHES += [
     ("attention_bias", False, {}, "forward"),
     ("mlp_bias", False, {}, "forward"),
     ("rope_theta", 500.0, {"position_embedding_type": "rope"}, "forward"),
+    ("global_attention_every_n_layers", 2, {"sliding_window": 3}, "forward"),
+    ("layer_types", ["sliding_attention", "full_attention"], {"sliding_window": 3}, "forward"),
+    (
+        "local_rope_theta",
+        500.0,
+        {"position_embedding_type": "rope", "sliding_window": 3, "global_attention_every_n_layers": 2},
+        "forward",
+    ),
     ("relative_attention_num_buckets", 8, {"position_embedding_type": "relative"}, "forward"),
     (
         "relative_attention_max_distance",
@@ -274,7 +282,7 @@ def test_init_matches_bert_and_gpt2(preset):
 
 SIZES = ("tiny-", "mini-", "small-")
 SMALLER = [name for name in TwinLMConfig.preset_names() if name.startswith(SIZES)]
-DERIVED = {"num_key_value_heads": "num_attention_heads"}
+DERIVED = {"num_key_value_heads": "num_attention_heads", "layer_types": "num_hidden_layers"}
 
 
 @pytest.mark.parametrize("name", SMALLER)
@@ -284,7 +292,8 @@ def test_smaller_preset_is_its_parent_except_the_listed_keys(name):
     assert parent == name.split("-", 1)[1]
     child, base = TwinLMConfig.from_preset(name).to_dict(), TwinLMConfig.from_preset(parent).to_dict()
     differing = {key for key in child.keys() | base.keys() if child.get(key) != base.get(key)}
-    # a field derived from a listed one (num_key_value_heads defaults to num_attention_heads) may follow it
+    # a field derived from a listed one (num_key_value_heads defaults to num_attention_heads, layer_types has
+    # one entry per layer) may follow it
     derived = {key for key, source in DERIVED.items() if source in own and key not in own}
     assert differing <= set(own) | derived, differing - set(own) - derived
     assert all(child[key] == value for key, value in own.items())

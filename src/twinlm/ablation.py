@@ -248,8 +248,10 @@ def measure_bits_per_byte(run_dir: Path, summary: dict, params: dict) -> dict[st
     }
 
 
-def _step_cost(config: Any, batch: int, seq: int, repeats: int = 3) -> tuple[float, int]:
-    """Median seconds of a forward+backward and the bytes of activations saved for backward."""
+def _step_cost(config: Any, batch: int, seq: int, documents: int = 1, repeats: int = 3) -> tuple[float, int]:
+    """Median seconds of a forward+backward and the bytes of activations saved for backward (each storage
+    once: views of one tensor, such as a sliding window's overlapping key blocks, share their bytes).
+    `documents` > 1 packs that many documents per row (position ids restarting), as pretraining does."""
     import torch
 
     import twinlm
@@ -257,25 +259,29 @@ def _step_cost(config: Any, batch: int, seq: int, repeats: int = 3) -> tuple[flo
     cls = twinlm.TwinLMForCausalLM if config.is_causal else twinlm.TwinLMForMaskedLM
     model = cls(config)
     ids = torch.randint(0, config.vocab_size, (batch, seq))
-    saved = [0]
+    positions = None if documents <= 1 else (torch.arange(seq) % -(-seq // documents)).expand(batch, -1)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        saved[0] += t.numel() * t.element_size()
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     times = []
     for _ in range(repeats + 1):
-        saved[0] = 0
+        saved.clear()
         start = time.perf_counter()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = model(input_ids=ids, position_ids=positions, labels=ids).loss
         loss.backward()
         times.append(time.perf_counter() - start)
-    return statistics.median(times[1:]), saved[0]
+    return statistics.median(times[1:]), sum(saved.values())
 
 
 def measure_cost(run_dir: Path, summary: dict, params: dict) -> dict[str, Any]:
-    """Step time and activation memory of the variant's architecture against one size (the O(n^2) curve)."""
+    """Step time and activation memory of the variant's architecture against one size (the O(n^2) curve);
+    `documents`: packed documents per row (default 1: plain rows)."""
     import twinlm
 
     base = twinlm.TwinLMConfig.from_pretrained(run_dir / "final")
@@ -289,7 +295,7 @@ def measure_cost(run_dir: Path, summary: dict, params: dict) -> dict[str, Any]:
         config = base.__class__(
             **{**base.to_dict(), "max_position_embeddings": max(seq, base.max_position_embeddings), **changes}
         )
-        seconds, saved = _step_cost(config, params.get("batch", 4), seq)
+        seconds, saved = _step_cost(config, params.get("batch", 4), seq, params.get("documents", 1))
         out[f"seconds@{value}"], out[f"activation_MB@{value}"] = seconds, saved / 2**20
     return out
 
@@ -354,6 +360,7 @@ class CostParams(Section):
     values: list[PositiveInt] = Field(default_factory=lambda: [128, 256, 512], min_length=1)
     batch: PositiveInt = 4
     seq_len: PositiveInt = 128
+    documents: PositiveInt = Field(1, description="documents packed in each row (position ids restart)")
 
     @field_validator("sweep")
     @classmethod

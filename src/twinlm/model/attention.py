@@ -1,16 +1,24 @@
-"""Multi-head attention with switchable scoring: scaled dot-product, unscaled dot-product, additive.
+"""Multi-head attention with switchable scoring: scaled dot-product, unscaled dot-product, additive, linear.
 
-The scoring function is picked once from `SCORINGS`; the kernel that computes dot-product attention
-(`eager`, PyTorch's `sdpa`, or transformers' flash-attention integration) follows transformers'
-`attn_implementation`. What attention may see arrives as one `AttentionMask`: for eager and SDPA a
-boolean mask of the pairs that may attend (padding, causality, sliding window, document boundaries
-folded together by the model), an additive float bias only where ALiBi/T5 position biases need one, or
-None with `is_causal` for the fast unmasked path; for flash kernels, which take no mask, the padding
-mask and the packed position ids.
+The scoring function is picked once from `SCORINGS`; how attention runs in one forward pass is decided once
+per layer type by the model and arrives as a mask object whose `attend` runs it:
+  AttentionMask   dense eager/SDPA: a boolean mask of the pairs that may attend (padding, causality, window,
+                  document boundaries folded together), an additive float bias only where ALiBi/T5 position
+                  biases need one, or None with `is_causal` for the fast unmasked path
+  WindowBlocks    a sliding window in blocks: each block of queries against the keys its window reaches, so
+                  that time and memory grow as n * window instead of n^2 (the same scoring on a blocked layout)
+  FlashMask       transformers' flash-attention integration: padding mask and packed position ids, the window
+                  as the kernel's band
+  FlexMask        torch's flex_attention (transformers' integration) with a block-sparse mask
+  LinearMask      linear attention (linear_attention.py): no weights at all, a recurrent state in the cache
+Each `attend` takes queries, keys and values of shape (batch, heads, seq, head_dim) and returns the heads
+concatenated, (batch, seq, heads * head_dim), and the weights where asked for and computed.
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -19,20 +27,47 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_twinlm import TwinLMConfig
 from .layers import ResidualProjection, dropout_mask, fast_dropout_applies
+from .linear_attention import LinearScoring
 from .positions import apply_rotary
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
+
+
+def cached(
+    cache, key: torch.Tensor, value: torch.Tensor, layer_idx: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values to attend to: this forward's, after the cache's (which then keeps them)."""
+    return (key, value) if cache is None else cache.update(key, value, layer_idx)
+
+
+def merge_heads(output: torch.Tensor) -> torch.Tensor:
+    """(batch, heads, seq, head_dim) -> (batch, seq, heads * head_dim)."""
+    return output.transpose(1, 2).reshape(output.shape[0], output.shape[2], -1)
 
 
 @dataclass
 class AttentionMask:
-    """What each query may attend to, in the form the attention kernel takes."""
+    """Dense attention (eager or SDPA): what each query may attend to, over every key."""
 
     # (batch|1, heads|1, q, k): bool, True where a query may attend, or (with position biases) an additive
     # float bias, -inf where forbidden
     bias: torch.Tensor | None = None
     is_causal: bool = False  # with bias None: plain causal attention (SDPA's fast path)
-    flash: bool = False  # flash kernels: no bias; the two fields below instead
-    padding_mask: torch.Tensor | None = None  # (batch, keys), 1 = real token
-    packed_position_ids: torch.Tensor | None = None  # (batch, q), restarting at 0 per document
+
+    @property
+    def can_select_queries(self) -> bool:
+        """Whether `for_queries` can give the rows of some queries (plain is_causal has no rows to take)."""
+        return not self.is_causal
+
+    def for_queries(self, queries) -> "AttentionMask":
+        """The mask's rows of the kept queries (a modeling_twinlm.QuerySubset)."""
+        return AttentionMask(bias=None if self.bias is None else queries.gather(self.bias, dim=2))
+
+    def attend(self, attention, query, key, value, cache, dropout, output_attentions):
+        key, value = cached(cache, key, value, attention.layer_idx)
+        output, weights = attention.scoring(query, key, value, self, dropout, output_attentions)
+        return merge_heads(output), weights
 
 
 def eager_attention(
@@ -157,6 +192,7 @@ SCORINGS = {
     "scaled_dot": lambda config: DotProductScoring(config, scaled=True),
     "dot": lambda config: DotProductScoring(config, scaled=False),
     "additive": AdditiveScoring,
+    "linear": LinearScoring,  # only ever given a LinearMask (every layer of a linear model is linear_attention)
 }
 
 
@@ -184,7 +220,7 @@ class TwinLMAttention(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        mask: AttentionMask,
+        mask: "AttentionMask | WindowBlocks | FlashMask | FlexMask",
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache=None,
         output_attentions: bool = False,
@@ -201,43 +237,226 @@ class TwinLMAttention(nn.Module):
         if rotary is not None:
             query = apply_rotary(query, *(rotary if queries is None else query_rotary))
             key = apply_rotary(key, *rotary)
-        if cache is not None:
-            key, value = cache.update(key, value, self.layer_idx)
         dropout = self.dropout if self.training else 0.0
-        if mask.flash:
-            return self.o_proj(
-                self._flash_attention(query, key, value, mask, dropout).reshape(b, s, -1)
-            ), None
-        output, weights = self.scoring(query, key, value, mask, dropout, output_attentions)
-        output = output.transpose(1, 2).reshape(b, q_in.shape[1], -1)
+        output, weights = mask.attend(self, query, key, value, cache, dropout, output_attentions)
         return self.o_proj(output), weights
 
-    def _flash_attention(self, query, key, value, mask: AttentionMask, dropout: float) -> torch.Tensor:
+
+# ---------------------------------------------------------------------------------------------------
+# Flash kernels (transformers' integration)
+
+
+@dataclass
+class FlashMask:
+    """Flash kernels take no mask: the padding mask (un-padding) or packed position ids (variable-length
+    rows), and the window as the kernel's band."""
+
+    is_causal: bool
+    padding_mask: torch.Tensor | None = None  # (batch, keys), 1 = real token
+    packed_position_ids: torch.Tensor | None = None  # (batch, q), restarting at 0 per document
+    window: int | None = None  # the layer's sliding_window (None: full attention)
+    can_select_queries = False
+
+    def attend(self, attention, query, key, value, cache, dropout, output_attentions):
         """transformers' flash-attention integration: padding by un-padding, packed documents by its
-        variable-length path (which splits one row where position ids restart), the window as a band.
-        Returns (batch, seq, heads, head_dim)."""
-        attention = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        variable-length path (which splits one row where position ids restart), the window as a band."""
+        key, value = cached(cache, key, value, attention.layer_idx)
+        function = ALL_ATTENTION_FUNCTIONS[attention.config._attn_implementation]
         b, _, s, d = query.shape
-        padding = mask.padding_mask[:, -key.shape[-2] :] if mask.padding_mask is not None else None
+        padding = self.padding_mask[:, -key.shape[-2] :] if self.padding_mask is not None else None
         position_ids = None
-        if mask.packed_position_ids is not None:  # (b, h, s, d) -> (1, h, b*s, d): one row of documents
+        if self.packed_position_ids is not None:  # (b, h, s, d) -> (1, h, b*s, d): one row of documents
             query, key, value = (
                 x.transpose(0, 1).reshape(x.shape[1], -1, d)[None] for x in (query, key, value)
             )
-            position_ids = mask.packed_position_ids.reshape(1, -1)
-        window = self.config.sliding_window
-        if window is not None and not self.config.is_causal:
+            position_ids = self.packed_position_ids.reshape(1, -1)
+        window = self.window
+        if window is not None and not self.is_causal:
             window = window // 2 + 1  # flash's band of (w - 1) on each side == |i - j| <= sliding_window // 2
-        output, _ = attention(
-            self,
+        output, _ = function(
+            attention,
             query,
             key,
             value,
             padding,
             dropout=dropout,
-            scaling=self.scoring.scale,
+            scaling=attention.scoring.scale,
             sliding_window=window,
-            is_causal=self.config.is_causal,
+            is_causal=self.is_causal,
             position_ids=position_ids,
         )
-        return output.reshape(b, s, -1, d)
+        return output.reshape(b, s, -1), None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sliding windows in blocks: O(n w) instead of O(n^2)
+
+# Queries are grouped in blocks of min(window, MAX_WINDOW_BLOCK); a block attends to block + reach keys (reach:
+# w - 1 for a causal window, w // 2 on each side for a bidirectional one). Smaller blocks waste fewer keys
+# per query, larger ones make bigger matrix products; 64-128 measured best on a CPU at windows of 128-256.
+MAX_WINDOW_BLOCK = 128
+
+
+def window_reach(window: int, is_causal: bool) -> tuple[int, int]:
+    """How far a query's window reaches to the left and to the right of it (twinlm's sliding_window)."""
+    return (window - 1, 0) if is_causal else (window // 2, window // 2)
+
+
+def block_size(left: int, right: int) -> int:
+    """Queries per block: the window's width, at most MAX_WINDOW_BLOCK."""
+    return max(min(left + right + 1, MAX_WINDOW_BLOCK), 1)
+
+
+@dataclass
+class WindowRecipe:
+    """What decides which keys a query of a windowed layer may see, per token, so that the mask of any set
+    of queries can be built in O(queries x window): the window's reach, the real keys, the documents and
+    the position bias (a function of key index - query index)."""
+
+    length: int  # tokens in the sequence (the keys are all of them: no cache past)
+    left: int
+    right: int
+    key_real: torch.Tensor | None  # (batch, length) bool: False for padding
+    documents: torch.Tensor | None  # (batch, length): a document id per token (packed rows)
+    position_bias: Callable[[torch.Tensor], torch.Tensor | None]  # (q, k) distance -> (1, heads, q, k)
+
+    def bias(
+        self, q_tok: torch.Tensor, k_tok: torch.Tensor, distance: torch.Tensor, batch: int
+    ) -> torch.Tensor:
+        """The mask of `groups` groups of queries, each against its own run of keys: q_tok (r, groups,
+        block, 1) and k_tok (r, groups, 1, keys) token indices (r: 1 or batch), distance (block, keys) =
+        k_tok - q_tok (the same in every group). Returns (batch * groups, 1 | heads, block, keys): bool, or
+        float (-inf where forbidden) with position biases. Every query may see itself (padding queries get
+        a harmless row)."""
+        allowed = (distance >= -self.left) & (distance <= self.right)
+        allowed = allowed & (k_tok >= 0) & (k_tok < self.length)  # keys past either end of the sequence
+        k_at = k_tok.clamp(0, self.length - 1).expand(batch, -1, -1, -1)
+        if self.key_real is not None:
+            allowed = allowed & _take(self.key_real, k_at)
+        if self.documents is not None:
+            q_at = q_tok.clamp(0, self.length - 1).expand(batch, -1, -1, -1)
+            allowed = allowed & (_take(self.documents, q_at) == _take(self.documents, k_at))
+        allowed = (allowed | (distance == 0)).expand(batch, *allowed.shape[1:])
+        allowed = allowed.reshape(-1, 1, *allowed.shape[-2:])  # (batch * groups, 1, block, keys)
+        position_bias = self.position_bias(distance)
+        if position_bias is None:
+            return allowed
+        blocked = torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device)
+        return blocked.masked_fill_(~allowed, float("-inf")) + position_bias.float()
+
+
+def _take(per_token: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """per_token (batch, length) at index (batch, ...)."""
+    return per_token.gather(1, index.reshape(index.shape[0], -1)).view(index.shape)
+
+
+@dataclass
+class WindowBlocks:
+    """A sliding window computed in blocks of queries: block g holds queries gB .. gB + B - 1 and attends to
+    the keys gB - left .. gB + B - 1 + right, which its window reaches. Keys and values are laid out as
+    overlapping views of one padded copy (no copy per block); each row of the batch has `groups` blocks
+    (a few more than the queries need, so that the rows' blocks tile one flat sequence). The scoring runs on
+    (batch * groups) small attention problems with the mask `bias`: the same eager, SDPA, dropout,
+    grouped-query and additive code as dense attention, and exactly the same result."""
+
+    block: int
+    groups: int  # blocks per row of the batch
+    recipe: WindowRecipe
+    bias: torch.Tensor  # (batch * groups, 1 | heads, block, keys)
+    can_select_queries = True
+
+    @classmethod
+    def build(cls, recipe: WindowRecipe, batch: int, device: torch.device) -> "WindowBlocks":
+        block = block_size(recipe.left, recipe.right)
+        keys = block + recipe.left + recipe.right
+        groups = -(-(recipe.left + recipe.length + recipe.right) // block)
+        g = torch.arange(groups, device=device)[None, :, None, None] * block
+        a = torch.arange(block, device=device)[:, None]
+        c = torch.arange(keys, device=device)[None, :]
+        distance = c - recipe.left - a
+        bias = recipe.bias(g + a, g + c - recipe.left, distance, batch)
+        return cls(block, groups, recipe, bias)
+
+    @staticmethod
+    def applies(length: int, left: int, right: int) -> bool:
+        """Whether blocks compute fewer (query, key) pairs than dense attention over `length` tokens."""
+        block = block_size(left, right)
+        return (length + left + right) * (block + left + right) < length * length
+
+    def attend(self, attention, query, key, value, cache, dropout, output_attentions):
+        key, value = cached(cache, key, value, attention.layer_idx)
+        b, h, n, d = query.shape
+        block, groups, left = self.block, self.groups, self.recipe.left
+        keys = block + left + self.recipe.right
+        row = groups * block  # every row of the batch padded to whole blocks, the keys shifted by `left`
+        query = F.pad(query.transpose(1, 2), (0, 0, 0, 0, 0, row - n))
+        query = query.view(b * groups, block, h, d).transpose(1, 2)  # (b * groups, h, block, d): a view
+
+        def windows(x: torch.Tensor) -> torch.Tensor:
+            """(b, kv_heads, n, d) -> (b * groups, kv_heads, keys, d): overlapping views of one padded copy."""
+            padded = F.pad(x.transpose(1, 2), (0, 0, 0, 0, left, row - left - n))
+            flat = F.pad(padded.reshape(b * row, *padded.shape[2:]), (0, 0, 0, 0, 0, keys - block))
+            return flat.unfold(0, keys, block).permute(0, 1, 3, 2)
+
+        output, _ = attention.scoring(
+            query, windows(key), windows(value), AttentionMask(bias=self.bias), dropout, False
+        )
+        return output.transpose(1, 2).reshape(b, row, h * d)[:, :n], None
+
+    def for_queries(self, queries) -> "WindowQueries":
+        """The kept queries (a modeling_twinlm.QuerySubset), each against exactly the keys of its window."""
+        recipe = self.recipe
+        keys = recipe.left + recipe.right + 1
+        distance = torch.arange(keys, device=queries.index.device)[None] - recipe.left
+        q_tok = queries.index[:, :, None, None]
+        k_tok = q_tok + distance
+        batch = queries.index.shape[0]
+        return WindowQueries(
+            k_tok.clamp(0, recipe.length - 1)[:, :, 0], recipe.bias(q_tok, k_tok, distance, batch)
+        )
+
+
+@dataclass
+class WindowQueries:
+    """Some queries of a windowed layer (sparse prediction's last block), each against its own window of
+    keys: O(queries x window)."""
+
+    key_index: torch.Tensor  # (batch, m, keys): token index of each query's keys
+    bias: torch.Tensor  # (batch * m, 1 | heads, 1, keys)
+    can_select_queries = False
+
+    def attend(self, attention, query, key, value, cache, dropout, output_attentions):
+        b, h, m, d = query.shape
+        index = self.key_index.reshape(b, -1, 1, 1)
+
+        def windows(x: torch.Tensor) -> torch.Tensor:
+            """(b, kv_heads, n, d) -> (b * m, kv_heads, keys, d): each query's keys, gathered."""
+            taken = x.transpose(1, 2).gather(1, index.expand(-1, -1, x.shape[1], d))
+            return taken.view(b * m, -1, x.shape[1], d).transpose(1, 2)
+
+        query = query.transpose(1, 2).reshape(b * m, h, 1, d)
+        output, _ = attention.scoring(
+            query, windows(key), windows(value), AttentionMask(bias=self.bias), dropout, False
+        )
+        return output.reshape(b, m, h * d), None
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch's flex_attention (transformers' integration)
+
+
+@dataclass
+class FlexMask:
+    """flex_attention with a block-sparse mask: blocks of (query, key) pairs that nothing may attend are
+    skipped, so a window costs O(n w) on a GPU (its kernel); the mask is built once per forward."""
+
+    block_mask: "BlockMask"
+    can_select_queries = False
+
+    def attend(self, attention, query, key, value, cache, dropout, output_attentions):
+        key, value = cached(cache, key, value, attention.layer_idx)
+        function = ALL_ATTENTION_FUNCTIONS["flex_attention"]
+        output, _ = function(
+            attention, query, key, value, self.block_mask, scaling=attention.scoring.scale, dropout=dropout
+        )
+        return output.reshape(query.shape[0], query.shape[2], -1), None

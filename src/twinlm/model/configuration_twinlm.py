@@ -25,7 +25,7 @@ PositionEmbeddingType = Literal["learned", "sinusoidal", "relative", "rope", "al
 NormType = Literal["layernorm", "rmsnorm", "batchnorm"]
 NormPosition = Literal["post", "pre"]
 HiddenAct = Literal["relu", "gelu", "gelu_new", "swiglu", "geglu"]
-AttentionScoring = Literal["scaled_dot", "dot", "additive"]
+AttentionScoring = Literal["scaled_dot", "dot", "additive", "linear"]
 ClassifierPooling = Literal["cls", "mean", "last"]
 
 # field -> allowed values, read off the Literal types above (one source of truth).
@@ -37,6 +37,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "attention_scoring": get_args(AttentionScoring),
     "classifier_pooling": get_args(ClassifierPooling),
 }
+
+# Per-layer attention, with transformers v5's names (config.layer_types; its caches build one layer per entry:
+# a growing KV cache, one that keeps only the window, or a constant-size recurrent state).
+LAYER_TYPES = ("full_attention", "sliding_attention", "linear_attention")
 
 # Absolute position encodings: positions past the table (or past what the model was trained on) are
 # an error rather than a silent wrap-around or extrapolation.
@@ -110,9 +114,20 @@ class TwinLMConfig(PreTrainedConfig):
       norm_position: post (2017 paper, BERT) | pre (GPT-2 and later)
       embedding_norm: normalise the embedding sum (BERT); None = True for post-norm, False for pre-norm
       hidden_act: relu | gelu | gelu_new | swiglu | geglu
-      attention_scoring: scaled_dot | dot (no 1/sqrt(d_k)) | additive (Bahdanau-style, per head)
+      attention_scoring: scaled_dot | dot (no 1/sqrt(d_k)) | additive (Bahdanau-style, per head) | linear
+        (Katharopoulos et al. 2020, elu + 1 features: O(n d^2) time and memory, a constant-size recurrent state
+        instead of a KV cache when generating; no window, no ALiBi/T5 bias, no attention dropout)
       sliding_window: None (full attention) or a window size w: a causal token sees itself and the
-        w - 1 tokens before it; a bidirectional token sees w // 2 tokens on each side
+        w - 1 tokens before it; a bidirectional token sees w // 2 tokens on each side. Computed in blocks
+        (each block of queries against the keys its window reaches): O(n w) time and memory
+      layer_types: per layer, "full_attention" | "sliding_attention" | "linear_attention" (transformers' names);
+        None = derived: every layer "linear_attention" with linear scoring, else "sliding_attention" where
+        sliding_window is set (every layer, or all but every n-th with global_attention_every_n_layers),
+        else "full_attention"
+      global_attention_every_n_layers: with sliding_window, layers 0, n, 2n, ... attend to everything and
+        the others to their window (ModernBERT: 3, Longformer-style local/global mix)
+      local_rope_theta: RoPE base of the sliding_attention layers (None = rope_theta; ModernBERT: 10k local,
+        160k global)
       share_qk: one projection for queries and keys
       scale_embeddings: multiply token embeddings by sqrt(hidden_size) (2017 paper)
       sparse_prediction: masked-LM training runs the LM head, and the last block's queries, on masked
@@ -145,6 +160,9 @@ class TwinLMConfig(PreTrainedConfig):
     hidden_act: HiddenAct = "gelu"
     attention_scoring: AttentionScoring = "scaled_dot"
     sliding_window: int | None = None
+    layer_types: list[str] | None = None
+    global_attention_every_n_layers: int | None = None
+    local_rope_theta: float | int | None = None
     share_qk: bool = False
     scale_embeddings: bool = False
     # dropout
@@ -185,6 +203,8 @@ class TwinLMConfig(PreTrainedConfig):
             self.embedding_norm = self.norm_position == "post"
         if self.classifier_pooling is None:
             self.classifier_pooling = "last" if self.is_causal else "cls"
+        if self.layer_types is None:
+            self.layer_types = self._derived_layer_types()
         super().__post_init__(**kwargs)
         if getattr(self, "auto_map", None) is None:
             self.auto_map = dict(AUTO_MAP)
@@ -198,6 +218,59 @@ class TwinLMConfig(PreTrainedConfig):
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    def _derived_layer_types(self) -> list[str]:
+        """layer_types from the shortcuts: linear scoring, sliding_window, global_attention_every_n_layers."""
+        return derive_layer_types({field: getattr(self, field) for field in LAYER_TYPE_SOURCES})
+
+    def validate_layer_type(self) -> None:
+        """layer_types against the layers, the window and the scoring (transformers' check, with twinlm's
+        messages: field, value, allowed values)."""
+        layer_types = self.layer_types
+        if not isinstance(layer_types, list) or not all(isinstance(t, str) for t in layer_types):
+            raise ValueError(f"layer_types={layer_types!r} must be a list of strings, one per layer")
+        unknown = sorted({t for t in layer_types if t not in LAYER_TYPES})
+        if unknown:
+            raise ValueError(
+                f"layer_types has {', '.join(map(repr, unknown))}; each entry must be one of {', '.join(LAYER_TYPES)}"
+            )
+        if len(layer_types) != self.num_hidden_layers:
+            raise ValueError(
+                f"layer_types has {len(layer_types)} entries but num_hidden_layers={self.num_hidden_layers}: "
+                "give one per layer (or leave layer_types unset to derive it)"
+            )
+        every = self.global_attention_every_n_layers
+        if every is not None:
+            if every < 1:
+                raise ValueError(f"global_attention_every_n_layers={every} must be None or >= 1")
+            if self.sliding_window is None:
+                raise ValueError(
+                    f"global_attention_every_n_layers={every} needs sliding_window (the other layers' window)"
+                )
+            if layer_types != self._derived_layer_types():
+                raise ValueError(
+                    f"layer_types={layer_types} disagrees with global_attention_every_n_layers={every}; "
+                    "give one of the two"
+                )
+        linear = [t == "linear_attention" for t in layer_types]
+        if self.attention_scoring == "linear" and not all(linear):
+            raise ValueError(
+                f"attention_scoring='linear' makes every layer linear; layer_types={layer_types} has others"
+            )
+        if self.attention_scoring != "linear" and any(linear):
+            raise ValueError(
+                "layer_types 'linear_attention' needs attention_scoring='linear' (twinlm does not mix linear "
+                f"and softmax layers); got attention_scoring={self.attention_scoring!r}"
+            )
+        if "sliding_attention" in layer_types and self.sliding_window is None:
+            raise ValueError(
+                "layer_types has 'sliding_attention' layers but sliding_window is None; set a window"
+            )
+        if self.sliding_window is not None and "sliding_attention" not in layer_types:
+            raise ValueError(
+                f"sliding_window={self.sliding_window} is set but no layer is 'sliding_attention' "
+                f"(layer_types={layer_types}); set sliding_window=None or use sliding layers"
+            )
 
     def validate_architecture(self) -> None:
         """Every switch and size checked here, so that nothing fails later inside a forward pass."""
@@ -245,6 +318,8 @@ class TwinLMConfig(PreTrainedConfig):
             )
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window={self.sliding_window} must be None (full attention) or >= 1")
+        if self.attention_scoring == "linear":
+            self._check_linear_attention()
         for field in (
             "hidden_dropout_prob",
             "attention_probs_dropout_prob",
@@ -261,16 +336,47 @@ class TwinLMConfig(PreTrainedConfig):
             raise ValueError(f"initializer_range={self.initializer_range} must be positive")
         if self.rope_theta <= 0:
             raise ValueError(f"rope_theta={self.rope_theta} must be positive")
+        if self.local_rope_theta is not None and self.local_rope_theta <= 0:
+            raise ValueError(
+                f"local_rope_theta={self.local_rope_theta} must be None (= rope_theta) or positive"
+            )
         if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
             raise ValueError(
                 f"pad_token_id={self.pad_token_id} is outside the vocabulary (vocab_size={self.vocab_size}); "
                 f"use an id in [0, {self.vocab_size - 1}] or None"
             )
 
+    def _check_linear_attention(self) -> None:
+        """Linear attention never forms the (query, key) weights: no window, no bias on them, no dropout of them."""
+        if self.sliding_window is not None:
+            raise ValueError(
+                f"attention_scoring='linear' attends to every token (O(n) already); sliding_window="
+                f"{self.sliding_window} must be None"
+            )
+        if self.position_embedding_type in ("relative", "alibi"):
+            raise ValueError(
+                f"attention_scoring='linear' cannot add position_embedding_type={self.position_embedding_type!r}'s "
+                "bias to weights it never forms; choose one of learned, sinusoidal, rope, none"
+            )
+        if self.attention_probs_dropout_prob:
+            raise ValueError(
+                "attention_scoring='linear' has no attention weights to drop: set attention_probs_dropout_prob=0 "
+                f"(got {self.attention_probs_dropout_prob})"
+            )
+
     # ----------------------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> "TwinLMConfig":
-        """transformers' loader (from_pretrained, AutoConfig): a saved config's extra keys are kept."""
+        """transformers' loader (from_pretrained, AutoConfig): a saved config's extra keys are kept. Keyword
+        overrides of what layer_types derives from (e.g. sliding_window=64, num_hidden_layers=2) apply before the
+        config is built, so that a derived layer_types follows them (transformers would set them afterwards)."""
+        changed = {key: kwargs.pop(key) for key in LAYER_TYPE_SOURCES if key in kwargs}
+        if changed:
+            saved = {key: config_dict.get(key, FIELD_DEFAULTS[key]) for key in LAYER_TYPE_SOURCES}
+            derived = config_dict.get("layer_types") in (None, derive_layer_types(saved))
+            config_dict = {**config_dict, **changed}
+            if derived:
+                config_dict.pop("layer_types", None)
         token = _LOADING_SAVED_CONFIG.set(True)
         try:
             return super().from_dict(config_dict, **kwargs)
@@ -293,6 +399,29 @@ class TwinLMConfig(PreTrainedConfig):
         values = load_preset(name)
         check_config_keys(overrides, source="overrides")
         return cls(**{**values, **overrides})
+
+
+# The fields layer_types is derived from (when it is not given).
+LAYER_TYPE_SOURCES = (
+    "num_hidden_layers",
+    "attention_scoring",
+    "sliding_window",
+    "global_attention_every_n_layers",
+)
+FIELD_DEFAULTS = {key: TwinLMConfig.__dataclass_fields__[key].default for key in LAYER_TYPE_SOURCES}
+
+
+def derive_layer_types(values: dict[str, Any]) -> list[str]:
+    """Every layer linear_attention with linear scoring; else sliding_attention where a window is set (all of
+    them, or all but layers 0, n, 2n, ... with global_attention_every_n_layers=n); else full_attention."""
+    layers, every = range(values["num_hidden_layers"]), values["global_attention_every_n_layers"]
+    if values["attention_scoring"] == "linear":
+        return ["linear_attention" for _ in layers]
+    if values["sliding_window"] is None:
+        return ["full_attention" for _ in layers]
+    if every is None:
+        return ["sliding_attention" for _ in layers]
+    return ["full_attention" if i % max(every, 1) == 0 else "sliding_attention" for i in layers]
 
 
 def load_preset(name: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -363,4 +492,12 @@ def _preset_dir() -> Path | None:
     return None
 
 
-__all__ = ["TwinLMConfig", "CHOICES", "ABSOLUTE_POSITIONS", "SIZE_LIMITS", "check_config_keys", "load_preset"]
+__all__ = [
+    "TwinLMConfig",
+    "CHOICES",
+    "ABSOLUTE_POSITIONS",
+    "LAYER_TYPES",
+    "SIZE_LIMITS",
+    "check_config_keys",
+    "load_preset",
+]

@@ -32,7 +32,16 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple, is_flash_attention_requested
 from transformers.utils.output_capturing import capture_outputs
 
-from .attention import AdditiveScoring, AttentionMask, TwinLMAttention
+from .attention import (
+    AdditiveScoring,
+    AttentionMask,
+    FlashMask,
+    FlexMask,
+    TwinLMAttention,
+    WindowBlocks,
+    WindowRecipe,
+    window_reach,
+)
 from .configuration_twinlm import ABSOLUTE_POSITIONS, TwinLMConfig
 from .layers import (
     FEED_FORWARDS,
@@ -43,6 +52,7 @@ from .layers import (
     build_feed_forward,
     build_norm,
 )
+from .linear_attention import LinearMask
 from .loss import causal_lm_loss, masked_lm_loss
 from .positions import POSITION_ENCODINGS
 
@@ -93,6 +103,8 @@ class TwinLMEmbeddings(nn.Module):
 class TwinLMLayer(GradientCheckpointingLayer):
     def __init__(self, config: TwinLMConfig, layer_idx: int):
         super().__init__()
+        # full_attention, sliding_attention or linear_attention: picks the mask (and RoPE base) the stack passes
+        self.attention_type = config.layer_types[layer_idx]
         self.attention = TwinLMAttention(config, layer_idx)
         self.mlp = build_feed_forward(config)
         self.attention_norm = build_norm(config)
@@ -153,6 +165,7 @@ class TwinLMPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["TwinLMPostNormLayer", "TwinLMPreNormLayer"]
     _supports_sdpa = True
     _supports_flash_attn = True  # where a variant allows it: see check_flash_attention
+    _supports_flex_attn = True  # the variants flash computes (no attention dropout); static caches too
     # transformers' output recording (capture_outputs): each block's output is a hidden state (the first
     # one is the embeddings, the last the final norm's output), each attention module's weights an attention.
     _can_record_outputs = {"hidden_states": TwinLMLayer, "attentions": TwinLMAttention}
@@ -187,6 +200,7 @@ class TwinLMModel(TwinLMPreTrainedModel):
 
     def __init__(self, config: TwinLMConfig):
         super().__init__(config)
+        config.validate_layer_type()  # a config changed after it was built (num_hidden_layers, sliding_window)
         self.positions = POSITION_ENCODINGS[config.position_embedding_type](config)
         self.embeddings = TwinLMEmbeddings(config)
         layer_class = LAYERS[config.norm_position]
@@ -232,10 +246,7 @@ class TwinLMModel(TwinLMPreTrainedModel):
         output_attentions = config.output_attentions if output_attentions is None else output_attentions
         use_cache = config.use_cache if use_cache is None else use_cache
         cache = self._cache(cache, use_cache)
-        # Where the queries and the keys sit in the sequence: a static cache's keys are all its slots
-        # (unfilled ones masked as the future), a sliding-window cache's only the newest.
-        past = cache.get_query_offset(0) if cache is not None else 0
-        kv_len, kv_offset = cache.get_mask_sizes(q_len, 0) if cache is not None else (q_len, 0)
+        past = cache.get_query_offset(0) if cache is not None else 0  # tokens before this forward's
 
         # Packed batches: explicit position_ids that restart at 0 start a new document.
         documents = q_len > 1 and position_ids is not None and cache_is_empty(cache)
@@ -248,28 +259,44 @@ class TwinLMModel(TwinLMPreTrainedModel):
             self._check_inputs(attention_mask, position_ids, past + q_len)
         token_mask = attention_mask[:, -q_len:].bool() if attention_mask is not None else None
 
-        geometry = MaskGeometry(
-            q_len, past, kv_len, kv_offset, exact=cache is None or not cache.is_compileable
+        # One mask and one set of rotary angles per layer type (full, sliding window, linear), built once.
+        layer_types = dict.fromkeys(config.layer_types)
+        attention_mask, document_positions = drop_trivial_masks(
+            attention_mask, position_ids if documents else None
         )
-        mask = self._attention_mask(
-            *drop_trivial_masks(attention_mask, position_ids if documents else None),
-            geometry,
-            device,
-            output_attentions,
-        )
-        rotary = self.positions.rotary(position_ids)
+        masks = {
+            layer_type: LAYER_MASKS[layer_type](
+                self,
+                layer_type,
+                attention_mask,
+                document_positions,
+                self._geometry(cache, layer_type, batch, q_len, past),
+                output_attentions,
+            )
+            for layer_type in layer_types
+        }
+        rotary = {layer_type: self.positions.rotary(position_ids, layer_type) for layer_type in layer_types}
         hidden = self.embeddings(
             input_ids, inputs_embeds, token_type_ids, self.positions.absolute(position_ids), token_mask
         )
         hidden = self._blocks(
-            hidden, token_mask, mask, rotary, cache, output_attentions, tokens_to_keep, kwargs
+            hidden, token_mask, masks, rotary, cache, output_attentions, tokens_to_keep, kwargs
         )
         return BaseModelOutputWithPast(last_hidden_state=hidden, cache=cache)
 
-    def _blocks(self, hidden, token_mask, mask, rotary, cache, output_attentions, tokens_to_keep, kwargs):
+    def _geometry(self, cache: Cache | None, layer_type: str, batch: int, q_len: int, past) -> "MaskGeometry":
+        """Where this forward's queries and the keys of `layer_type`'s layers sit in the sequence: a static
+        cache's keys are all its slots (unfilled ones masked as the future), a sliding-window cache's only the
+        newest (the first such layer's cache tells); linear layers keep no keys."""
+        if cache is None or layer_type == "linear_attention":
+            return MaskGeometry(q_len, past, q_len, 0, exact=True, batch=batch)
+        kv_len, kv_offset = cache.get_mask_sizes(q_len, self.config.layer_types.index(layer_type))
+        return MaskGeometry(q_len, past, kv_len, kv_offset, exact=not cache.is_compileable, batch=batch)
+
+    def _blocks(self, hidden, token_mask, masks, rotary, cache, output_attentions, tokens_to_keep, kwargs):
         """The blocks and the final norm; with `tokens_to_keep`, only those tokens' states (row-major), the last
         block computing only their queries where `_can_skip_queries` allows."""
-        queries = None
+        queries, last = None, self.layers[-1].attention_type
         if tokens_to_keep is not None:
             if tokens_to_keep.dtype != torch.bool:
                 raise ValueError(
@@ -277,22 +304,28 @@ class TwinLMModel(TwinLMPreTrainedModel):
                     f"got {tokens_to_keep.dtype}"
                 )
             tokens_to_keep = tokens_to_keep.to(hidden.device)
-            if self._can_skip_queries(cache, mask, output_attentions, kwargs):
-                queries = QuerySubset.of(tokens_to_keep, rotary)
+            if self._can_skip_queries(cache, masks[last], output_attentions, kwargs):
+                queries = QuerySubset.of(tokens_to_keep, rotary[last])
         for layer in self.layers if queries is None else self.layers[:-1]:
+            kind = layer.attention_type
             hidden, _ = layer(
-                hidden, token_mask, mask, rotary, cache=cache, output_attentions=output_attentions
+                hidden,
+                token_mask,
+                masks[kind],
+                rotary[kind],
+                cache=cache,
+                output_attentions=output_attentions,
             )
         if queries is not None:
             # through the block's __call__: its hooks (FSDP, Accelerate's offload, user hooks) and checkpointing
             hidden, _ = self.layers[-1](
-                hidden, token_mask, queries.attention_mask(mask), rotary, queries=queries
+                hidden, token_mask, masks[last].for_queries(queries), rotary[last], queries=queries
             )
             return self.final_norm(hidden)[queries.real]
         hidden = self.final_norm(hidden, token_mask)
         return hidden if tokens_to_keep is None else hidden[tokens_to_keep]
 
-    def _can_skip_queries(self, cache, mask: AttentionMask, output_attentions, kwargs) -> bool:
+    def _can_skip_queries(self, cache, mask, output_attentions, kwargs) -> bool:
         """Whether the last block may compute only some queries (see forward's tokens_to_keep)."""
         hidden_states = kwargs.get("output_hidden_states", self.config.output_hidden_states)
         return (
@@ -300,8 +333,7 @@ class TwinLMModel(TwinLMPreTrainedModel):
             and cache is None
             and not output_attentions
             and not hidden_states
-            and not mask.flash
-            and not mask.is_causal  # (a causal bias, when there is one, keeps its rows)
+            and mask.can_select_queries  # not flash, flex, linear or plain is_causal (a causal bias has rows)
             and self.config.norm_type != "batchnorm"  # its training statistics take every token
         )
 
@@ -309,8 +341,17 @@ class TwinLMModel(TwinLMPreTrainedModel):
         """The KV cache to fill: only causal models in eval mode keep one (an encoder attends both ways)."""
         if not (self.config.is_causal and not self.training and use_cache):
             return None
-        # With the config, a sliding-window model's cache keeps only the window (as transformers' own models).
-        return DynamicCache(config=self.config) if cache is None else cache
+        # With the config, each layer's cache follows its layer type (as in transformers' own models): a
+        # sliding-window layer keeps only the window, a linear-attention layer a constant-size state.
+        if cache is None:
+            return DynamicCache(config=self.config)
+        linear = "linear_attention" in self.config.layer_types
+        if linear and not (len(cache.layers) == self.config.num_hidden_layers and all(cache.is_linear)):
+            raise ValueError(
+                "attention_scoring='linear' keeps a recurrent state, not keys and values: pass "
+                "DynamicCache(config=model.config) (or no cache) instead of a cache built without the config"
+            )
+        return cache
 
     def _check_inputs(
         self, attention_mask: torch.Tensor | None, position_ids: torch.Tensor, seen: int
@@ -334,50 +375,92 @@ class TwinLMModel(TwinLMPreTrainedModel):
                 "documents restart their position ids at 0), or a model with rope/alibi/relative positions"
             )
 
-    def _attention_mask(
-        self,
-        attention_mask: torch.Tensor | None,
-        document_positions: torch.Tensor | None,
-        geometry: "MaskGeometry",
-        device: torch.device,
-        output_attentions: bool,
-    ) -> AttentionMask:
-        """Fold padding, causality, the sliding window and document boundaries into one boolean mask of
-        shape (batch or 1, 1, q_len, kv_len), True where a query may attend; with ALiBi/T5 position biases,
-        one additive float bias (-inf where attention is forbidden) instead. No mask (with is_causal) when
-        nothing but plain causality applies: the fast path (see drop_trivial_masks).
-        Flash kernels take no bias: they get the padding mask and packed position ids instead.
-        """
-        config = self.config
-        if is_flash_attention_requested(config):
-            return flash_attention_mask(
-                config, attention_mask, document_positions, geometry, output_attentions
-            )
-        q_idx, k_idx = geometry.indices(device)
-        position_bias = self.positions.attention_bias(k_idx - q_idx)
-        q_len, kv_len = geometry.q_len, geometry.kv_len
-        plain = attention_mask is None and document_positions is None and config.sliding_window is None
-        # Without a mask, when the keys are exactly the tokens so far: a causal query block that is the whole
-        # sequence is SDPA's is_causal, and a single new token may see every key. Several new tokens after a
-        # cache need the explicit (bottom-right aligned) mask: SDPA's is_causal aligns top-left.
-        if (
-            plain
-            and position_bias is None
-            and geometry.exact
-            and (not config.is_causal or q_len in (1, kv_len))
-        ):
-            return AttentionMask(is_causal=config.is_causal and q_len > 1)
 
-        allowed = allowed_pairs(config, geometry, q_idx, k_idx, attention_mask, document_positions)
-        # Every query may see itself: padding queries get a harmless row instead of NaNs from an
-        # all -inf softmax (their outputs are never used).
-        allowed = allowed | (q_idx == k_idx)
-        if position_bias is None:  # SDPA and eager take the boolean mask itself: no dense float bias
-            return AttentionMask(bias=allowed)
-        bias = torch.zeros(allowed.shape, dtype=torch.float32, device=device).masked_fill(
-            ~allowed, float("-inf")
+def softmax_attention_mask(
+    model: TwinLMModel,
+    layer_type: str,
+    attention_mask: torch.Tensor | None,
+    document_positions: torch.Tensor | None,
+    geometry: "MaskGeometry",
+    output_attentions: bool,
+) -> AttentionMask | WindowBlocks | FlashMask | FlexMask:
+    """What the softmax-attention layers of `layer_type` may attend to, for the kernel that will run them:
+    flash and flex kernels take their own forms; a sliding window over a fresh sequence long enough to gain
+    runs in blocks (O(n w)); otherwise one dense mask, (batch or 1, 1, q_len, kv_len): padding, causality,
+    the window and document boundaries folded into one boolean mask, True where a query may attend; with
+    ALiBi/T5 position biases, one additive float bias (-inf where forbidden) instead; none at all (with
+    is_causal) when nothing but plain causality applies: SDPA's fast path (see drop_trivial_masks)."""
+    config = model.config
+    window = config.sliding_window if layer_type == "sliding_attention" else None
+    device = model.embeddings.word_embeddings.weight.device
+    if is_flash_attention_requested(config):
+        return flash_attention_mask(
+            config, attention_mask, document_positions, geometry, output_attentions, window
         )
-        return AttentionMask(bias=bias + position_bias.float())
+    if config._attn_implementation == "flex_attention":
+        return flex_attention_mask(
+            model, attention_mask, document_positions, geometry, output_attentions, window
+        )
+    if window is not None and not output_attentions and geometry.fresh:
+        left, right = window_reach(window, config.is_causal)
+        if WindowBlocks.applies(geometry.q_len, left, right):
+            recipe = WindowRecipe(
+                geometry.q_len,
+                left,
+                right,
+                key_real=attention_mask.bool() if attention_mask is not None else None,
+                documents=document_ids(document_positions),
+                position_bias=model.positions.attention_bias,
+            )
+            return WindowBlocks.build(recipe, geometry.batch, device)
+    q_idx, k_idx = geometry.indices(device)
+    # (the q x k distances only where a position bias uses them: at 8k tokens they are 512 MB and a second)
+    position_bias = (
+        model.positions.attention_bias(k_idx - q_idx) if model.positions.biases_attention else None
+    )
+    q_len, kv_len = geometry.q_len, geometry.kv_len
+    plain = attention_mask is None and document_positions is None and window is None
+    # Without a mask, when the keys are exactly the tokens so far: a causal query block that is the whole
+    # sequence is SDPA's is_causal, and a single new token may see every key. Several new tokens after a
+    # cache need the explicit (bottom-right aligned) mask: SDPA's is_causal aligns top-left.
+    if plain and position_bias is None and geometry.exact and (not config.is_causal or q_len in (1, kv_len)):
+        return AttentionMask(is_causal=config.is_causal and q_len > 1)
+
+    allowed = allowed_pairs(config, window, geometry, q_idx, k_idx, attention_mask, document_positions)
+    # Every query may see itself: padding queries get a harmless row instead of NaNs from an
+    # all -inf softmax (their outputs are never used).
+    allowed = allowed | (q_idx == k_idx)
+    if position_bias is None:  # SDPA and eager take the boolean mask itself: no dense float bias
+        return AttentionMask(bias=allowed)
+    bias = torch.zeros(allowed.shape, dtype=torch.float32, device=device).masked_fill(~allowed, float("-inf"))
+    return AttentionMask(bias=bias + position_bias.float())
+
+
+def linear_attention_mask(
+    model: TwinLMModel,
+    layer_type: str,
+    attention_mask: torch.Tensor | None,
+    document_positions: torch.Tensor | None,
+    geometry: "MaskGeometry",
+    output_attentions: bool,
+) -> LinearMask:
+    """Linear attention forms no weights: it needs the direction, the padding of this forward's tokens (their
+    keys count for nothing) and the documents of a packed batch. Any attn_implementation: no kernel applies."""
+    key_real = attention_mask[:, -geometry.q_len :].bool() if attention_mask is not None else None
+    return LinearMask(model.config.is_causal, key_real, document_ids(document_positions))
+
+
+# layer type -> the builder of its layers' mask (one per forward pass)
+LAYER_MASKS = {
+    "full_attention": softmax_attention_mask,
+    "sliding_attention": softmax_attention_mask,
+    "linear_attention": linear_attention_mask,
+}
+
+
+def document_ids(document_positions: torch.Tensor | None) -> torch.Tensor | None:
+    """(batch, seq) document index of each token of a packed row (position ids restart at 0), or None."""
+    return None if document_positions is None else (document_positions == 0).long().cumsum(-1)
 
 
 def flash_attention_mask(
@@ -386,7 +469,8 @@ def flash_attention_mask(
     document_positions: torch.Tensor | None,
     geometry: "MaskGeometry",
     output_attentions: bool,
-) -> AttentionMask:
+    window: int | None,
+) -> FlashMask:
     """Flash kernels take no bias: the padding mask (un-padding) or packed position ids (variable-length rows)."""
     check_flash_attention(config, output_attentions)
     if not geometry.exact:
@@ -397,37 +481,76 @@ def flash_attention_mask(
         )
     # transformers' flash path takes padding or packed documents, not both: with a padding mask
     # (generate() passes both, and then the documents are the padding's), padding wins.
-    return AttentionMask(
-        flash=True,
+    return FlashMask(
         is_causal=config.is_causal,
         padding_mask=attention_mask,
         packed_position_ids=document_positions if attention_mask is None else None,
+        window=window,
     )
+
+
+def flex_attention_mask(
+    model: TwinLMModel,
+    attention_mask: torch.Tensor | None,
+    document_positions: torch.Tensor | None,
+    geometry: "MaskGeometry",
+    output_attentions: bool,
+    window: int | None,
+) -> FlexMask:
+    """torch's flex_attention: the same pairs as the dense mask, as a mask_mod turned into a block-sparse
+    BlockMask (blocks with no allowed pair are skipped by the kernel: a window costs O(n w) there). Building it
+    evaluates mask_mod on every pair once per forward (create_block_mask), which is not saved for backward."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    config = model.config
+    check_flash_attention(config, output_attentions)
+    padding = geometry.key_padding(attention_mask) if attention_mask is not None else None
+    documents = document_ids(document_positions)
+    left, right = window_reach(window, config.is_causal) if window is not None else (None, None)
+    past, offset = geometry.past, geometry.kv_offset
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        q, k = q_idx + past, kv_idx + offset
+        allowed = k <= q if config.is_causal else k == k  # (k == k: every pair)
+        if window is not None:
+            allowed = allowed & (k - q >= -left) & (k - q <= right)
+        if padding is not None:
+            allowed = allowed & padding[b, kv_idx]
+        if documents is not None:
+            allowed = allowed & (documents[b, q_idx] == documents[b, kv_idx])
+        return allowed | (q == k)  # every query sees itself (padding queries: a harmless row)
+
+    per_row = padding is not None or documents is not None
+    block_mask = create_block_mask(
+        mask_mod,
+        geometry.batch if per_row else None,
+        None,
+        geometry.q_len,
+        geometry.kv_len,
+        device=model.embeddings.word_embeddings.weight.device,
+    )
+    return FlexMask(block_mask)
 
 
 def allowed_pairs(
     config: TwinLMConfig,
+    window: int | None,
     geometry: "MaskGeometry",
     q_idx: torch.Tensor,
     k_idx: torch.Tensor,
     attention_mask: torch.Tensor | None,
     document_positions: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Which (query, key) pairs may attend, (batch or 1, 1, q_len, kv_len): causality, the sliding window,
-    padding and packed-document boundaries."""
+    """Which (query, key) pairs may attend, (batch or 1, 1, q_len, kv_len): causality, the layer's sliding
+    window, padding and packed-document boundaries."""
     q_len, kv_len, device = geometry.q_len, geometry.kv_len, q_idx.device
     allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=device)
     if config.is_causal:  # also hides a static cache's unfilled slots (they lie in the future)
         allowed &= k_idx <= q_idx
-    if config.sliding_window is not None:
-        # causal: the current and sliding_window - 1 previous tokens; bidirectional: sliding_window // 2
-        # tokens on each side.
-        distance = q_idx - k_idx
-        allowed &= (
-            distance < config.sliding_window
-            if config.is_causal
-            else distance.abs() <= config.sliding_window // 2
-        )
+    if window is not None:
+        # causal: the current and window - 1 previous tokens; bidirectional: window // 2 tokens on each side.
+        left, right = window_reach(window, config.is_causal)
+        allowed &= (k_idx - q_idx >= -left) & (k_idx - q_idx <= right)
     allowed = allowed[None, None]  # (1, 1, q, k)
     if attention_mask is not None:
         allowed = allowed & geometry.key_padding(attention_mask)[:, None, None, :]
@@ -449,6 +572,12 @@ class MaskGeometry:
     kv_len: int
     kv_offset: int
     exact: bool
+    batch: int = 1
+
+    @property
+    def fresh(self) -> bool:
+        """The keys are exactly this forward's tokens (no cache past): what windows in blocks need."""
+        return self.exact and self.kv_len == self.q_len and self.kv_offset == 0
 
     def indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Token indices of the queries (q_len, 1) and of the keys (1, kv_len)."""
@@ -494,10 +623,6 @@ class QuerySubset:
         shape[dim] = self.index.shape[1]
         return x.expand(self.index.shape[0], *x.shape[1:]).gather(dim, self.index.view(view).expand(shape))
 
-    def attention_mask(self, mask: AttentionMask) -> AttentionMask:
-        """The mask's rows of the kept queries (bidirectional masks only: causal ones need every query)."""
-        return AttentionMask(bias=None if mask.bias is None else self.gather(mask.bias, dim=2))
-
 
 def drop_trivial_masks(
     attention_mask: torch.Tensor | None, document_positions: torch.Tensor | None
@@ -520,15 +645,15 @@ def cache_is_empty(cache: Cache | None) -> bool:
 
 
 def check_flash_attention(config: TwinLMConfig, output_attentions: bool) -> None:
-    """Flash kernels compute softmax(q.k * scale) @ v with padding, causality, documents and a window,
-    and nothing else: refuse, by name, the switches that need more."""
+    """Flash (and flex) kernels compute softmax(q.k * scale) @ v with padding, causality, documents and a
+    window, and nothing else here: refuse, by name, the switches that need more."""
     needs = []
     if config.attention_scoring == "additive":
         needs.append("attention_scoring='additive' (not a dot product)")
     if config.position_embedding_type in ("relative", "alibi"):
         needs.append(f"position_embedding_type={config.position_embedding_type!r} (an attention bias)")
     if output_attentions:
-        needs.append("output_attentions=True (flash kernels return no weights)")
+        needs.append("output_attentions=True (these kernels return no weights)")
     if needs:
         raise ValueError(
             f"attn_implementation={config._attn_implementation!r} cannot compute {', '.join(needs)}; "

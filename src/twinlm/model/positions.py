@@ -3,7 +3,8 @@
 Each encoding contributes through at most one of three hooks, and the base class makes the other two
 no-ops, so the model calls all three and never branches on the config:
   absolute(position_ids)            -> added to the token embeddings (learned, sinusoidal)
-  rotary(position_ids)              -> (cos, sin) applied to queries and keys (rope)
+  rotary(position_ids, layer_type)  -> (cos, sin) applied to queries and keys (rope; per layer type, for
+                                       local layers' own base)
   attention_bias(distance)          -> added to the attention scores (relative, alibi)
 
 Attention biases are computed from token *indices* (the model passes key index - query index, with the
@@ -25,6 +26,9 @@ from .configuration_twinlm import TwinLMConfig
 class PositionEncoding(nn.Module):
     """No positional information (position_embedding_type='none'); also the base of the others."""
 
+    # whether attention_bias uses the (query, key) distances: without, the model never builds that q x k matrix
+    biases_attention = False
+
     def __init__(self, config: TwinLMConfig):
         super().__init__()
         self.config = config
@@ -32,7 +36,10 @@ class PositionEncoding(nn.Module):
     def absolute(self, position_ids: torch.Tensor) -> torch.Tensor | None:
         return None
 
-    def rotary(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def rotary(
+        self, position_ids: torch.Tensor, layer_type: str = "full_attention"
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(cos, sin) of the positions' angles for the layers of `layer_type` (their own RoPE base)."""
         return None
 
     def attention_bias(self, distance: torch.Tensor) -> torch.Tensor | None:
@@ -65,14 +72,21 @@ class SinusoidalPositions(PositionEncoding):
 class RotaryPositions(PositionEncoding):
     """RoPE (Su et al. 2021), in the rotate-half layout of GPT-NeoX and Llama."""
 
-    def rotary(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        dim = self.config.head_dim
-        inv_freq = 1.0 / (
-            self.config.rope_theta ** (torch.arange(0, dim, 2, device=position_ids.device).float() / dim)
-        )
+    def rotary(
+        self, position_ids: torch.Tensor, layer_type: str = "full_attention"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        dim, theta = self.config.head_dim, rope_theta(self.config, layer_type)
+        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=position_ids.device).float() / dim))
         angles = position_ids.float()[..., None] * inv_freq  # (batch, seq, dim/2)
         emb = torch.cat((angles, angles), dim=-1)[:, None]  # (batch, 1, seq, dim): broadcast over heads
         return emb.cos(), emb.sin()
+
+
+def rope_theta(config: TwinLMConfig, layer_type: str) -> float:
+    """The RoPE base of a layer type: local_rope_theta for sliding-window layers where set (ModernBERT's
+    short-range local layers), rope_theta otherwise."""
+    local = config.local_rope_theta if layer_type == "sliding_attention" else None
+    return config.rope_theta if local is None else local
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -84,6 +98,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 class RelativePositions(PositionEncoding):
     """T5-style: a learned scalar per head and per bucket of relative distance (log-spaced buckets)."""
+
+    biases_attention = True
 
     def __init__(self, config: TwinLMConfig):
         super().__init__(config)
@@ -122,6 +138,8 @@ def relative_position_bucket(
 
 class AlibiPositions(PositionEncoding):
     """ALiBi (Press et al. 2022): a fixed, per-head linear penalty on distance; no parameters."""
+
+    biases_attention = True
 
     def attention_bias(self, distance: torch.Tensor) -> torch.Tensor:
         slopes = alibi_slopes(self.config.num_attention_heads, distance.device)
