@@ -140,7 +140,8 @@ def test_ablation_runs_measures_and_answers(base_run, monkeypatch):
 
 
 def test_learned_positions_past_their_table_are_reported_not_a_crash(base_run):
-    from twinlm.ablation import load_ablation, measure_length, run_variant
+    from twinlm.ablation import load_ablation, run_variant
+    from twinlm.ablation.measures import measure_length
 
     question = {
         "question": "q",
@@ -187,7 +188,8 @@ def test_bad_ablation_configs(tmp_path, base_run):
 
 
 def test_variants_share_the_first_runs_tokenizer(tmp_path, base_run):
-    from twinlm.ablation import _shared_tokenizer, load_ablation
+    from twinlm.ablation import load_ablation
+    from twinlm.ablation.runs import _shared_tokenizer
 
     question = {
         "question": "q",
