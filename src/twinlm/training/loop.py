@@ -125,34 +125,41 @@ def build_accelerator(train: OptimizerSection, report_to: str, output_dir: Path)
 
 def build_tokenizer(cfg: RunConfig, accelerator: Accelerator, causal: bool) -> Any:
     """Load the configured tokenizer, or train one on the run's data (main process first, then reuse)."""
-    from twinlm.tokenization import load_tokenizer, train_tokenizer
+    from twinlm.tokenization import load_tokenizer
 
     if cfg.tokenizer.path is not None:
         return load_tokenizer(cfg.tokenizer.path)
     out = Path(cfg.output_dir) / "tokenizer"
-    settings = cfg.tokenizer.train
-    assert settings is not None
     with accelerator.main_process_first():
         if (out / "tokenizer.json").is_file():
             return load_tokenizer(out)
-        from twinlm.data import load_texts
+        return train_run_tokenizer(cfg, out, causal, show_progress=accelerator.is_main_process)
 
-        kind = settings.type or ("bpe" if causal else "wordpiece")
-        docs = load_texts(cfg.data)
-        texts = (row["text"] for row in docs) if isinstance(docs, IterableDataset) else docs["text"]
-        extra = {} if settings.lowercase is None else {"lowercase": settings.lowercase}
-        if accelerator.is_main_process:
-            print(f"training a {kind} tokenizer (vocab {settings.vocab_size}) on the run's data -> {out}")
-        return train_tokenizer(
-            kind,
-            texts=texts,
-            vocab_size=settings.vocab_size,
-            out_dir=out,
-            min_frequency=settings.min_frequency,
-            model_max_length=settings.model_max_length or cfg.data.seq_len,
-            show_progress=accelerator.is_main_process,
-            **extra,
-        )
+
+def train_run_tokenizer(cfg: RunConfig, out: Path, causal: bool, show_progress: bool = True) -> Any:
+    """Train the tokenizer `cfg.tokenizer.train` describes on the run's documents and save it to `out`
+    (what a run does before its first step; ablate trains one per group of runs that share it)."""
+    from twinlm.data import load_texts
+    from twinlm.tokenization import train_tokenizer
+
+    settings = cfg.tokenizer.train
+    assert settings is not None
+    kind = settings.type or ("bpe" if causal else "wordpiece")
+    docs = load_texts(cfg.data)
+    texts = (row["text"] for row in docs) if isinstance(docs, IterableDataset) else docs["text"]
+    extra = {} if settings.lowercase is None else {"lowercase": settings.lowercase}
+    if show_progress:
+        print(f"training a {kind} tokenizer (vocab {settings.vocab_size}) on the run's data -> {out}")
+    return train_tokenizer(
+        kind,
+        texts=texts,
+        vocab_size=settings.vocab_size,
+        out_dir=out,
+        min_frequency=settings.min_frequency,
+        model_max_length=settings.model_max_length or cfg.data.seq_len,
+        show_progress=show_progress,
+        **extra,
+    )
 
 
 def build_model_config(cfg: RunConfig, tokenizer: Any) -> Any:
