@@ -39,8 +39,7 @@ def twinlm_packing(path: Path, tokenizer: Any, scratch: Path) -> Callable[[], in
         cfg = DataConfig(
             sources=[str(path)], seq_len=SEQ_LEN, validation_fraction=0.0, num_proc=1, cache_dir=cache
         )
-        train, _ = build_pretraining_datasets(cfg, tokenizer, causal=True)
-        return len(train)
+        return len(build_pretraining_datasets(cfg, tokenizer, causal=True).train)
 
     return run
 

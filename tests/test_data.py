@@ -67,6 +67,12 @@ def _cfg(tmp_path, sources, **kw) -> DataConfig:
     return DataConfig(sources=sources, cache_dir=str(tmp_path / "cache"), **kw)
 
 
+def _blocks(cfg: DataConfig, tok, causal: bool):
+    """(train, validation) packed blocks."""
+    data = build_pretraining_datasets(cfg, tok, causal=causal)
+    return data.train, data.validation
+
+
 def _split_stream(ids: list[int], sep: int) -> list[tuple[int, ...]]:
     """Cut a token stream after each `sep`; the trailing partial document is dropped."""
     docs, cur = [], []
@@ -153,7 +159,7 @@ def test_too_few_documents_for_validation_and_blocks(tmp_path, wordpiece, paragr
 
 def test_causal_packing_with_wordpiece_ends_documents_with_sep(tmp_path, wordpiece, paragraphs_file):
     # WordPiece has no eos: a causal model trained on it (the WordPiece-vs-BPE question) ends documents with [SEP]
-    train, _ = build_pretraining_datasets(
+    train, _ = _blocks(
         _cfg(tmp_path, [str(paragraphs_file)], seq_len=32), wordpiece, causal=True
     )
     ids = np.array(train["input_ids"]).reshape(-1)
@@ -259,7 +265,7 @@ def test_pack_token_ids_layout_and_vocab_check():
 def test_packed_blocks(tmp_path, paragraphs_file, wordpiece, bpe, causal):
     tok = bpe if causal else wordpiece
     cfg = _cfg(tmp_path, [str(paragraphs_file)], seq_len=32, validation_fraction=0.1)
-    train, val = build_pretraining_datasets(cfg, tok, causal=causal)
+    train, val = _blocks(cfg, tok, causal=causal)
     sep = tok.eos_token_id if causal else tok.sep_token_id
     prefix = [] if causal else [tok.cls_token_id]
     encoded = {
@@ -296,7 +302,7 @@ def test_builds_are_deterministic_and_cached(tmp_path, paragraphs_file, wordpiec
         cfg = DataConfig(
             sources=[str(paragraphs_file)], seq_len=16, cache_dir=str(tmp_path / cache), num_proc=1, seed=seed
         )
-        return build_pretraining_datasets(cfg, wordpiece, causal=False)
+        return _blocks(cfg, wordpiece, causal=False)
 
     (t1, v1), (t2, v2), (t3, v3) = build("c1"), build("c2"), build("c1")
     assert t1[:] == t2[:] and v1[:] == v2[:]
@@ -310,22 +316,22 @@ def test_multiprocess_tokenising_gives_the_same_blocks(tmp_path, paragraphs_file
     monkeypatch.setattr(twinlm.data.packing, "_DOCS_PER_PROC", 50)
     one = _cfg(tmp_path, [str(paragraphs_file)], seq_len=16, num_proc=1, validation_size=0)
     two = one.model_copy(update={"num_proc": 2, "cache_dir": str(tmp_path / "cache2")})
-    t1, v1 = build_pretraining_datasets(one, wordpiece, causal=False)
-    t2, _ = build_pretraining_datasets(two, wordpiece, causal=False)
+    t1, v1 = _blocks(one, wordpiece, causal=False)
+    t2, _ = _blocks(two, wordpiece, causal=False)
     assert v1 is None
     assert t1[:] == t2[:]
 
 
 def test_streaming_blocks_match_map_style(tmp_path, paragraphs_file, bpe):
     base = _cfg(tmp_path, [str(paragraphs_file)], seq_len=24, validation_size=0)
-    mapped, _ = build_pretraining_datasets(base, bpe, causal=True)
-    streamed, none = build_pretraining_datasets(base.model_copy(update={"streaming": True}), bpe, causal=True)
+    mapped, _ = _blocks(base, bpe, causal=True)
+    streamed, none = _blocks(base.model_copy(update={"streaming": True}), bpe, causal=True)
     assert isinstance(streamed, IterableDataset) and none is None
     rows = [{k: v.tolist() for k, v in r.items()} for r in streamed]
     assert len(rows) == len(mapped) > 10 and rows == [mapped[i] for i in range(len(mapped))]
     # Streaming holds out the first validation_size documents of the stream.
     cfg = base.model_copy(update={"streaming": True, "validation_size": 20})
-    streamed, val = build_pretraining_datasets(cfg, bpe, causal=True)
+    streamed, val = _blocks(cfg, bpe, causal=True)
     first = bpe(DOCS[0], add_special_tokens=False)["input_ids"]
     assert val[0]["input_ids"][: len(first[:24])] == first[:24]
     assert next(iter(streamed))["input_ids"][:5].tolist() == bpe(DOCS[20])["input_ids"][:5]
@@ -343,7 +349,7 @@ def test_real_corpus_slice(tmp_path, shared_data, bpe):
     )
     docs = load_texts(cfg)
     assert docs["text"][-1] == speech.strip("\n") and len(docs) > 10
-    train, val = build_pretraining_datasets(cfg, bpe, causal=True)
+    train, val = _blocks(cfg, bpe, causal=True)
     pos = np.array(train["position_ids"])
     assert pos.shape[1] == 64 and len(val) >= 1
     # The long speech spans many blocks, each restarting at 0 and running to 63 without a separator.
@@ -484,7 +490,7 @@ def test_collated_blocks_feed_the_model(tmp_path, paragraphs_file, wordpiece, bp
 
     tok = bpe if causal else wordpiece
     cfg = _cfg(tmp_path, [str(paragraphs_file)], seq_len=32, validation_size=0)
-    train, _ = build_pretraining_datasets(cfg, tok, causal=causal)
+    train, _ = _blocks(cfg, tok, causal=causal)
     collate = CausalLMCollator(tok) if causal else MaskedLMCollator(tok)
     batch = collate([train[i] for i in range(4)])
     assert set(batch) == {"input_ids", "position_ids", "labels"}

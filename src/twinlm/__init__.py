@@ -25,6 +25,7 @@ __all__ = [
     "TwinLMForCausalLM",
     "TwinLMForSequenceClassification",
     "TwinLMForTokenClassification",
+    "TwinLMForPreTraining",
 ]
 
 _MODEL_ATTRIBUTES = frozenset([*__all__, "AUTO_CLASSES"])
@@ -61,6 +62,7 @@ _AUTO_MODEL_NAMES = (
     "AutoModelForCausalLM",
     "AutoModelForSequenceClassification",
     "AutoModelForTokenClassification",
+    "AutoModelForPreTraining",
 )
 
 
