@@ -159,9 +159,7 @@ def test_too_few_documents_for_validation_and_blocks(tmp_path, wordpiece, paragr
 
 def test_causal_packing_with_wordpiece_ends_documents_with_sep(tmp_path, wordpiece, paragraphs_file):
     # WordPiece has no eos: a causal model trained on it (the WordPiece-vs-BPE question) ends documents with [SEP]
-    train, _ = _blocks(
-        _cfg(tmp_path, [str(paragraphs_file)], seq_len=32), wordpiece, causal=True
-    )
+    train, _ = _blocks(_cfg(tmp_path, [str(paragraphs_file)], seq_len=32), wordpiece, causal=True)
     ids = np.array(train["input_ids"]).reshape(-1)
     assert (ids == wordpiece.sep_token_id).sum() > 10 and not (ids == wordpiece.cls_token_id).any()
 

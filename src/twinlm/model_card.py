@@ -310,7 +310,10 @@ def _data_section(sources: list[dict[str, Any]] | None) -> list[str]:
     """Where the training tokens came from: per source its weight, the tokens trained on and their share."""
     if not sources:
         return []
-    lines = ["| source | weight | tokens trained on | share | passes over the source |", "|---|---|---|---|---|"]
+    lines = [
+        "| source | weight | tokens trained on | share | passes over the source |",
+        "|---|---|---|---|---|",
+    ]
     for s in sources:
         weight = "natural" if s.get("weight") is None else f"{s['weight']:.3f}"
         lines.append(
