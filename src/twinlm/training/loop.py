@@ -682,6 +682,7 @@ def _card_summary(summary: dict[str, Any]) -> dict[str, Any]:
         "objective",
         "steps",
         "tokens_seen",
+        "train_seconds",
         "val_loss",
         "val_ppl",
         "val_accuracy",
