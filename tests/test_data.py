@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import random
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -101,6 +103,10 @@ def _split_stream(ids: list[int], sep: int) -> list[tuple[int, ...]]:
         ({"sources": [{"path": "a.txt", "hub": "x/y"}]}, "got path and hub"),
         ({"sources": [{"hub": "x/y", "type": "csv"}]}, "type applies only"),
         ({"sources": [{"path": "a.txt", "type": "xml"}]}, "sources.0.type"),
+        ({"sources": [{"path": "a", "weight": 2}, "b"]}, "give every source a weight or none (sources.1 has"),
+        ({"sources": [{"path": "a", "weight": 0}]}, "the source weights add up to 0"),
+        ({"sources": [{"path": "a", "weight": -1}]}, "sources.0.weight"),
+        ({"sources": [{"path": "a", "weight": 1}], "streaming": True}, "set streaming: false"),
     ],
 )
 def test_bad_configs_name_the_key(raw, fragment):
@@ -352,6 +358,133 @@ def test_real_corpus_slice(tmp_path, shared_data, bpe):
     assert pos.shape[1] == 64 and len(val) >= 1
     # The long speech spans many blocks, each restarting at 0 and running to 63 without a separator.
     assert (pos[:, -1] == 63).sum() > 20_000 // 4 // 64 // 2
+
+
+# --- source mixing ---------------------------------------------------------------------------------
+
+
+def test_mixture_sampler_draws_each_epoch_by_weight_reproducibly():
+    from twinlm.data import MixtureSampler, blocks_per_source
+
+    sizes, weights = [100, 30, 10], [0.5, 0.3, 0.2]
+    sampler = MixtureSampler(sizes, weights, seed=3)
+    epochs = [sampler.epoch_indices(e) for e in range(3)]
+    for indices in epochs:  # exact shares of the blocks (= of the tokens), every epoch
+        assert len(indices) == 140 and blocks_per_source(indices, sizes) == [70, 42, 28]
+    assert np.array_equal(epochs[0], MixtureSampler(sizes, weights, seed=3).epoch_indices(0))
+    assert not np.array_equal(epochs[0], MixtureSampler(sizes, weights, seed=4).epoch_indices(0))
+    # a source drawn below its size shows every block before any repeats (epoch 0 then 1) ...
+    first = [i for e in epochs[:2] for i in e.tolist() if i < 100]
+    assert set(first) == set(range(100)) and max(np.bincount(first)) == 2
+    # ... one drawn above it repeats every block as evenly as possible (28 draws of 10 blocks)
+    assert sorted(set(np.bincount(epochs[0][epochs[0] >= 130] - 130).tolist())) == [2, 3]
+    # two processes deal the epoch between them, nothing twice
+    ranks = [MixtureSampler(sizes, weights, seed=3, rank=r, world=2) for r in (0, 1)]
+    for r in ranks:
+        r.set_epoch(1)
+    dealt = [list(r) for r in ranks]
+    assert len(dealt[0]) == len(dealt[1]) == len(ranks[0]) == 70
+    assert sorted(dealt[0] + dealt[1]) == sorted(epochs[1].tolist())
+
+
+def test_a_weighted_source_without_a_block_is_an_error(tmp_path, wordpiece, paragraphs_file):
+    (tmp_path / "short.txt").write_text("a few words\n")
+    sources = [
+        {"path": str(paragraphs_file), "weight": 1},
+        {"path": str(tmp_path / "short.txt"), "weight": 1},
+    ]
+    with pytest.raises(TwinLMError, match=r"data source 1 \(path=.*short.txt'\) has weight 1.0"):
+        build_pretraining_datasets(
+            _cfg(tmp_path, sources, seq_len=32, validation_size=0), wordpiece, causal=False
+        )
+    data = build_pretraining_datasets(
+        _cfg(tmp_path, [*sources[:1], {**sources[1], "weight": 0}], seq_len=32, validation_size=0),
+        wordpiece,
+        causal=False,
+    )
+    assert [s.weight for s in data.sources] == [1.0, 0.0] and data.source_sizes()[1] == 0
+
+
+# --- the tokenised-data cache ---------------------------------------------------------------------
+
+
+def _write_parquet(path, docs):
+    table = pa.table({"id": list(range(len(docs))), "text": docs})
+    pq.write_table(table, path, compression="zstd")
+
+
+def test_parquet_sources_are_tokenised_once_and_reused(tmp_path, wordpiece, monkeypatch):
+    """Each source is tokenised into the cache once; the next run neither reads its text nor tokenises it,
+    whatever the files' paths and times, until their bytes, the reading settings or the tokenizer change."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    _write_parquet(corpus / "a.parquet", DOCS[:120])
+    _write_parquet(corpus / "b.parquet", DOCS[120:])
+    calls = []
+    tokenize = twinlm.data.packing.tokenize_documents
+
+    def counting(ds, *args, **kwargs):
+        calls.append(len(ds))
+        return tokenize(ds, *args, **kwargs)
+
+    monkeypatch.setattr(twinlm.data.packing, "tokenize_documents", counting)
+
+    def build(folder=corpus, tok=wordpiece, **kw):
+        calls.clear()
+        cfg = _cfg(tmp_path, [str(folder / "a.parquet"), str(folder / "b.parquet")], **{"seq_len": 16, **kw})
+        return build_pretraining_datasets(cfg, tok, causal=False)
+
+    first = build()
+    assert calls == [120, 80] and len(list((tmp_path / "cache").glob("twinlm-tokens-*.json"))) == 2
+    assert sum(s.documents for s in first.sources) == 198  # 1% held out over both sources together
+
+    load_source = twinlm.data.packing.load_source
+    monkeypatch.setattr(twinlm.data.packing, "load_source", lambda *a: pytest.fail("read a cached source"))
+    again = build()
+    assert calls == [] and again.train[:] == first.train[:] and again.validation[:] == first.validation[:]
+    copy = tmp_path / "copy"
+    shutil.copytree(corpus, copy)  # other paths, other times, the same bytes
+    os.utime(copy / "a.parquet", (1, 1))
+    assert build(copy).train[:] == first.train[:] and calls == []
+    assert build(seq_len=24).train[0]["input_ids"].__len__() == 24 and calls == []  # only repacked
+    monkeypatch.setattr(twinlm.data.packing, "load_source", load_source)
+
+    _write_parquet(copy / "b.parquet", DOCS[120:] + ["one more document at the end"])
+    build(copy)
+    assert calls == [81]  # only the changed source
+    other = train_tokenizer("wordpiece", texts=DOCS * 2, vocab_size=150, show_progress=False)
+    build(tok=other)
+    assert calls == [120, 80]
+
+    # A damaged entry (a truncated Arrow file) is not trusted: that source is tokenised again.
+    arrow = max((tmp_path / "cache").glob("twinlm-tokens-*.arrow"), key=os.path.getmtime)  # other's
+    arrow.write_bytes(arrow.read_bytes()[:100])
+    assert build(tok=other).train[:] and len(calls) == 1
+
+
+def test_an_interrupted_tokenisation_leaves_no_cache_entry(tmp_path, wordpiece, paragraphs_file, monkeypatch):
+    cfg = _cfg(tmp_path, [str(paragraphs_file)], seq_len=16)
+
+    def broken(batch, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(twinlm.data.packing, "_tokenize_batch", broken)
+    with pytest.raises(KeyboardInterrupt):
+        build_pretraining_datasets(cfg, wordpiece, causal=False)
+    assert not list((tmp_path / "cache").glob("twinlm-tokens-*.json"))
+    monkeypatch.undo()
+    assert len(build_pretraining_datasets(cfg, wordpiece, causal=False).train) > 10
+
+
+def test_corpus_modern_parquet_as_shipped(tmp_path, shared_data, wordpiece):
+    """A corpus-modern file, read as shipped (zstd parquet, column text), then again from the cache."""
+    path = shared_data / "corpus-modern" / "spamassassin_ham.parquet"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    cfg = _cfg(tmp_path, [str(path)], seq_len=128, validation_size=10)
+    first = build_pretraining_datasets(cfg, wordpiece, causal=False)
+    assert first.sources[0].documents > 3000 and len(first.train) > 1000 and len(first.validation) > 0
+    assert build_pretraining_datasets(cfg, wordpiece, causal=False).train[:5] == first.train[:5]
 
 
 # --- collators ------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from datasets import Dataset
 
 from twinlm.data.config import DataConfig
 
-__all__ = ["cache_root", "entry_file", "load_entry", "store_entry"]
+__all__ = ["cache_root", "load_entry", "new_entry", "store_entry"]
 
 MANIFEST_VERSION = 1
 
@@ -36,8 +36,11 @@ def cache_root(cfg: DataConfig) -> Path:
     return root
 
 
-def entry_file(root: Path, stage: str, key: str) -> str:
-    """The Arrow file `datasets` writes an entry into (with `_NNNNN_of_NNNNN` before `.arrow` per process)."""
+def new_entry(root: Path, stage: str, key: str) -> str:
+    """The Arrow file to write an entry into (`datasets` adds `_NNNNN_of_NNNNN` per process), with whatever
+    an earlier, unfinished or damaged attempt left under that key removed first (`datasets` would read it)."""
+    for leftover in root.glob(f"twinlm-{stage}-{key}*"):
+        leftover.unlink(missing_ok=True)
     return str(root / f"twinlm-{stage}-{key}.arrow")
 
 
@@ -62,7 +65,7 @@ def load_entry(root: Path, stage: str, key: str) -> Dataset | None:
 
 
 def store_entry(root: Path, stage: str, key: str, ds: Dataset) -> Dataset:
-    """Record `ds` (just written by `datasets` into `entry_file(root, stage, key)`) as a complete entry;
+    """Record `ds` (just written by `datasets` into `new_entry(root, stage, key)`) as a complete entry;
     returns it read back from the cache, so that every run uses the same memory-mapped files."""
     files = [Path(f["filename"]) for f in ds.cache_files]
     if not files or any(f.parent.resolve() != root.resolve() for f in files):

@@ -23,7 +23,7 @@ import numpy as np
 from datasets import Dataset, Features, IterableDataset, Sequence, Value, concatenate_datasets
 from datasets.fingerprint import Hasher
 
-from twinlm.data.cache import cache_root, entry_file, load_entry, store_entry
+from twinlm.data.cache import cache_root, load_entry, new_entry, store_entry
 from twinlm.data.config import DataConfig, SourceConfig
 from twinlm.data.sources import TextDataset, configured_sources, load_source, load_texts, source_identity
 from twinlm.errors import TwinLMError
@@ -176,7 +176,7 @@ def _pack(
         remove_columns=ds.column_names,
         features=_BLOCK_FEATURES,
         new_fingerprint=key,
-        cache_file_name=entry_file(root, "blocks", key),
+        cache_file_name=new_entry(root, "blocks", key),
         desc=f"Packing into blocks of {cfg.seq_len}",
     )
     return store_entry(root, "blocks", key, packed)
@@ -199,7 +199,7 @@ def _tokenized_source(
     docs = load_source(source, cfg, where)
     assert isinstance(docs, Dataset)
     tokenized = tokenize_documents(
-        docs, tokenizer, causal=causal, cfg=cfg, cache_file=entry_file(root, "tokens", key), fingerprint=key
+        docs, tokenizer, causal=causal, cfg=cfg, cache_file=new_entry(root, "tokens", key), fingerprint=key
     )
     return store_entry(root, "tokens", key, tokenized), key
 
@@ -361,7 +361,7 @@ def _build_streaming(cfg: DataConfig, tokenizer: Any, causal: bool) -> Pretraini
                 tokenizer,
                 causal=causal,
                 cfg=cfg,
-                cache_file=entry_file(root, "tokens", key),
+                cache_file=new_entry(root, "tokens", key),
                 fingerprint=key,
             )
             tokenized = store_entry(root, "tokens", key, tokenized)
