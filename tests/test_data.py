@@ -360,6 +360,18 @@ def test_real_corpus_slice(tmp_path, shared_data, bpe):
     assert (pos[:, -1] == 63).sum() > 20_000 // 4 // 64 // 2
 
 
+def test_max_documents_reads_the_first_documents_of_a_source(tmp_path):
+    folder = tmp_path / "two"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS[:30]))
+    (folder / "b.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS[30:60]))
+    source = {"path": str(folder), "max_documents": 45}
+    assert load_texts(_cfg(tmp_path, [source]))["text"] == DOCS[:45]  # across the source's two files
+    streamed = load_texts(_cfg(tmp_path, [source], streaming=True))
+    assert [row["text"] for row in streamed] == DOCS[:45]
+    assert SourceConfig.model_validate(source).describe().endswith("first 45 documents")
+
+
 # --- source mixing ---------------------------------------------------------------------------------
 
 

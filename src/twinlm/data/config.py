@@ -31,6 +31,11 @@ class SourceConfig(Section):
     split: str = "train"
     default: bool = Field(default=False, description="the embedded default corpus")
     text_column: str = "text"
+    max_documents: int | None = Field(
+        default=None,
+        gt=0,
+        description="read only the first max_documents documents (a quick look at a large source)",
+    )
     weight: float | None = Field(
         default=None,
         ge=0,
@@ -60,12 +65,13 @@ class SourceConfig(Section):
 
     def describe(self) -> str:
         """A short human-readable name of the source, for messages."""
+        first = f", first {self.max_documents} documents" if self.max_documents else ""
         if self.path:
-            return f"path={self.path!r}"
+            return f"path={self.path!r}{first}"
         if self.hub:
             cfg = f", config={self.config!r}" if self.config else ""
-            return f"hub={self.hub!r}{cfg}, split={self.split!r}"
-        return "default corpus"
+            return f"hub={self.hub!r}{cfg}, split={self.split!r}{first}"
+        return f"default corpus{first}"
 
 
 class DataConfig(Section):

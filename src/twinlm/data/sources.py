@@ -216,10 +216,30 @@ def load_source(source: SourceConfig, cfg: DataConfig, where: str) -> TextDatase
         loaded = [_load_hub(source, cfg, where)]
     else:
         loaded = [_load_default(cfg)]
+    if source.max_documents is not None:
+        loaded = _first_documents(loaded, source.max_documents)
     parts = [_normalise(ds, source, where, cfg) for ds in loaded]
     if all(_is_empty(ds) for ds in parts):
         raise TwinLMError(f"{where} ({source.describe()}): holds no non-empty documents")
-    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    docs = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    if isinstance(docs, IterableDataset) and source.max_documents is not None:
+        docs = docs.take(source.max_documents)
+    return docs
+
+
+def _first_documents(parts: list[TextDataset], limit: int) -> list[TextDataset]:
+    """The first `limit` rows of the parts taken in order (before cleaning: at most `limit` documents)."""
+    kept: list[TextDataset] = []
+    for ds in parts:
+        if limit <= 0:
+            break
+        if isinstance(ds, Dataset):
+            ds = ds.select(range(min(limit, len(ds))))
+            limit -= len(ds)
+        else:
+            ds = ds.take(limit)  # a stream's length is unknown: load_source takes `limit` of them all again
+        kept.append(ds)
+    return kept
 
 
 def load_texts(cfg: DataConfig) -> TextDataset:
@@ -247,7 +267,7 @@ def source_identity(source: SourceConfig, cfg: DataConfig, where: str) -> str:
     """What a source's documents are, as a string that changes whenever they may: the SHA-256 of every local
     file's bytes (not its path or time: a copied corpus keeps its identity, an edited one loses it) with how
     it is read; for a Hub dataset and the embedded corpus the fingerprint `datasets` gives the loaded data."""
-    settings = [source.type, source.text_column, cfg.text_document_split]
+    settings = [source.type, source.text_column, source.max_documents, cfg.text_document_split]
     if source.path:
         files = [
             (kind, file_digest(f)) for kind, group in resolve_files(source, where).items() for f in group
