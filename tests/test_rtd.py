@@ -1,6 +1,6 @@
 """Replaced-token detection (ELECTRA, objective: rtd): the generator's shape and shared embeddings, the joint
 loss and its labels, no gradient through the sample, exact resume of a mixed-source run, exports that load
-with the Auto classes and fine-tune unchanged, two processes (DDP) and DeepSpeed ZeRO-2."""
+with the Auto classes (as remote code too) and fine-tune unchanged, two processes (DDP) and DeepSpeed ZeRO-2."""
 
 from __future__ import annotations
 
@@ -241,23 +241,20 @@ def test_rtd_exports_load_as_remote_code(assets: dict[str, Path], tmp_path: Path
 
 @needs_corpus
 @pytest.mark.slow
-def test_rtd_two_process_resume_is_exact(assets: dict[str, Path], tmp_path: Path) -> None:
-    """DDP (gloo, 2 processes) with a weighted mix: 6 steps straight vs. resumed at 3, the same numbers."""
-    env = _env(ACCELERATE_USE_CPU="1")
-    settings = {"max_steps": 6, "save_every": 3, "lr": 3e-3}
+def test_rtd_two_process_data_parallel(assets: dict[str, Path], tmp_path: Path) -> None:
+    """DDP (gloo, 2 processes) with a weighted mix: the joint model learns, both models are exported, and
+    the per-source token counts add up over the processes (exact resume: the single-process test above)."""
+    out = tmp_path / "run"
     rtd = ("objective=rtd", f"data.sources={json.dumps(_weighted_halves(assets))}")
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    summary, straight = _launch(assets, full, DP_LAUNCH, env, causal=False, overrides=rtd, **settings)
-    assert summary["objective"] == "replaced-token-detection" and (full / "generator").is_dir()
-    shutil.copytree(full, cut)
-    shutil.rmtree(cut / "checkpoints" / "checkpoint-6")
-    _, resumed = _launch(
-        assets, cut, DP_LAUNCH, env, causal=False, overrides=rtd, resume_from_checkpoint="latest", **settings
+    summary, curve = _launch(
+        assets, out, DP_LAUNCH, _env(ACCELERATE_USE_CPU="1"), causal=False, overrides=rtd
     )
-    a, b = _metrics(full), _metrics(cut)
-    for step in (4, 5, 6):
-        for key in RTD_METRICS:
-            assert b[step][key] == pytest.approx(a[step][key], abs=1e-6), (step, key)
+    assert "MULTI" in summary["distributed_type"] and summary["objective"] == "replaced-token-detection"
+    assert (curve[7] + curve[8]) / 2 < (curve[1] + curve[2]) / 2 - 0.1, curve
+    assert sum(s["tokens_seen"] for s in summary["data_sources"]) == summary["tokens_seen"]
+    assert (out / "generator" / "model.safetensors").is_file() and (
+        out / "final" / "model.safetensors"
+    ).is_file()
 
 
 @needs_corpus

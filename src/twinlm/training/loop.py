@@ -738,12 +738,12 @@ def _format_summary(summary: dict[str, Any], plot: Path | None) -> str:
         f"  ({summary['tokens_seen']:,} tokens in {summary['train_seconds']:.1f} s)",
         f"  checkpoint   {summary['checkpoint']}",
     ]
+    if summary.get("generator_model"):
+        lines.append(f"  generator    {summary['generator_model']}  (AutoModelForMaskedLM)")
     if summary["final_model"]:
         lines.append(
             f"  final model  {summary['final_model']}  (from_pretrained(..., trust_remote_code=True))"
         )
-    if summary.get("generator_model"):
-        lines.append(f"  generator    {summary['generator_model']}  (AutoModelForMaskedLM)")
     else:
         lines.append(
             f"  resume with  training.resume_from_checkpoint=latest (output_dir {summary['output_dir']})"
