@@ -707,8 +707,12 @@ def _format_summary(summary: dict[str, Any], plot: Path | None) -> str:
         "",
         f"pretraining {status} at step {summary['steps']} ({summary['objective']}, "
         f"{summary['parameters'] / 1e6:.2f}M parameters, {summary['processes']} process(es))",
-        f"  validation loss {fmt(summary.get('val_loss'), '.4f')}  perplexity {fmt(summary.get('val_ppl'), '.2f')}"
-        f"  accuracy {fmt(summary.get('val_accuracy'), '.4f')}",
+        f"  validation loss {fmt(summary.get('val_loss'), '.4f')}"
+        + (
+            f"  perplexity {fmt(summary.get('val_ppl'), '.2f')}  accuracy {fmt(summary.get('val_accuracy'), '.4f')}"
+            if "generator_parameters" not in summary  # replaced-token detection: its own line below
+            else " (generator + weight x discriminator)"
+        ),
         *(
             [
                 f"  replaced-token detection: generator loss {fmt(summary.get('val_gen_loss'), '.4f')}, "
@@ -721,8 +725,8 @@ def _format_summary(summary: dict[str, Any], plot: Path | None) -> str:
         ),
         *(
             [
-                f"  before training: validation loss {summary['initial_val_loss']:.4f}  "
-                f"perplexity {fmt(summary.get('initial_val_ppl'), '.2f')}"
+                f"  before training: validation loss {summary['initial_val_loss']:.4f}"
+                + (f"  perplexity {summary['initial_val_ppl']:.2f}" if "initial_val_ppl" in summary else "")
             ]
             if "initial_val_loss" in summary
             else []
