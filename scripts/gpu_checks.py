@@ -121,7 +121,7 @@ def recipe_runs(names: list[str], steps: int, extra: list[str] = ()) -> int:
                 "training.eval_every=0",
                 "training.save_every=0",
                 "training.eval_batches=10",
-                "training.log_every=10",
+                f"training.log_every={max(1, min(10, steps // 10))}",
             ]
             if not corpus:
                 overrides.append("data.sources=[]")
