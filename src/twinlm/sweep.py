@@ -139,8 +139,7 @@ class Sweep:
             else cfg.model.model_dump(mode="json"),  # type from the model
             "sources": [s.model_dump(mode="json", exclude={"weight"}) for s in cfg.data.sources],
             "document_split": cfg.data.text_document_split,
-            "seq_len": cfg.data.seq_len,  # the tokenizer's model_max_length by default
-        }
+        }  # (not seq_len: the tokenizer's model_max_length by default, it changes no token)
         key = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
         return self.out / "tokenizers" / key
 
