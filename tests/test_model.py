@@ -782,7 +782,8 @@ def test_factorised_embeddings(position):
     config = tiny_config(embedding_size=16, position_embedding_type=position, embedding_norm=True)
     model = TwinLMForMaskedLM(config)
     assert model.model.embeddings.word_embeddings.weight.shape == (97, 16)
-    assert model.model.embeddings_project.weight.shape == (32, 16) and model.head_dense.weight.shape == (16, 32)
+    assert model.model.embeddings_project.weight.shape == (32, 16)
+    assert model.head_dense.weight.shape == (16, 32)
     assert model.lm_head.weight is model.model.embeddings.word_embeddings.weight
     ids = torch.randint(5, 97, (2, 9))
     labels = torch.where(torch.rand(2, 9) < 0.3, ids, -100)
