@@ -274,7 +274,7 @@ def test_init_matches_bert_and_gpt2(preset):
 
 SIZES = ("tiny-", "mini-", "small-")
 SMALLER = [name for name in TwinLMConfig.preset_names() if name.startswith(SIZES)]
-DERIVED = {"num_key_value_heads": "num_attention_heads"}
+DERIVED = {"num_key_value_heads": "num_attention_heads", "embedding_size": "hidden_size"}
 
 
 @pytest.mark.parametrize("name", SMALLER)

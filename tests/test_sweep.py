@@ -44,6 +44,7 @@ def sweep_file(assets: dict[str, Path], tmp_path: Path) -> Path:
                 "steps_from": "a",
             },
         ],
+        "compare": [["b", "a"]],
     }
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(sweep))
@@ -55,7 +56,7 @@ def test_a_sweep_runs_its_trials_shares_the_tokenizer_and_resumes(sweep_file: Pa
 
     assert main(["sweep", str(sweep_file)]) == 0
     out = sweep_file.parent / "sweep"
-    rows = json.loads((out / "sweep.json").read_text())
+    rows = json.loads((out / "sweep.json").read_text())["trials"]
     assert [r["trial"] for r in rows] == ["a", "b"] and rows[0]["steps"] == rows[1]["steps"] == 3
     run_b = yaml.safe_load((out / "b" / "pretrain" / "run_config.yaml").read_text())
     assert (
@@ -71,6 +72,10 @@ def test_a_sweep_runs_its_trials_shares_the_tokenizer_and_resumes(sweep_file: Pa
         assert 0 <= task["mean"] <= 1 and row["gain"] is not None and row["control_average"] is not None
     table = (out / "sweep.md").read_text()
     assert "| a | run.yaml |" in table and "steps of a" in table and "- **a**: the base" in table
+    (comparison,) = json.loads((out / "sweep.json").read_text())["comparisons"]
+    diff = rows[1]["average"]["per_seed"][0] - rows[0]["average"]["per_seed"][0]
+    assert (comparison["a"], comparison["b"]) == ("b", "a") and comparison["mean"] == pytest.approx(diff)
+    assert "- **b - a** (suite average, the same seeds):" in table
 
     import twinlm.finetune
     import twinlm.training
@@ -82,7 +87,7 @@ def test_a_sweep_runs_its_trials_shares_the_tokenizer_and_resumes(sweep_file: Pa
         twinlm.finetune, "finetune", lambda *a, **k: pytest.fail("fine-tuned a finished cell")
     )
     assert main(["sweep", str(sweep_file)]) == 0
-    assert json.loads((out / "sweep.json").read_text()) == rows
+    assert json.loads((out / "sweep.json").read_text())["trials"] == rows
 
     changed = yaml.safe_load(sweep_file.read_text())
     changed["trials"][1]["overrides"]["training.lr"] = 2.0e-3
@@ -110,6 +115,7 @@ def test_smoke_runs_two_steps_of_each_trial_without_evaluating(sweep_file: Path)
         (lambda s: s["trials"][1].update(name="a"), "two trials are named 'a'"),
         (lambda s: s["trials"][0].update(name="a b"), "is not a folder name"),
         (lambda s: s["trials"][0].update(config="nope.yaml"), "config 'nope.yaml' does not exist"),
+        (lambda s: s.update(compare=[["b", "z"]]), r"compare \['b', 'z'\]: no trial named z"),
     ],
 )
 def test_bad_sweep_files_are_one_line_errors(sweep_file: Path, change, message: str) -> None:

@@ -69,6 +69,10 @@ class SweepConfig(Section):
     out: Path = Path("outputs/sweep")
     evaluate_overrides: dict[str, Any] = Field(default_factory=dict, description="e.g. {seeds: [0]}")
     trials: list[Trial] = Field(min_length=1)
+    compare: list[tuple[str, str]] = Field(
+        default_factory=list,
+        description="[A, B] pairs: A - B on the suite average, seed by seed, in the table",
+    )
 
     @model_validator(mode="after")
     def _names(self) -> SweepConfig:
@@ -83,6 +87,10 @@ class SweepConfig(Section):
                     f"trial {trial.name!r}: steps_from {trial.steps_from!r} is not an earlier trial"
                 )
             seen.append(trial.name)
+        for pair in self.compare:
+            missing = [name for name in pair if name not in seen]
+            if missing:
+                raise ValueError(f"compare {list(pair)}: no trial named {', '.join(missing)}")
         return self
 
 
@@ -273,12 +281,47 @@ class Sweep:
         return row
 
     def write_table(self) -> list[dict[str, Any]]:
-        """OUT/sweep.json (rows) and OUT/sweep.md (the table) of every finished trial."""
+        """OUT/sweep.json and OUT/sweep.md: every finished trial, and the comparisons of evaluated ones."""
         rows = [r for r in (self.row(t) for t in self.sweep.trials) if r is not None]
+        comparisons = compare_rows(rows, self.sweep.compare)
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "sweep.json").write_text(json.dumps(rows, indent=2))
-        (self.out / "sweep.md").write_text(format_table(rows))
+        (self.out / "sweep.json").write_text(
+            json.dumps({"trials": rows, "comparisons": comparisons}, indent=2)
+        )
+        (self.out / "sweep.md").write_text(format_table(rows, comparisons))
         return rows
+
+
+def compare_rows(rows: list[dict[str, Any]], pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """For each [A, B] whose evaluations both finished on the same seeds: A - B on the suite average per seed
+    (mean ± std), and whether their training times were equal (twinlm.evaluation.EQUAL_TIME_TOLERANCE)."""
+    import statistics
+
+    from twinlm.evaluation import equal_time
+
+    by_name = {r["trial"]: r for r in rows}
+    found = []
+    for a, b in pairs:
+        first, second = by_name.get(a), by_name.get(b)
+        if not (first and second and first.get("average") and second.get("average")):
+            continue
+        if first["seeds"] != second["seeds"]:
+            continue
+        diffs = [
+            x - y for x, y in zip(first["average"]["per_seed"], second["average"]["per_seed"], strict=True)
+        ]
+        found.append(
+            {
+                "a": a,
+                "b": b,
+                "per_seed": diffs,
+                "mean": statistics.fmean(diffs),
+                "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
+                "train_minutes": [first["train_seconds"] / 60, second["train_seconds"] / 60],
+                "equal_time": equal_time([first, second]),
+            }
+        )
+    return found
 
 
 class SweepInterrupted(TwinLMError):
@@ -302,8 +345,9 @@ def _validation(row: dict[str, Any]) -> str:
     return f"{val['val_loss']:.3f}" if "val_loss" in val else ""
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """sweep.md: one line per trial (the scores of the trials whose evaluation finished)."""
+def format_table(rows: list[dict[str, Any]], comparisons: list[dict[str, Any]] = ()) -> str:
+    """sweep.md: one line per trial (the scores of the trials whose evaluation finished), then the
+    comparisons."""
     tasks = sorted({name for r in rows for name in r.get("tasks", {})})
     head = ["trial", "config (overrides)", "objective", "steps", "tokens", "train min", "val loss"]
     head += [*tasks, "suite avg", "control avg", "gain (points)", "> baseline + 1 std"]
@@ -337,7 +381,13 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     notes = [f"- **{r['trial']}**: {r['note']}" for r in rows if r.get("note")]
-    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+    compared = [
+        f"- **{c['a']} - {c['b']}** (suite average, the same seeds): {_pm(c, 100.0, '+.2f')} points; training "
+        f"{c['train_minutes'][0]:.1f} vs {c['train_minutes'][1]:.1f} minutes"
+        + (" (equal time)" if c["equal_time"] else " (NOT equal time)" if c["equal_time"] is False else "")
+        for c in comparisons
+    ]
+    return "\n".join(lines + ([""] + notes if notes else []) + ([""] + compared if compared else [])) + "\n"
 
 
 # ------------------------------------------------------------------------------------------------
