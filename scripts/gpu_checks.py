@@ -1,6 +1,7 @@
 """GPU checks that the CPU test suite cannot run: one short script for a lent GPU machine.
 
     python scripts/gpu_checks.py        # needs CUDA; flash-attn (or the kernels package) for the flash rows
+    python scripts/gpu_checks.py --recipes gpu-1h-mlm-small gpu-1h-rtd-base --steps 200 [--set training.batch_size=128]
 
 1. attn_implementation="flash_attention_2" against "sdpa" in bf16 on padded, packed and sliding-window
    batches, and greedy generation with the KV cache (tests/test_flash_attention.py checks the same
@@ -11,14 +12,23 @@
    compiles it) with windows and a local/global mix, linear attention against its written-out form, and
    generation with windowed and recurrent caches; then forward+backward times of full attention, a 256
    window and linear attention at 8k tokens (printed, not checked).
+4. With --recipes: a few hundred steps of GPU recipes (configs/pretrain/gpu-1h-*.yaml; all of them when no
+   name is given) as shipped but with a step budget instead of the hour: the loss must fall; prints tokens/s
+   and peak GPU memory. From the repository root; without ../shared/data/corpus-modern the embedded corpus
+   stands in (and the line says so). Recipes with the same tokenizer settings share the first one's tokenizer.
 Prints one line per check and exits non-zero if any fails.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
+import os
 import sys
+import tempfile
 import time
+from pathlib import Path
 from unittest import mock
 
 import torch
@@ -233,7 +243,70 @@ def long_context_times(length: int = 8192) -> str:
     return ", ".join(results)
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def recipe_runs(names: list[str], steps: int, extra: list[str] = ()) -> int:
+    """Run `steps` steps of each GPU recipe (then the `extra` overrides); one line each; returns the number
+    of failures."""
+    from twinlm.training import load_run_config, pretrain
+    from twinlm.training.tracking import read_metrics
+
+    os.chdir(ROOT)  # the recipes name ../shared/data relative to the repository root
+    corpus = (ROOT.parent / "shared" / "data" / "corpus-modern").is_dir()
+    failures, tokenizers = 0, {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in names:
+            config = ROOT / "configs" / "pretrain" / f"{name}.yaml"
+            cfg = load_run_config(config)
+            out = Path(scratch) / name
+            overrides = [
+                f"output_dir={out}",
+                "training.max_minutes=null",
+                f"training.max_steps={steps}",
+                f"training.warmup_steps={max(1, steps // 10)}",
+                "training.eval_every=0",
+                "training.save_every=0",
+                "training.eval_batches=10",
+                f"training.log_every={max(1, min(10, steps // 10))}",
+            ]
+            if not corpus:
+                overrides.append("data.sources=[]")
+            overrides += list(extra)
+            key = json.dumps(cfg.tokenizer.train.model_dump(mode="json") if cfg.tokenizer.train else None)
+            if key in tokenizers:
+                overrides += ["tokenizer.train=null", f"tokenizer.path={tokenizers[key]}"]
+            torch.cuda.reset_peak_memory_stats()
+            started = time.perf_counter()
+            try:
+                summary = pretrain(config, overrides)
+            except Exception as err:  # one recipe's failure must not hide the others'
+                failures += 1
+                print(f"FAIL recipe {name}: {type(err).__name__}: {err}")
+                continue
+            tokenizers.setdefault(key, str(out / "tokenizer"))
+            losses = [m["loss"] for m in read_metrics(out / "metrics.jsonl") if m.get("loss") is not None]
+            ok = len(losses) >= 2 and losses[-1] < losses[0]
+            failures += not ok
+            print(
+                f"{'ok  ' if ok else 'FAIL'} recipe {name}: {summary['steps']} steps, loss {losses[0]:.3f} -> "
+                f"{losses[-1]:.3f}, {summary['tokens_per_s'] or 0:,.0f} tokens/s, MFU {summary['mfu'] or 0:.1%}, "
+                f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB, {time.perf_counter() - started:.0f} s "
+                f"with data preparation{'' if corpus else ' (embedded corpus: corpus-modern not found)'}"
+            )
+    return failures
+
+
 def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--recipes", nargs="*", metavar="NAME", help="GPU recipes to run (none named: all)")
+    parser.add_argument("--steps", type=int, default=300, help="steps of each recipe (default: %(default)s)")
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="more overrides for the recipes"
+    )
+    args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check")
         return 1
@@ -301,6 +374,9 @@ def main() -> int:
             print(
                 f"{'ok  ' if ok else 'FAIL'} bf16 training on the GPU, {preset}: loss {first:.3f} -> {last:.3f}"
             )
+    if args.recipes is not None:
+        names = args.recipes or sorted(p.stem for p in (ROOT / "configs" / "pretrain").glob("gpu-1h-*.yaml"))
+        failures += recipe_runs(names, args.steps, args.set)
     return 1 if failures else 0
 
 

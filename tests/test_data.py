@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import random
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -67,6 +69,12 @@ def _cfg(tmp_path, sources, **kw) -> DataConfig:
     return DataConfig(sources=sources, cache_dir=str(tmp_path / "cache"), **kw)
 
 
+def _blocks(cfg: DataConfig, tok, causal: bool):
+    """(train, validation) packed blocks."""
+    data = build_pretraining_datasets(cfg, tok, causal=causal)
+    return data.train, data.validation
+
+
 def _split_stream(ids: list[int], sep: int) -> list[tuple[int, ...]]:
     """Cut a token stream after each `sep`; the trailing partial document is dropped."""
     docs, cur = [], []
@@ -95,6 +103,10 @@ def _split_stream(ids: list[int], sep: int) -> list[tuple[int, ...]]:
         ({"sources": [{"path": "a.txt", "hub": "x/y"}]}, "got path and hub"),
         ({"sources": [{"hub": "x/y", "type": "csv"}]}, "type applies only"),
         ({"sources": [{"path": "a.txt", "type": "xml"}]}, "sources.0.type"),
+        ({"sources": [{"path": "a", "weight": 2}, "b"]}, "give every source a weight or none (sources.1 has"),
+        ({"sources": [{"path": "a", "weight": 0}]}, "the source weights add up to 0"),
+        ({"sources": [{"path": "a", "weight": -1}]}, "sources.0.weight"),
+        ({"sources": [{"path": "a", "weight": 1}], "streaming": True}, "set streaming: false"),
     ],
 )
 def test_bad_configs_name_the_key(raw, fragment):
@@ -153,9 +165,7 @@ def test_too_few_documents_for_validation_and_blocks(tmp_path, wordpiece, paragr
 
 def test_causal_packing_with_wordpiece_ends_documents_with_sep(tmp_path, wordpiece, paragraphs_file):
     # WordPiece has no eos: a causal model trained on it (the WordPiece-vs-BPE question) ends documents with [SEP]
-    train, _ = build_pretraining_datasets(
-        _cfg(tmp_path, [str(paragraphs_file)], seq_len=32), wordpiece, causal=True
-    )
+    train, _ = _blocks(_cfg(tmp_path, [str(paragraphs_file)], seq_len=32), wordpiece, causal=True)
     ids = np.array(train["input_ids"]).reshape(-1)
     assert (ids == wordpiece.sep_token_id).sum() > 10 and not (ids == wordpiece.cls_token_id).any()
 
@@ -259,7 +269,7 @@ def test_pack_token_ids_layout_and_vocab_check():
 def test_packed_blocks(tmp_path, paragraphs_file, wordpiece, bpe, causal):
     tok = bpe if causal else wordpiece
     cfg = _cfg(tmp_path, [str(paragraphs_file)], seq_len=32, validation_fraction=0.1)
-    train, val = build_pretraining_datasets(cfg, tok, causal=causal)
+    train, val = _blocks(cfg, tok, causal=causal)
     sep = tok.eos_token_id if causal else tok.sep_token_id
     prefix = [] if causal else [tok.cls_token_id]
     encoded = {
@@ -296,7 +306,7 @@ def test_builds_are_deterministic_and_cached(tmp_path, paragraphs_file, wordpiec
         cfg = DataConfig(
             sources=[str(paragraphs_file)], seq_len=16, cache_dir=str(tmp_path / cache), num_proc=1, seed=seed
         )
-        return build_pretraining_datasets(cfg, wordpiece, causal=False)
+        return _blocks(cfg, wordpiece, causal=False)
 
     (t1, v1), (t2, v2), (t3, v3) = build("c1"), build("c2"), build("c1")
     assert t1[:] == t2[:] and v1[:] == v2[:]
@@ -310,22 +320,22 @@ def test_multiprocess_tokenising_gives_the_same_blocks(tmp_path, paragraphs_file
     monkeypatch.setattr(twinlm.data.packing, "_DOCS_PER_PROC", 50)
     one = _cfg(tmp_path, [str(paragraphs_file)], seq_len=16, num_proc=1, validation_size=0)
     two = one.model_copy(update={"num_proc": 2, "cache_dir": str(tmp_path / "cache2")})
-    t1, v1 = build_pretraining_datasets(one, wordpiece, causal=False)
-    t2, _ = build_pretraining_datasets(two, wordpiece, causal=False)
+    t1, v1 = _blocks(one, wordpiece, causal=False)
+    t2, _ = _blocks(two, wordpiece, causal=False)
     assert v1 is None
     assert t1[:] == t2[:]
 
 
 def test_streaming_blocks_match_map_style(tmp_path, paragraphs_file, bpe):
     base = _cfg(tmp_path, [str(paragraphs_file)], seq_len=24, validation_size=0)
-    mapped, _ = build_pretraining_datasets(base, bpe, causal=True)
-    streamed, none = build_pretraining_datasets(base.model_copy(update={"streaming": True}), bpe, causal=True)
+    mapped, _ = _blocks(base, bpe, causal=True)
+    streamed, none = _blocks(base.model_copy(update={"streaming": True}), bpe, causal=True)
     assert isinstance(streamed, IterableDataset) and none is None
     rows = [{k: v.tolist() for k, v in r.items()} for r in streamed]
     assert len(rows) == len(mapped) > 10 and rows == [mapped[i] for i in range(len(mapped))]
     # Streaming holds out the first validation_size documents of the stream.
     cfg = base.model_copy(update={"streaming": True, "validation_size": 20})
-    streamed, val = build_pretraining_datasets(cfg, bpe, causal=True)
+    streamed, val = _blocks(cfg, bpe, causal=True)
     first = bpe(DOCS[0], add_special_tokens=False)["input_ids"]
     assert val[0]["input_ids"][: len(first[:24])] == first[:24]
     assert next(iter(streamed))["input_ids"][:5].tolist() == bpe(DOCS[20])["input_ids"][:5]
@@ -343,11 +353,150 @@ def test_real_corpus_slice(tmp_path, shared_data, bpe):
     )
     docs = load_texts(cfg)
     assert docs["text"][-1] == speech.strip("\n") and len(docs) > 10
-    train, val = build_pretraining_datasets(cfg, bpe, causal=True)
+    train, val = _blocks(cfg, bpe, causal=True)
     pos = np.array(train["position_ids"])
     assert pos.shape[1] == 64 and len(val) >= 1
     # The long speech spans many blocks, each restarting at 0 and running to 63 without a separator.
     assert (pos[:, -1] == 63).sum() > 20_000 // 4 // 64 // 2
+
+
+def test_max_documents_reads_the_first_documents_of_a_source(tmp_path):
+    folder = tmp_path / "two"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS[:30]))
+    (folder / "b.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS[30:60]))
+    source = {"path": str(folder), "max_documents": 45}
+    assert load_texts(_cfg(tmp_path, [source]))["text"] == DOCS[:45]  # across the source's two files
+    streamed = load_texts(_cfg(tmp_path, [source], streaming=True))
+    assert [row["text"] for row in streamed] == DOCS[:45]
+    assert SourceConfig.model_validate(source).describe().endswith("first 45 documents")
+
+
+# --- source mixing ---------------------------------------------------------------------------------
+
+
+def test_mixture_sampler_draws_each_epoch_by_weight_reproducibly():
+    from twinlm.data import MixtureSampler, blocks_per_source
+
+    sizes, weights = [100, 30, 10], [0.5, 0.3, 0.2]
+    sampler = MixtureSampler(sizes, weights, seed=3)
+    epochs = [sampler.epoch_indices(e) for e in range(3)]
+    for indices in epochs:  # exact shares of the blocks (= of the tokens), every epoch
+        assert len(indices) == 140 and blocks_per_source(indices, sizes) == [70, 42, 28]
+    assert np.array_equal(epochs[0], MixtureSampler(sizes, weights, seed=3).epoch_indices(0))
+    assert not np.array_equal(epochs[0], MixtureSampler(sizes, weights, seed=4).epoch_indices(0))
+    # a source drawn below its size shows every block before any repeats (epoch 0 then 1) ...
+    first = [i for e in epochs[:2] for i in e.tolist() if i < 100]
+    assert set(first) == set(range(100)) and max(np.bincount(first)) == 2
+    # ... one drawn above it repeats every block as evenly as possible (28 draws of 10 blocks)
+    assert sorted(set(np.bincount(epochs[0][epochs[0] >= 130] - 130).tolist())) == [2, 3]
+    # two processes deal the epoch between them, nothing twice
+    ranks = [MixtureSampler(sizes, weights, seed=3, rank=r, world=2) for r in (0, 1)]
+    for r in ranks:
+        r.set_epoch(1)
+    dealt = [list(r) for r in ranks]
+    assert len(dealt[0]) == len(dealt[1]) == len(ranks[0]) == 70
+    assert sorted(dealt[0] + dealt[1]) == sorted(epochs[1].tolist())
+
+
+def test_a_weighted_source_without_a_block_is_an_error(tmp_path, wordpiece, paragraphs_file):
+    (tmp_path / "short.txt").write_text("a few words\n")
+    sources = [
+        {"path": str(paragraphs_file), "weight": 1},
+        {"path": str(tmp_path / "short.txt"), "weight": 1},
+    ]
+    with pytest.raises(TwinLMError, match=r"data source 1 \(path=.*short.txt'\) has weight 1.0"):
+        build_pretraining_datasets(
+            _cfg(tmp_path, sources, seq_len=32, validation_size=0), wordpiece, causal=False
+        )
+    data = build_pretraining_datasets(
+        _cfg(tmp_path, [*sources[:1], {**sources[1], "weight": 0}], seq_len=32, validation_size=0),
+        wordpiece,
+        causal=False,
+    )
+    assert [s.weight for s in data.sources] == [1.0, 0.0] and data.source_sizes()[1] == 0
+
+
+# --- the tokenised-data cache ---------------------------------------------------------------------
+
+
+def _write_parquet(path, docs):
+    table = pa.table({"id": list(range(len(docs))), "text": docs})
+    pq.write_table(table, path, compression="zstd")
+
+
+def test_parquet_sources_are_tokenised_once_and_reused(tmp_path, wordpiece, monkeypatch):
+    """Each source is tokenised into the cache once; the next run neither reads its text nor tokenises it,
+    whatever the files' paths and times, until their bytes, the reading settings or the tokenizer change."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    _write_parquet(corpus / "a.parquet", DOCS[:120])
+    _write_parquet(corpus / "b.parquet", DOCS[120:])
+    calls = []
+    tokenize = twinlm.data.packing.tokenize_documents
+
+    def counting(ds, *args, **kwargs):
+        calls.append(len(ds))
+        return tokenize(ds, *args, **kwargs)
+
+    monkeypatch.setattr(twinlm.data.packing, "tokenize_documents", counting)
+
+    def build(folder=corpus, tok=wordpiece, **kw):
+        calls.clear()
+        cfg = _cfg(tmp_path, [str(folder / "a.parquet"), str(folder / "b.parquet")], **{"seq_len": 16, **kw})
+        return build_pretraining_datasets(cfg, tok, causal=False)
+
+    first = build()
+    assert calls == [120, 80] and len(list((tmp_path / "cache").glob("twinlm-tokens-*.json"))) == 2
+    assert sum(s.documents for s in first.sources) == 198  # 1% held out over both sources together
+
+    load_source = twinlm.data.packing.load_source
+    monkeypatch.setattr(twinlm.data.packing, "load_source", lambda *a: pytest.fail("read a cached source"))
+    again = build()
+    assert calls == [] and again.train[:] == first.train[:] and again.validation[:] == first.validation[:]
+    copy = tmp_path / "copy"
+    shutil.copytree(corpus, copy)  # other paths, other times, the same bytes
+    os.utime(copy / "a.parquet", (1, 1))
+    assert build(copy).train[:] == first.train[:] and calls == []
+    assert build(seq_len=24).train[0]["input_ids"].__len__() == 24 and calls == []  # only repacked
+    monkeypatch.setattr(twinlm.data.packing, "load_source", load_source)
+
+    _write_parquet(copy / "b.parquet", DOCS[120:] + ["one more document at the end"])
+    build(copy)
+    assert calls == [81]  # only the changed source
+    other = train_tokenizer("wordpiece", texts=DOCS * 2, vocab_size=150, show_progress=False)
+    build(tok=other)
+    assert calls == [120, 80]
+
+    # A damaged entry (a truncated Arrow file) is not trusted: that source is tokenised again.
+    arrow = max((tmp_path / "cache").glob("twinlm-tokens-*.arrow"), key=os.path.getmtime)  # other's
+    arrow.write_bytes(arrow.read_bytes()[:100])
+    assert build(tok=other).train[:] and len(calls) == 1
+
+
+def test_an_interrupted_tokenisation_leaves_no_cache_entry(tmp_path, wordpiece, paragraphs_file, monkeypatch):
+    cfg = _cfg(tmp_path, [str(paragraphs_file)], seq_len=16)
+
+    def broken(batch, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(twinlm.data.packing, "_tokenize_batch", broken)
+    with pytest.raises(KeyboardInterrupt):
+        build_pretraining_datasets(cfg, wordpiece, causal=False)
+    assert not list((tmp_path / "cache").glob("twinlm-tokens-*.json"))
+    monkeypatch.undo()
+    assert len(build_pretraining_datasets(cfg, wordpiece, causal=False).train) > 10
+
+
+def test_corpus_modern_parquet_as_shipped(tmp_path, shared_data, wordpiece):
+    """A corpus-modern file, read as shipped (zstd parquet, column text), then again from the cache."""
+    path = shared_data / "corpus-modern" / "spamassassin_ham.parquet"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    cfg = _cfg(tmp_path, [str(path)], seq_len=128, validation_size=10)
+    first = build_pretraining_datasets(cfg, wordpiece, causal=False)
+    assert first.sources[0].documents > 3000 and len(first.train) > 1000 and len(first.validation) > 0
+    assert build_pretraining_datasets(cfg, wordpiece, causal=False).train[:5] == first.train[:5]
 
 
 # --- collators ------------------------------------------------------------------------------------
@@ -484,7 +633,7 @@ def test_collated_blocks_feed_the_model(tmp_path, paragraphs_file, wordpiece, bp
 
     tok = bpe if causal else wordpiece
     cfg = _cfg(tmp_path, [str(paragraphs_file)], seq_len=32, validation_size=0)
-    train, _ = build_pretraining_datasets(cfg, tok, causal=causal)
+    train, _ = _blocks(cfg, tok, causal=causal)
     collate = CausalLMCollator(tok) if causal else MaskedLMCollator(tok)
     batch = collate([train[i] for i in range(4)])
     assert set(batch) == {"input_ids", "position_ids", "labels"}

@@ -205,3 +205,46 @@ def test_an_interrupted_fine_tune_stops_the_evaluation_and_is_not_a_finished_cel
     assert not (cell / "cell.json").exists()
     monkeypatch.setattr(twinlm.finetune, "finetune", lambda config, overrides=(): result)
     assert run_cell(ckpt, "sentiment", spec, split, cell)["test"] == {"accuracy": 0.5}  # the rerun runs it
+
+
+def test_two_checkpoints_are_compared_seed_by_seed_with_their_pretraining_time(
+    suite_dir, tmp_path, monkeypatch
+):
+    """MLM vs RTD at equal wall-clock: the report says what each pretraining was, whether the training times
+    match, and the second checkpoint against the first on the same seeds (fine-tuning faked: scores by name)."""
+    import shutil
+
+    import twinlm.finetune
+    from twinlm.evaluation import evaluate_checkpoints
+
+    score = {"mlm": 0.70, "rtd": 0.75}
+
+    def fake_finetune(config, overrides=()):
+        path, seed = config.model.path, config.training.seed
+        value = 0.5 if "controls" in path else score[Path(path).parent.name] + 0.01 * seed
+        return {
+            "metric_for_best": "accuracy",
+            "best": {"dev": {"accuracy": value}, "test": {"accuracy": value}},
+        }
+
+    monkeypatch.setattr(twinlm.finetune, "finetune", fake_finetune)
+    checkpoints = []
+    for name, objective, minutes in (("mlm", "masked-lm", 30.0), ("rtd", "replaced-token-detection", 30.4)):
+        folder = tmp_path / name / "final"
+        shutil.copytree(suite_dir / "ckpt", folder)
+        summary = {"objective": objective, "train_seconds": 60 * minutes, "tokens_seen": 1000, "steps": 10}
+        (folder / "training_info.json").write_text(json.dumps({"training_summary": summary}))
+        checkpoints.append(str(folder))
+    report = evaluate_checkpoints(checkpoints, suite_dir / "suite.yaml", tmp_path / "out", ["lrs=null"])
+    assert report["pretraining"]["rtd"]["objective"] == "replaced-token-detection" and report["equal_time"]
+    comparison = report["comparisons"]["rtd vs mlm"]
+    assert comparison["mean"] == pytest.approx(0.05) and comparison["per_seed"] == pytest.approx([0.05, 0.05])
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "| rtd | replaced-token-detection | 30.4 |" in text and "an equal-wall-clock comparison" in text
+    assert "**rtd vs mlm** (the same seeds, suite average): +5.00 ± 0.00 points" in text
+
+    info = Path(checkpoints[1], "training_info.json")
+    info.write_text(info.read_text().replace("1824.0", "2400.0"))  # 40 minutes against 30
+    report = evaluate_checkpoints(checkpoints, suite_dir / "suite.yaml", tmp_path / "out", ["lrs=null"])
+    assert report["equal_time"] is False
+    assert "NOT an equal-wall-clock comparison" in (tmp_path / "out" / "report.md").read_text()

@@ -773,3 +773,32 @@ def test_saved_tied_model_reloads_tied(tmp_path):
     assert again.lm_head.weight is again.model.embeddings.word_embeddings.weight
     ids = torch.randint(5, 97, (1, 6))
     torch.testing.assert_close(again(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("position", ["learned", "sinusoidal", "rope"])
+def test_factorised_embeddings(position):
+    """embedding_size (ALBERT, ELECTRA's generator): token/position tables of that width, projected to
+    hidden_size, and a masked-LM head mapping back to it; unset, nothing changes in the weights' layout."""
+    from twinlm import TwinLMForSequenceClassification
+
+    config = tiny_config(embedding_size=16, position_embedding_type=position, embedding_norm=True)
+    model = TwinLMForMaskedLM(config)
+    assert model.model.embeddings.word_embeddings.weight.shape == (97, 16)
+    assert model.model.embeddings_project.weight.shape == (32, 16)
+    assert model.head_dense.weight.shape == (16, 32)
+    assert model.lm_head.weight is model.model.embeddings.word_embeddings.weight
+    ids = torch.randint(5, 97, (2, 9))
+    labels = torch.where(torch.rand(2, 9) < 0.3, ids, -100)
+    labels[0, 0] = ids[0, 0]
+    out = model(ids, labels=labels)
+    assert out.logits.shape[-1] == 97 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.model.embeddings_project.weight.grad is not None
+    classifier = TwinLMForSequenceClassification(config)
+    classifier.model.load_state_dict(model.model.state_dict())
+    assert classifier(ids).logits.shape == (2, 2)
+    plain = tiny_config()
+    assert plain.embedding_size == plain.hidden_size
+    assert not any("embeddings_project" in k for k in TwinLMForMaskedLM(plain).state_dict())
+    with pytest.raises(ValueError, match="embedding_size=16 differs from hidden_size=32"):
+        tiny_config(embedding_size=16, is_causal=True)

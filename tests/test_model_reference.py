@@ -282,7 +282,11 @@ def test_init_matches_bert_and_gpt2(preset):
 
 SIZES = ("tiny-", "mini-", "small-")
 SMALLER = [name for name in TwinLMConfig.preset_names() if name.startswith(SIZES)]
-DERIVED = {"num_key_value_heads": "num_attention_heads", "layer_types": "num_hidden_layers"}
+DERIVED = {
+    "num_key_value_heads": "num_attention_heads",
+    "layer_types": "num_hidden_layers",
+    "embedding_size": "hidden_size",
+}
 
 
 @pytest.mark.parametrize("name", SMALLER)

@@ -23,6 +23,7 @@ __all__ = [
     "TwinLMForCausalLM",
     "TwinLMForSequenceClassification",
     "TwinLMForTokenClassification",
+    "TwinLMForPreTraining",
 ]
 
 _MODEL_ATTRIBUTES = frozenset([*__all__, "AUTO_CLASSES"])

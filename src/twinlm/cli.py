@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "push": ("twinlm.hub", "upload a saved run to the Hugging Face Hub"),
     "evaluate": ("twinlm.evaluation", "fine-tune checkpoints on a task suite vs a from-scratch control"),
     "ablate": ("twinlm.ablation", "answer a Transformer design question by experiment"),
+    "sweep": ("twinlm.sweep", "run a recipe sweep: pretrain and evaluate each trial, resumably"),
     "attention-map": ("twinlm.attention_map", "plot attention weights per layer and head for a sentence"),
 }
 

@@ -7,6 +7,10 @@ learning-rate grid chosen on dev), next to two references run on the same splits
 Test scores are those at the best dev point (never chosen on test). The report gives task x {checkpoint,
 control, baseline} as mean +- std over seeds, the suite average and the pretraining gain (checkpoint -
 control, per seed, then mean +- std). Finished cells are not rerun: an interrupted evaluation resumes.
+Several checkpoints (e.g. masked-LM and replaced-token detection pretrained for the same minutes) are
+compared with each other seed by seed, next to what their pretraining was (objective, training time, tokens,
+from the training_info.json that `twinlm pretrain` writes), and the report says whether the training times
+were equal (within 5%).
 
     twinlm evaluate outputs/tiny-mlm/final --suite configs/evaluate/default.yaml --out outputs/evaluate
     from twinlm.evaluation import evaluate_checkpoints
@@ -31,6 +35,7 @@ from twinlm.fileio import read_json
 CELL_FILE = "cell.json"
 CONTROL_FILE = "control.json"
 RESUME_HINT = "the finished cells are kept: run the same command again to go on"
+EQUAL_TIME_TOLERANCE = 0.05  # training times within 5% of each other count as an equal-time comparison
 
 
 # ------------------------------------------------------------------------------------------------
@@ -404,6 +409,23 @@ def _slug(label: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in label).strip("_")
 
 
+def pretraining_facts(checkpoint: str) -> dict[str, Any] | None:
+    """The checkpoint's pretraining (objective, train_seconds, tokens_seen, steps) from the training_info.json
+    `twinlm pretrain` leaves beside the weights; None for a checkpoint without it."""
+    summary = read_json(Path(checkpoint) / "training_info.json").get("training_summary") or {}
+    facts = {key: summary.get(key) for key in ("objective", "train_seconds", "tokens_seen", "steps")}
+    return facts if any(value is not None for value in facts.values()) else None
+
+
+def equal_time(facts: list[dict[str, Any] | None]) -> bool | None:
+    """Whether checkpoints were pretrained for the same time (within EQUAL_TIME_TOLERANCE); None when fewer
+    than two are compared or a training time is unknown."""
+    seconds = [f.get("train_seconds") if f else None for f in facts]
+    if len(seconds) < 2 or any(not s for s in seconds):
+        return None
+    return max(seconds) <= min(seconds) * (1 + EQUAL_TIME_TOLERANCE)
+
+
 def evaluate_checkpoints(
     checkpoints: list[str],
     suite_path: str | Path,
@@ -432,7 +454,11 @@ def evaluate_checkpoints(
             _check_cells(checkpoints, suite, out, splits)
             results = [_score_model(m, suite, out, splits) for m in _models(checkpoints, suite)]
             check_stop(RESUME_HINT)
-        report = build_results(results, suite)
+        pretraining = {
+            label: pretraining_facts(ckpt)
+            for ckpt, label in zip(checkpoints, checkpoint_labels(checkpoints), strict=True)
+        }
+        report = build_results(results, suite, pretraining)
         write_json_atomic(out / "results.json", report, "the results")
         write_text_atomic(out / "report.md", format_report(report), "the report")
         with atomic_file(out / "results.png", "the plot") as tmp:
@@ -442,8 +468,11 @@ def evaluate_checkpoints(
     return report
 
 
-def build_results(results: list[dict[str, Any]], suite: Suite) -> dict[str, Any]:
-    """Models' scores, baselines per task, and the pretraining gain of each checkpoint over its control."""
+def build_results(
+    results: list[dict[str, Any]], suite: Suite, pretraining: dict[str, dict[str, Any] | None] | None = None
+) -> dict[str, Any]:
+    """Models' scores, baselines per task, the pretraining gain of each checkpoint over its control, each
+    later checkpoint against the first (seed by seed), and what each checkpoint's pretraining was."""
     baselines = {}
     for res in results:
         for name, task in res["tasks"].items():
@@ -461,7 +490,30 @@ def build_results(results: list[dict[str, Any]], suite: Suite) -> dict[str, Any]
             ]
             per_task = {n: res["tasks"][n]["mean"] - control["tasks"][n]["mean"] for n in res["tasks"]}
             gains[res["label"]] = {**_mean_std(diffs), "per_seed": diffs, "per_task": per_task}
-    return {"seeds": suite.seeds, "lrs": suite.lrs, "models": results, "baselines": baselines, "gains": gains}
+    checkpoints = [r for r in results if r["kind"] == "checkpoint"]
+    comparisons = {}
+    for other in checkpoints[1:]:
+        first = checkpoints[0]
+        diffs = [
+            a - b for a, b in zip(other["average"]["per_seed"], first["average"]["per_seed"], strict=True)
+        ]
+        per_task = {n: other["tasks"][n]["mean"] - first["tasks"][n]["mean"] for n in other["tasks"]}
+        comparisons[f"{other['label']} vs {first['label']}"] = {
+            **_mean_std(diffs),
+            "per_seed": diffs,
+            "per_task": per_task,
+        }
+    pretraining = pretraining or {}
+    return {
+        "seeds": suite.seeds,
+        "lrs": suite.lrs,
+        "models": results,
+        "baselines": baselines,
+        "gains": gains,
+        "comparisons": comparisons,
+        "pretraining": pretraining,
+        "equal_time": equal_time([pretraining.get(r["label"]) for r in checkpoints]),
+    }
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -502,7 +554,45 @@ def format_report(report: dict[str, Any]) -> str:
             ),
         ]
         lines.append("per task: " + ", ".join(f"{n} {v * 100:+.2f}" for n, v in gain["per_task"].items()))
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _pretraining_lines(report)) + "\n"
+
+
+def _pretraining_lines(report: dict[str, Any]) -> list[str]:
+    """What each checkpoint's pretraining was, whether the times were equal, and the checkpoints against
+    each other (nothing for one checkpoint of unknown pretraining)."""
+    facts = {label: f for label, f in (report.get("pretraining") or {}).items() if f}
+    comparisons = report.get("comparisons") or {}
+    if not facts and not comparisons:
+        return []
+
+    def value(f: dict[str, Any], key: str, spec: str, scale: float = 1.0) -> str:
+        return "n/a" if f.get(key) is None else format(f[key] / scale, spec)
+
+    lines = ["", "## Pretraining of the checkpoints", ""]
+    if facts:
+        lines += ["| checkpoint | objective | training minutes | tokens | steps |", "|---|---|---|---|---|"]
+        lines += [
+            f"| {label} | {f.get('objective') or 'n/a'} | {value(f, 'train_seconds', '.1f', 60.0)} | "
+            f"{value(f, 'tokens_seen', ',')} | {value(f, 'steps', ',')} |"
+            for label, f in facts.items()
+        ]
+    same = report.get("equal_time")
+    if same is not None:
+        lines += [
+            "",
+            "The checkpoints were pretrained for the same time (within "
+            f"{EQUAL_TIME_TOLERANCE:.0%}): an equal-wall-clock comparison."
+            if same
+            else f"The training times differ by more than {EQUAL_TIME_TOLERANCE:.0%}: this is NOT an "
+            "equal-wall-clock comparison.",
+        ]
+    for name, diff in comparisons.items():
+        lines += [
+            "",
+            f"**{name}** (the same seeds, suite average): {diff['mean'] * 100:+.2f} ± {diff['std'] * 100:.2f} "
+            "points; per task: " + ", ".join(f"{n} {v * 100:+.2f}" for n, v in diff["per_task"].items()),
+        ]
+    return lines
 
 
 def plot_results(report: dict[str, Any], path: Path) -> Path:

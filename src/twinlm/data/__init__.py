@@ -1,7 +1,8 @@
 """Pretraining data: sources -> documents -> tokenised, packed blocks -> collated batches.
 
 Public API: `DataConfig`/`SourceConfig` (validated config), `load_texts` (documents with a "text"
-column), `build_pretraining_datasets` (packed train/validation blocks), `MaskedLMCollator` and
+column), `build_pretraining_datasets` (packed train/validation blocks, each source tokenised once into a
+cache), `MixtureSampler` (a seeded, resumable mix of the sources by weight), `MaskedLMCollator` and
 `CausalLMCollator` (batches for the two objectives). The config classes are light; the rest (torch,
 datasets) is imported on first use (PEP 562), so command-line parsers can use the config cheaply.
 """
@@ -17,8 +18,12 @@ from twinlm.data.config import DataConfig, SourceConfig, parse_data_config
 _LAZY = {
     "CausalLMCollator": "collators",
     "MaskedLMCollator": "collators",
+    "MixtureSampler": "mixing",
+    "blocks_per_source": "mixing",
     "word_continuation_table": "collators",
     "PACK_BATCH_DOCS": "packing",
+    "PretrainingData": "packing",
+    "SourceBlocks": "packing",
     "STREAMING_VALIDATION_SIZE": "packing",
     "build_pretraining_datasets": "packing",
     "pack_token_ids": "packing",
@@ -44,8 +49,12 @@ __all__ = [
     "parse_data_config",
     "CausalLMCollator",
     "MaskedLMCollator",
+    "MixtureSampler",
+    "blocks_per_source",
     "word_continuation_table",
     "PACK_BATCH_DOCS",
+    "PretrainingData",
+    "SourceBlocks",
     "STREAMING_VALIDATION_SIZE",
     "build_pretraining_datasets",
     "pack_token_ids",

@@ -85,7 +85,9 @@ def word_continuation_table(tokenizer: Any) -> torch.Tensor:
 
 
 class MaskedLMCollator:
-    """Masks `mlm_probability` of the maskable tokens: 80% -> [MASK], 10% -> random token, 10% kept.
+    """Masks `mlm_probability` of the maskable tokens: by default (BERT) 80% -> [MASK], 10% -> random token,
+    10% kept; ELECTRA's generator input is 85% [MASK], 15% kept (`mask_replace_prob=0.85,
+    random_replace_prob=0`; transformers' DataCollatorForLanguageModeling names).
 
     Labels hold the original id at masked positions and -100 elsewhere. With `whole_word_masking`,
     words are chosen with `mlm_probability` and all their pieces masked. Special tokens and padding
@@ -99,9 +101,17 @@ class MaskedLMCollator:
         mlm_probability: float = 0.15,
         whole_word_masking: bool = False,
         generator: torch.Generator | None = None,
+        mask_replace_prob: float = 0.8,
+        random_replace_prob: float = 0.1,
     ) -> None:
         if not 0.0 < mlm_probability < 1.0:
             raise TwinLMError(f"mlm_probability must be in (0, 1), got {mlm_probability}")
+        if min(mask_replace_prob, random_replace_prob) < 0 or mask_replace_prob + random_replace_prob > 1:
+            raise TwinLMError(
+                f"mask_replace_prob={mask_replace_prob} and random_replace_prob={random_replace_prob} must be "
+                ">= 0 with a sum <= 1 (the rest of the masked tokens keep their original id)"
+            )
+        self.mask_replace_prob, self.random_replace_prob = mask_replace_prob, random_replace_prob
         if tokenizer.mask_token_id is None:
             raise TwinLMError("the tokenizer has no mask_token; masked-LM pretraining needs one")
         self.mlm_probability = mlm_probability
@@ -136,8 +146,9 @@ class MaskedLMCollator:
         random_tokens = self.random_ids[
             torch.randint(len(self.random_ids), ids.shape, generator=self.generator)
         ]
-        new_ids = torch.where(masked & (choice < 0.8), torch.full_like(ids, self.mask_token_id), ids)
-        new_ids = torch.where(masked & (choice >= 0.8) & (choice < 0.9), random_tokens, new_ids)
+        to_mask, to_random = self.mask_replace_prob, self.mask_replace_prob + self.random_replace_prob
+        new_ids = torch.where(masked & (choice < to_mask), torch.full_like(ids, self.mask_token_id), ids)
+        new_ids = torch.where(masked & (choice >= to_mask) & (choice < to_random), random_tokens, new_ids)
         batch["input_ids"] = new_ids
         return _finish(batch, labels)
 

@@ -31,6 +31,18 @@ class SourceConfig(Section):
     split: str = "train"
     default: bool = Field(default=False, description="the embedded default corpus")
     text_column: str = "text"
+    max_documents: int | None = Field(
+        default=None,
+        gt=0,
+        description="read only the first max_documents documents (a quick look at a large source)",
+    )
+    weight: float | None = Field(
+        default=None,
+        ge=0,
+        description="share of the training TOKENS drawn from this source, relative to the other sources' "
+        "weights (normalised to sum 1); every source gets one or none does (then each block is used once per "
+        "epoch, in the sources' natural proportions)",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -53,12 +65,13 @@ class SourceConfig(Section):
 
     def describe(self) -> str:
         """A short human-readable name of the source, for messages."""
+        first = f", first {self.max_documents} documents" if self.max_documents else ""
         if self.path:
-            return f"path={self.path!r}"
+            return f"path={self.path!r}{first}"
         if self.hub:
             cfg = f", config={self.config!r}" if self.config else ""
-            return f"hub={self.hub!r}{cfg}, split={self.split!r}"
-        return "default corpus"
+            return f"hub={self.hub!r}{cfg}, split={self.split!r}{first}"
+        return f"default corpus{first}"
 
 
 class DataConfig(Section):
@@ -87,6 +100,28 @@ class DataConfig(Section):
     @classmethod
     def _none_is_empty(cls, value: Any) -> Any:
         return [] if value is None else value
+
+    @model_validator(mode="after")
+    def _weights_for_all_or_none(self) -> DataConfig:
+        weighted = [source.weight is not None for source in self.sources]
+        if any(weighted) and not all(weighted):
+            missing = ", ".join(f"sources.{i}" for i, w in enumerate(weighted) if not w)
+            raise ValueError(f"give every source a weight or none ({missing} has no weight)")
+        if any(weighted) and sum(source.weight or 0.0 for source in self.sources) <= 0:
+            raise ValueError("the source weights add up to 0: give at least one source a positive weight")
+        if any(weighted) and self.streaming:
+            raise ValueError(
+                "source weights need map-style data (a mix is drawn from known block counts): set "
+                "streaming: false, or remove the weights"
+            )
+        return self
+
+    def weights(self) -> list[float] | None:
+        """The sources' normalised weights (shares of the training tokens), or None when unweighted."""
+        if not self.sources or self.sources[0].weight is None:
+            return None
+        total = sum(source.weight or 0.0 for source in self.sources)
+        return [(source.weight or 0.0) / total for source in self.sources]
 
     def resolved_num_proc(self) -> int:
         """`num_proc`, or min(4, CPU count) when unset."""

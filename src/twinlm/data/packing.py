@@ -7,27 +7,32 @@ Layout of a block (`seq_len` tokens, no padding):
   previous block anyway. With restarting positions the model never attends across documents.
 - Documents are concatenated in batches of `PACK_BATCH_DOCS` documents; the tail of each batch that
   does not fill a whole block (fewer than `seq_len` tokens) is dropped, as in transformers' run_clm.
+- Map-style data is packed source by source: a block never mixes two sources.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
 from functools import partial
 from itertools import chain
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-from datasets import Dataset, Features, IterableDataset, Sequence, Value
+from datasets import Dataset, Features, IterableDataset, Sequence, Value, concatenate_datasets
 from datasets.fingerprint import Hasher
 
-from twinlm.data.config import DataConfig
-from twinlm.data.sources import TextDataset, load_texts
+from twinlm.data.cache import cache_root, load_entry, new_entry, store_entry
+from twinlm.data.config import DataConfig, SourceConfig
+from twinlm.data.sources import TextDataset, configured_sources, load_source, load_texts, source_identity
 from twinlm.errors import TwinLMError
 
 __all__ = [
     "PACK_BATCH_DOCS",
     "STREAMING_VALIDATION_SIZE",
+    "PretrainingData",
+    "SourceBlocks",
     "build_pretraining_datasets",
     "pack_token_ids",
     "split_documents",
@@ -42,7 +47,7 @@ PACK_BATCH_DOCS = 1000
 STREAMING_VALIDATION_SIZE = 1000
 #: Documents per worker process below which tokenising in several processes is not worth it.
 _DOCS_PER_PROC = 2000
-_FORMAT_VERSION = "twinlm-pack-v1"
+_FORMAT_VERSION = "twinlm-pack-v2"  # v2: each source tokenised and packed on its own
 
 _TOKENIZED_FEATURES = Features({"input_ids": Sequence(Value("int32"))})
 _BLOCK_FEATURES = Features({"input_ids": Sequence(Value("int32")), "position_ids": Sequence(Value("int32"))})
@@ -116,13 +121,22 @@ def _tokenizer_fingerprint(tokenizer: Any, causal: bool) -> str:
     return Hasher.hash([_FORMAT_VERSION, state, _separators(tokenizer, causal), len(tokenizer)])
 
 
-def tokenize_documents(ds: TextDataset, tokenizer: Any, *, causal: bool, cfg: DataConfig) -> TextDataset:
-    """Map "text" to "input_ids" with the document separators added (cached for map-style datasets)."""
+def tokenize_documents(
+    ds: TextDataset,
+    tokenizer: Any,
+    *,
+    causal: bool,
+    cfg: DataConfig,
+    cache_file: str | None = None,
+    fingerprint: str | None = None,
+) -> TextDataset:
+    """Map "text" to "input_ids" with the document separators added; a map-style result is written to
+    `cache_file` (datasets' own cache when None), named by `fingerprint` (default: input + tokenizer)."""
     prefix, suffix = _separators(tokenizer, causal)
     fn = partial(_tokenize_batch, tokenizer=tokenizer, prefix=prefix, suffix=suffix)
     if isinstance(ds, IterableDataset):
         return ds.map(fn, batched=True, remove_columns=["text"], features=_TOKENIZED_FEATURES)
-    fingerprint = Hasher.hash([ds._fingerprint, _tokenizer_fingerprint(tokenizer, causal)])
+    fingerprint = fingerprint or Hasher.hash([ds._fingerprint, _tokenizer_fingerprint(tokenizer, causal)])
     num_proc = min(cfg.resolved_num_proc(), max(1, len(ds) // _DOCS_PER_PROC))
     return ds.map(
         fn,
@@ -131,12 +145,15 @@ def tokenize_documents(ds: TextDataset, tokenizer: Any, *, causal: bool, cfg: Da
         features=_TOKENIZED_FEATURES,
         num_proc=num_proc if num_proc > 1 else None,
         new_fingerprint=fingerprint,
-        cache_file_name=_cache_file(ds, cfg, "tokenized", fingerprint),
+        cache_file_name=cache_file,
         desc="Tokenizing",
     )
 
 
-def _pack(ds: TextDataset, tokenizer: Any, cfg: DataConfig) -> TextDataset:
+def _pack(
+    ds: TextDataset, tokenizer: Any, cfg: DataConfig, cache: tuple[Path, str] | None = None
+) -> TextDataset:
+    """Blocks of `cfg.seq_len` tokens; a map-style result is cached as the entry `cache` (root, key)."""
     fn = partial(_pack_batch, seq_len=cfg.seq_len, vocab_size=len(tokenizer))
     if isinstance(ds, IterableDataset):
         return ds.map(
@@ -146,26 +163,63 @@ def _pack(ds: TextDataset, tokenizer: Any, cfg: DataConfig) -> TextDataset:
             remove_columns=["input_ids"],
             features=_BLOCK_FEATURES,
         )
+    assert cache is not None
+    root, key = cache
+    cached = load_entry(root, "blocks", key)
+    if cached is not None:
+        return cached
     # One process on purpose: block boundaries then do not depend on num_proc (packing is cheap).
-    fingerprint = Hasher.hash([ds._fingerprint, _FORMAT_VERSION, "pack", cfg.seq_len, PACK_BATCH_DOCS])
-    return ds.map(
+    packed = ds.map(
         fn,
         batched=True,
         batch_size=PACK_BATCH_DOCS,
         remove_columns=ds.column_names,
         features=_BLOCK_FEATURES,
-        new_fingerprint=fingerprint,
-        cache_file_name=_cache_file(ds, cfg, "packed", fingerprint),
+        new_fingerprint=key,
+        cache_file_name=new_entry(root, "blocks", key),
         desc=f"Packing into blocks of {cfg.seq_len}",
     )
+    return store_entry(root, "blocks", key, packed)
 
 
-def _cache_file(ds: Dataset, cfg: DataConfig, stage: str, fingerprint: str) -> str | None:
-    """An explicit cache file for in-memory datasets when `cache_dir` is set; else datasets' default."""
-    if ds.cache_files or cfg.cache_dir is None:
-        return None
-    os.makedirs(cfg.cache_dir, exist_ok=True)
-    return os.path.join(cfg.cache_dir, f"twinlm-{stage}-{fingerprint}.arrow")
+def _pack_key(tokens_key: str, part: str, indices: np.ndarray, cfg: DataConfig) -> str:
+    return Hasher.hash([_FORMAT_VERSION, "pack", tokens_key, part, indices, cfg.seq_len, PACK_BATCH_DOCS])
+
+
+def _tokenized_source(
+    source: SourceConfig, where: str, cfg: DataConfig, tokenizer: Any, causal: bool, root: Path
+) -> tuple[Dataset, str]:
+    """One source's tokenised documents from the cache, or tokenised now and cached; (dataset, key)."""
+    identity = source_identity(source, cfg, where)
+    key = Hasher.hash([_FORMAT_VERSION, "tokens", identity, _tokenizer_fingerprint(tokenizer, causal)])
+    cached = load_entry(root, "tokens", key)
+    if cached is not None:
+        logger.info("%s (%s): tokenised documents from the cache (%s)", where, source.describe(), root)
+        return cached, key
+    docs = load_source(source, cfg, where)
+    assert isinstance(docs, Dataset)
+    tokenized = tokenize_documents(
+        docs, tokenizer, causal=causal, cfg=cfg, cache_file=new_entry(root, "tokens", key), fingerprint=key
+    )
+    return store_entry(root, "tokens", key, tokenized), key
+
+
+def _split_indices(n: int, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) document indices of a map-style corpus of `n` documents, both sorted."""
+    if cfg.validation_size is not None:
+        k = cfg.validation_size
+    else:
+        k = int(round(n * cfg.validation_fraction))
+        k = max(k, 1) if cfg.validation_fraction > 0 else 0
+    if k == 0:
+        return np.arange(n), np.arange(0)
+    if k >= n:
+        raise TwinLMError(
+            f"the corpus has {n} documents, too few to hold out {k} for validation; "
+            "lower validation_size/validation_fraction or add text"
+        )
+    order = np.random.default_rng(cfg.seed).permutation(n)
+    return np.sort(order[k:]), np.sort(order[:k])
 
 
 def split_documents(docs: TextDataset, cfg: DataConfig) -> tuple[TextDataset, Dataset | None]:
@@ -186,61 +240,141 @@ def split_documents(docs: TextDataset, cfg: DataConfig) -> tuple[TextDataset, Da
         validation = Dataset.from_dict({"text": held}, features=Features({"text": Value("string")}))
         validation._fingerprint = Hasher.hash(["streamed-validation", held])
         return docs.skip(k), validation
-    n = len(docs)
-    if cfg.validation_size is not None:
-        k = cfg.validation_size
-    else:
-        k = int(round(n * cfg.validation_fraction))
-        k = max(k, 1) if cfg.validation_fraction > 0 else 0
-    if k == 0:
+    train_idx, val_idx = _split_indices(len(docs), cfg)
+    if len(val_idx) == 0:
         return docs, None
-    if k >= n:
-        raise TwinLMError(
-            f"the corpus has {n} documents, too few to hold out {k} for validation; "
-            "lower validation_size/validation_fraction or add text"
-        )
-    order = np.random.default_rng(cfg.seed).permutation(n)
-    val_idx = np.sort(order[:k])
-    train_idx = np.sort(order[k:])
     return docs.select(train_idx), docs.select(val_idx)
 
 
-def build_pretraining_datasets(
-    cfg: DataConfig, tokenizer: Any, *, causal: bool
-) -> tuple[Dataset | IterableDataset, Dataset | None]:
-    """Load, split, tokenise and pack the corpus: (train, validation) datasets of packed blocks.
+@dataclasses.dataclass
+class SourceBlocks:
+    """One source's part of the packed data (map-style): its training blocks follow the previous source's."""
 
-    Rows are {"input_ids": [seq_len ints], "position_ids": [seq_len ints]}; see the module docstring
-    for the layout. Train is an IterableDataset when `cfg.streaming`; validation is map-style, or None
-    when no validation is asked for. Deterministic, and cached by `datasets` fingerprints.
+    name: str  # the source as messages name it (SourceConfig.describe)
+    weight: float | None  # normalised share of the training tokens; None: the natural proportion
+    documents: int  # training documents
+    train_blocks: int
+    validation_blocks: int
+
+
+@dataclasses.dataclass
+class PretrainingData:
+    """Packed blocks for pretraining: `train` (an IterableDataset when streaming), `validation` (None when
+    none is held out) and, map-style, each source's share (`sources`, in the order of the train blocks)."""
+
+    train: Dataset | IterableDataset
+    validation: Dataset | None
+    sources: list[SourceBlocks]
+
+    def source_sizes(self) -> list[int]:
+        """Training blocks per source, in order (source i's blocks follow source i-1's)."""
+        return [s.train_blocks for s in self.sources]
+
+
+def build_pretraining_datasets(cfg: DataConfig, tokenizer: Any, *, causal: bool) -> PretrainingData:
+    """Load, split, tokenise and pack the corpus into blocks (see the module docstring for the layout).
+
+    Map-style: every source is tokenised once into the cache (`twinlm.data.cache`; reused by later runs until
+    its files, its settings or the tokenizer change), the validation documents are held out over all sources
+    together (`split_documents`), and each source is packed on its own, so that every block comes from one
+    source (what source mixing and the per-source token counts need). Streaming: one stream, tokenised and
+    packed on the fly. Raises TwinLMError when a part holds too little text for one block.
     """
+    if cfg.streaming:
+        return _build_streaming(cfg, tokenizer, causal)
+    root = cache_root(cfg)
+    weights = cfg.weights()
+    parts = [
+        (where, source, *_tokenized_source(source, where, cfg, tokenizer, causal, root))
+        for where, source in configured_sources(cfg)
+    ]
+    sizes = [len(ds) for _, _, ds, _ in parts]
+    train_idx, val_idx = _split_indices(sum(sizes), cfg)
+    trains, validations, blocks = [], [], []
+    offset = 0
+    for i, (where, source, tokenized, key) in enumerate(parts):
+        local_train = train_idx[(train_idx >= offset) & (train_idx < offset + sizes[i])] - offset
+        local_val = val_idx[(val_idx >= offset) & (val_idx < offset + sizes[i])] - offset
+        offset += sizes[i]
+        train = _pack(
+            tokenized.select(local_train), tokenizer, cfg, (root, _pack_key(key, "train", local_train, cfg))
+        )
+        trains.append(train)
+        validation = None
+        if len(local_val):
+            validation = _pack(
+                tokenized.select(local_val),
+                tokenizer,
+                cfg,
+                (root, _pack_key(key, "validation", local_val, cfg)),
+            )
+            validations.append(validation)
+        weight = weights[i] if weights is not None else None
+        if weight and len(train) == 0:
+            raise TwinLMError(
+                f"{where} ({source.describe()}) has weight {source.weight} but its {len(local_train)} training "
+                f"documents hold fewer than seq_len={cfg.seq_len} tokens per packing batch; add text, lower "
+                "seq_len or remove the source"
+            )
+        blocks.append(
+            SourceBlocks(source.describe(), weight, len(local_train), len(train), len(validation or []))
+        )
+    train_ds = trains[0] if len(trains) == 1 else concatenate_datasets(trains)
+    validation_ds = None
+    if len(val_idx):
+        validation_ds = validations[0] if len(validations) == 1 else concatenate_datasets(validations)
+        if len(validation_ds) == 0:
+            raise TwinLMError(
+                f"the {len(val_idx)} validation documents hold fewer than seq_len={cfg.seq_len} tokens; "
+                "raise validation_size/validation_fraction or lower seq_len"
+            )
+    if len(train_ds) == 0:
+        raise TwinLMError(
+            f"the {len(train_idx)} training documents hold fewer than seq_len={cfg.seq_len} tokens "
+            "per packing batch; add text or lower seq_len"
+        )
+    logger.info(
+        "pretraining data: %d train blocks, %s validation blocks of %d tokens (%d train documents)",
+        len(train_ds),
+        len(validation_ds) if validation_ds is not None else 0,
+        cfg.seq_len,
+        len(train_idx),
+    )
+    return PretrainingData(train_ds, validation_ds, blocks)
+
+
+def _build_streaming(cfg: DataConfig, tokenizer: Any, causal: bool) -> PretrainingData:
+    """One stream of all sources, tokenised and packed as it is read; validation held out from its start."""
     docs = load_texts(cfg)
     train_docs, val_docs = split_documents(docs, cfg)
     train = _pack(tokenize_documents(train_docs, tokenizer, causal=causal, cfg=cfg), tokenizer, cfg)
     validation = None
     if val_docs is not None:
-        validation = _pack(tokenize_documents(val_docs, tokenizer, causal=causal, cfg=cfg), tokenizer, cfg)
+        root = cache_root(cfg)
+        key = Hasher.hash(
+            [_FORMAT_VERSION, "streamed", val_docs._fingerprint, _tokenizer_fingerprint(tokenizer, causal)]
+        )
+        tokenized = load_entry(root, "tokens", key)
+        if tokenized is None:
+            tokenized = tokenize_documents(
+                val_docs,
+                tokenizer,
+                causal=causal,
+                cfg=cfg,
+                cache_file=new_entry(root, "tokens", key),
+                fingerprint=key,
+            )
+            tokenized = store_entry(root, "tokens", key, tokenized)
+        every = np.arange(len(tokenized))
+        validation = _pack(tokenized, tokenizer, cfg, (root, _pack_key(key, "validation", every, cfg)))
         if len(validation) == 0:
             raise TwinLMError(
                 f"the {len(val_docs)} validation documents hold fewer than seq_len={cfg.seq_len} tokens; "
                 "raise validation_size/validation_fraction or lower seq_len"
             )
-    if isinstance(train, Dataset):
-        if len(train) == 0:
-            raise TwinLMError(
-                f"the {len(train_docs)} training documents hold fewer than seq_len={cfg.seq_len} tokens "
-                "per packing batch; add text or lower seq_len"
-            )
-        logger.info(
-            "pretraining data: %d train blocks, %s validation blocks of %d tokens (%d train documents)",
-            len(train),
-            len(validation) if validation is not None else 0,
-            cfg.seq_len,
-            len(train_docs),
-        )
-    elif next(iter(train), None) is None:
+    if next(iter(train), None) is None:
         raise TwinLMError(
             f"the streamed corpus yields no block of seq_len={cfg.seq_len} tokens after holding out "
             "validation documents; add text, lower seq_len or validation_size"
         )
-    return train, validation
+    return PretrainingData(train, validation, [])

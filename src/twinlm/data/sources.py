@@ -10,6 +10,7 @@ from typing import Any
 import datasets
 import pyarrow as pa
 from datasets import Dataset, IterableDataset
+from datasets.fingerprint import Hasher
 
 from twinlm.data.config import DataConfig, SourceConfig
 from twinlm.data.textfiles import TextFilesInfo, check_text_files
@@ -19,9 +20,13 @@ __all__ = [
     "TextDataset",
     "TextFilesInfo",
     "check_text_files",
+    "configured_sources",
+    "file_digest",
     "infer_source_type",
+    "load_source",
     "load_texts",
     "resolve_files",
+    "source_identity",
 ]
 
 TextDataset = Dataset | IterableDataset
@@ -196,6 +201,47 @@ def _is_empty(ds: TextDataset) -> bool:
     return len(ds) == 0 if isinstance(ds, Dataset) else next(iter(ds), None) is None
 
 
+def configured_sources(cfg: DataConfig) -> list[tuple[str, SourceConfig]]:
+    """(name for messages, source) of every configured source; the embedded corpus when there is none."""
+    if not cfg.sources:
+        return [("the default corpus", SourceConfig(default=True))]
+    return [(f"data source {i}", source) for i, source in enumerate(cfg.sources)]
+
+
+def load_source(source: SourceConfig, cfg: DataConfig, where: str) -> TextDataset:
+    """One source's documents, one per row, column "text" (see `load_texts`)."""
+    if source.path:
+        loaded = _load_local(source, cfg, where)
+    elif source.hub:
+        loaded = [_load_hub(source, cfg, where)]
+    else:
+        loaded = [_load_default(cfg)]
+    if source.max_documents is not None:
+        loaded = _first_documents(loaded, source.max_documents)
+    parts = [_normalise(ds, source, where, cfg) for ds in loaded]
+    if all(_is_empty(ds) for ds in parts):
+        raise TwinLMError(f"{where} ({source.describe()}): holds no non-empty documents")
+    docs = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    if isinstance(docs, IterableDataset) and source.max_documents is not None:
+        docs = docs.take(source.max_documents)
+    return docs
+
+
+def _first_documents(parts: list[TextDataset], limit: int) -> list[TextDataset]:
+    """The first `limit` rows of the parts taken in order (before cleaning: at most `limit` documents)."""
+    kept: list[TextDataset] = []
+    for ds in parts:
+        if limit <= 0:
+            break
+        if isinstance(ds, Dataset):
+            ds = ds.select(range(min(limit, len(ds))))
+            limit -= len(ds)
+        else:
+            ds = ds.take(limit)  # a stream's length is unknown: load_source takes `limit` of them all again
+        kept.append(ds)
+    return kept
+
+
 def load_texts(cfg: DataConfig) -> TextDataset:
     """All documents of `cfg.sources` (the embedded corpus when empty), one per row, column "text".
 
@@ -204,18 +250,30 @@ def load_texts(cfg: DataConfig) -> TextDataset:
     whitespace and empty ones dropped.
     Raises TwinLMError naming the source for missing files, empty globs, wrong columns or no text.
     """
-    sources = cfg.sources or [SourceConfig(default=True)]
-    parts: list[TextDataset] = []
-    for i, source in enumerate(sources):
-        where = f"data source {i}" if cfg.sources else "the default corpus"
-        if source.path:
-            loaded = _load_local(source, cfg, where)
-        elif source.hub:
-            loaded = [_load_hub(source, cfg, where)]
-        else:
-            loaded = [_load_default(cfg)]
-        source_parts = [_normalise(ds, source, where, cfg) for ds in loaded]
-        if all(_is_empty(ds) for ds in source_parts):
-            raise TwinLMError(f"{where} ({source.describe()}): holds no non-empty documents")
-        parts.extend(source_parts)
+    parts = [load_source(source, cfg, where) for where, source in configured_sources(cfg)]
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def source_identity(source: SourceConfig, cfg: DataConfig, where: str) -> str:
+    """What a source's documents are, as a string that changes whenever they may: the SHA-256 of every local
+    file's bytes (not its path or time: a copied corpus keeps its identity, an edited one loses it) with how
+    it is read; for a Hub dataset and the embedded corpus the fingerprint `datasets` gives the loaded data."""
+    settings = [source.type, source.text_column, source.max_documents, cfg.text_document_split]
+    if source.path:
+        files = [
+            (kind, file_digest(f)) for kind, group in resolve_files(source, where).items() for f in group
+        ]
+        return Hasher.hash(["files", files, settings])
+    if source.hub:
+        loaded = _load_hub(source, cfg, where)
+        return Hasher.hash(["hub", source.hub, source.config, source.split, loaded._fingerprint, settings])
+    return Hasher.hash(["default", _load_default(cfg)._fingerprint])

@@ -4,6 +4,7 @@ from .configuration_twinlm import TwinLMConfig
 from .modeling_twinlm import (
     TwinLMForCausalLM,
     TwinLMForMaskedLM,
+    TwinLMForPreTraining,
     TwinLMForSequenceClassification,
     TwinLMForTokenClassification,
     TwinLMModel,
@@ -19,6 +20,7 @@ AUTO_CLASSES = {
     "AutoModelForCausalLM": TwinLMForCausalLM,
     "AutoModelForSequenceClassification": TwinLMForSequenceClassification,
     "AutoModelForTokenClassification": TwinLMForTokenClassification,
+    "AutoModelForPreTraining": TwinLMForPreTraining,
 }
 
 

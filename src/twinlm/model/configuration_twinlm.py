@@ -66,6 +66,7 @@ AUTO_MAP = {
     "AutoModelForCausalLM": "modeling_twinlm.TwinLMForCausalLM",
     "AutoModelForSequenceClassification": "modeling_twinlm.TwinLMForSequenceClassification",
     "AutoModelForTokenClassification": "modeling_twinlm.TwinLMForTokenClassification",
+    "AutoModelForPreTraining": "modeling_twinlm.TwinLMForPreTraining",
 }
 
 # True while a saved config is being loaded (from_dict): extra keys are then kept, as in every transformers
@@ -134,6 +135,9 @@ class TwinLMConfig(PreTrainedConfig):
         positions only (exact: everything after the last attention is per token)
       scale_residual_init: GPT-2's init: the residual output projections (attention o_proj, MLP down_proj)
         get std initializer_range / sqrt(2 * num_hidden_layers)
+    Sizes as in transformers; `embedding_size` (ALBERT, ELECTRA: None = hidden_size) is the width of the
+    token, segment and absolute-position embeddings, projected to hidden_size when it differs (encoders
+    only): it lets a small ELECTRA generator share the discriminator's embeddings.
     """
 
     model_type = "twinlm"
@@ -147,6 +151,7 @@ class TwinLMConfig(PreTrainedConfig):
     intermediate_size: int = 3072
     max_position_embeddings: int = 512
     type_vocab_size: int = 2
+    embedding_size: int | None = None
     # variant
     is_causal: bool = False
     # switches
@@ -199,6 +204,8 @@ class TwinLMConfig(PreTrainedConfig):
             logger.warning(f"TwinLMConfig: kept unknown key(s) of a saved config as attributes: {message}")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        if self.embedding_size is None:
+            self.embedding_size = self.hidden_size
         if self.embedding_norm is None:
             self.embedding_norm = self.norm_position == "post"
         if self.classifier_pooling is None:
@@ -282,6 +289,7 @@ class TwinLMConfig(PreTrainedConfig):
             "num_key_value_heads",
             "intermediate_size",
             "max_position_embeddings",
+            "embedding_size",
             "relative_attention_num_buckets",
             "relative_attention_max_distance",
         )
@@ -311,6 +319,11 @@ class TwinLMConfig(PreTrainedConfig):
             raise ValueError(
                 f"share_qk=True needs num_key_value_heads == num_attention_heads "
                 f"(got {self.num_key_value_heads} and {self.num_attention_heads}): keys are the queries"
+            )
+        if self.is_causal and self.embedding_size != self.hidden_size:
+            raise ValueError(
+                f"embedding_size={self.embedding_size} differs from hidden_size={self.hidden_size}: factorised "
+                "embeddings are for encoders (is_causal=False); leave embedding_size unset for a causal model"
             )
         if self.position_embedding_type == "rope" and self.head_dim % 2:
             raise ValueError(

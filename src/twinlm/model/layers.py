@@ -16,8 +16,8 @@ from .configuration_twinlm import TwinLMConfig
 
 
 class TwinLMLayerNorm(nn.LayerNorm):
-    def __init__(self, config: TwinLMConfig):
-        super().__init__(config.hidden_size, eps=config.layer_norm_eps)
+    def __init__(self, config: TwinLMConfig, size: int | None = None):
+        super().__init__(size or config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         return super().forward(hidden_states)
@@ -26,9 +26,9 @@ class TwinLMLayerNorm(nn.LayerNorm):
 class TwinLMRMSNorm(nn.Module):
     """Root-mean-square norm (Zhang & Sennrich 2019): no centring, no bias; computed in float32."""
 
-    def __init__(self, config: TwinLMConfig):
+    def __init__(self, config: TwinLMConfig, size: int | None = None):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(config.hidden_size))
+        self.weight = nn.Parameter(torch.ones(size or config.hidden_size))
         self.eps = config.layer_norm_eps
 
     def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -47,9 +47,9 @@ class TwinLMBatchNorm(nn.Module):
     do not have. That is part of what an experiment with this switch measures.
     """
 
-    def __init__(self, config: TwinLMConfig, momentum: float = 0.1):
+    def __init__(self, config: TwinLMConfig, size: int | None = None, momentum: float = 0.1):
         super().__init__()
-        size = config.hidden_size
+        size = size or config.hidden_size
         self.eps = config.layer_norm_eps
         self.momentum = momentum
         self.weight = nn.Parameter(torch.ones(size))
@@ -96,8 +96,9 @@ NORMS: dict[str, type[nn.Module]] = {
 }
 
 
-def build_norm(config: TwinLMConfig, enabled: bool = True) -> nn.Module:
-    return NORMS[config.norm_type](config) if enabled else NoNorm()
+def build_norm(config: TwinLMConfig, enabled: bool = True, size: int | None = None) -> nn.Module:
+    """The configured norm over `size` features (default hidden_size), or the identity when not enabled."""
+    return NORMS[config.norm_type](config, size) if enabled else NoNorm()
 
 
 # ---------------------------------------------------------------------------------------------------

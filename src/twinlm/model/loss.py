@@ -109,3 +109,26 @@ def masked_lm_loss(
     return cross_entropy(
         logits.reshape(-1, vocab_size), labels.reshape(-1).to(logits.device), num_items_in_batch, ignore_index
     )
+
+
+def replaced_token_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    ignore_index: int = -100,
+    **kwargs,
+) -> torch.Tensor:
+    """ELECTRA's discriminator loss: binary cross-entropy of one logit per token against 1 (replaced) / 0
+    (original), over tokens that are labelled and not padding; their mean, or sum / num_items_in_batch."""
+    valid = labels != ignore_index
+    if attention_mask is not None:
+        valid = valid & attention_mask.bool()
+    targets = labels.clamp(min=0).to(torch.float32)
+    losses = F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="none")
+    total = losses.masked_fill(~valid, 0.0).sum()
+    if num_items_in_batch is None:
+        return total / valid.sum()
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch

@@ -28,6 +28,7 @@ from transformers.modeling_outputs import (
     TokenClassifierOutput,
 )
 from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils import ModelOutput
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple, is_flash_attention_requested
 from transformers.utils.output_capturing import capture_outputs
@@ -53,7 +54,7 @@ from .layers import (
     build_norm,
 )
 from .linear_attention import LinearMask
-from .loss import causal_lm_loss, masked_lm_loss
+from .loss import causal_lm_loss, masked_lm_loss, replaced_token_loss
 from .positions import POSITION_ENCODINGS
 
 # ---------------------------------------------------------------------------------------------------
@@ -61,20 +62,20 @@ from .positions import POSITION_ENCODINGS
 
 
 class TwinLMEmbeddings(nn.Module):
-    """Token (+ segment) (+ absolute position) embeddings, then optional norm and dropout."""
+    """Token (+ segment) (+ absolute position) embeddings, then optional norm and dropout; all of width
+    `embedding_size` (hidden_size unless factorised, see TwinLMModel.embeddings_project)."""
 
     def __init__(self, config: TwinLMConfig):
         super().__init__()
-        self.word_embeddings = nn.Embedding(
-            config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id
-        )
+        width = config.embedding_size
+        self.word_embeddings = nn.Embedding(config.vocab_size, width, padding_idx=config.pad_token_id)
         self.token_type_embeddings = (
-            nn.Embedding(config.type_vocab_size, config.hidden_size) if config.type_vocab_size > 0 else None
+            nn.Embedding(config.type_vocab_size, width) if config.type_vocab_size > 0 else None
         )
         # The 2017 paper multiplies token embeddings by sqrt(d_model) so that they are not drowned by
         # the (unit-scale) sinusoids.
-        self.scale = math.sqrt(config.hidden_size) if config.scale_embeddings else 1.0
-        self.norm = build_norm(config, enabled=config.embedding_norm)
+        self.scale = math.sqrt(width) if config.scale_embeddings else 1.0
+        self.norm = build_norm(config, enabled=config.embedding_norm, size=width)
         self.dropout = TwinLMDropout(config.embedding_dropout_prob)
 
     def forward(
@@ -203,6 +204,12 @@ class TwinLMModel(TwinLMPreTrainedModel):
         config.validate_layer_type()  # a config changed after it was built (num_hidden_layers, sliding_window)
         self.positions = POSITION_ENCODINGS[config.position_embedding_type](config)
         self.embeddings = TwinLMEmbeddings(config)
+        # Factorised embeddings (ALBERT, ELECTRA's generator): embedding_size -> hidden_size.
+        self.embeddings_project = (
+            nn.Linear(config.embedding_size, config.hidden_size)
+            if config.embedding_size != config.hidden_size
+            else nn.Identity()
+        )
         layer_class = LAYERS[config.norm_position]
         self.layers = nn.ModuleList(layer_class(config, i) for i in range(config.num_hidden_layers))
         # Pre-norm leaves the residual stream un-normalised: GPT-2 adds a final norm (ln_f).
@@ -279,6 +286,7 @@ class TwinLMModel(TwinLMPreTrainedModel):
         hidden = self.embeddings(
             input_ids, inputs_embeds, token_type_ids, self.positions.absolute(position_ids), token_mask
         )
+        hidden = self.embeddings_project(hidden)
         hidden = self._blocks(
             hidden, token_mask, masks, rotary, cache, output_attentions, tokens_to_keep, kwargs
         )
@@ -666,7 +674,8 @@ def check_flash_attention(config: TwinLMConfig, output_attentions: bool) -> None
 
 
 class TwinLMForMaskedLM(TwinLMPreTrainedModel):
-    """BERT-style masked-LM: a transform (dense, activation, norm) then a decoder tied to the embeddings."""
+    """BERT-style masked-LM: a transform (dense, activation, norm) then a decoder tied to the embeddings.
+    With factorised embeddings the transform maps hidden_size to embedding_size (ELECTRA's generator)."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embeddings.word_embeddings.weight"}
 
@@ -677,10 +686,10 @@ class TwinLMForMaskedLM(TwinLMPreTrainedModel):
                 "TwinLMForMaskedLM needs is_causal=False (a bidirectional encoder); use TwinLMForCausalLM"
             )
         self.model = TwinLMModel(config)
-        self.head_dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.head_dense = nn.Linear(config.hidden_size, config.embedding_size)
         self.head_act = FEED_FORWARDS[config.hidden_act][1]()  # BERT: the model's activation
-        self.head_norm = build_norm(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
+        self.head_norm = build_norm(config, size=config.embedding_size)
+        self.lm_head = nn.Linear(config.embedding_size, config.vocab_size, bias=True)
         # transformers' ForMaskedLMLoss, without its float32 copy of the logits (see loss.py)
         self.loss_function = masked_lm_loss
         self.post_init()
@@ -731,6 +740,78 @@ class TwinLMForMaskedLM(TwinLMPreTrainedModel):
         if labels is not None:
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
         return MaskedLMOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+@dataclass
+class TwinLMForPreTrainingOutput(ModelOutput):
+    """The discriminator's output: `logits` (batch, seq), one per token, > 0 where it says "replaced"."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+class TwinLMDiscriminatorHead(nn.Module):
+    """ELECTRA's discriminator head: dense, the model's activation, one logit per token."""
+
+    def __init__(self, config: TwinLMConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.activation = FEED_FORWARDS[config.hidden_act][1]()
+        self.dense_prediction = nn.Linear(config.hidden_size, 1)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.dense_prediction(self.activation(self.dense(hidden))).squeeze(-1)
+
+
+class TwinLMForPreTraining(TwinLMPreTrainedModel):
+    """ELECTRA's discriminator (replaced-token detection, Clark et al. 2020; transformers'
+    ElectraForPreTraining): for every token, was it replaced by a generator's sample? Its body is an
+    ordinary encoder: the other heads (sequence and token classification) load it for fine-tuning."""
+
+    def __init__(self, config: TwinLMConfig):
+        super().__init__(config)
+        if config.is_causal:
+            raise ValueError(
+                "TwinLMForPreTraining needs is_causal=False (a bidirectional encoder): replaced-token "
+                "detection looks at both sides of every token"
+            )
+        self.model = TwinLMModel(config)
+        self.discriminator_predictions = TwinLMDiscriminatorHead(config)
+        self.loss_function = replaced_token_loss
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> TwinLMForPreTrainingOutput:
+        """`labels` (batch, seq): 1 replaced, 0 original, -100 ignored (padding is ignored too). The loss is the
+        binary cross-entropy averaged over the labelled tokens, or their sum / num_items_in_batch."""
+        outputs = self.model(
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=False,
+            return_dict=True,
+            **kwargs,
+        )
+        logits = self.discriminator_predictions(outputs.last_hidden_state)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, attention_mask, **kwargs)
+        return TwinLMForPreTrainingOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
 
@@ -936,6 +1017,7 @@ __all__ = [
     "TwinLMModel",
     "TwinLMForMaskedLM",
     "TwinLMForCausalLM",
+    "TwinLMForPreTraining",
     "TwinLMForSequenceClassification",
     "TwinLMForTokenClassification",
 ]

@@ -52,7 +52,7 @@ class LearnedPositions(PositionEncoding):
 
     def __init__(self, config: TwinLMConfig):
         super().__init__(config)
-        self.embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.embeddings = nn.Embedding(config.max_position_embeddings, config.embedding_size)
 
     def absolute(self, position_ids: torch.Tensor) -> torch.Tensor:
         return self.embeddings(position_ids)
@@ -62,7 +62,7 @@ class SinusoidalPositions(PositionEncoding):
     """The 2017 paper's fixed sines and cosines, interleaved: PE[p, 2i] = sin(p / 10000^(2i/d))."""
 
     def absolute(self, position_ids: torch.Tensor) -> torch.Tensor:
-        dim = self.config.hidden_size
+        dim = self.config.embedding_size
         inv_freq = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, device=position_ids.device).float() / dim))
         angles = position_ids.float()[..., None] * inv_freq  # (..., dim/2)
         table = torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)

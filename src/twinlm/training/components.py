@@ -58,8 +58,9 @@ class StopSignal:
 
 
 class MetricsLogger:
-    """Every `log_every` steps (and at the last): the mean window loss since the last line, lr, grad
-    norm, tokens/s and MFU, to metrics.jsonl and the configured tracker; the progress bar each step.
+    """Every `log_every` steps (and at the last): the mean window loss (and the model's metrics, e.g.
+    replaced-token detection's gen_loss, disc_loss) since the last line, lr, grad norm, tokens/s and MFU,
+    to metrics.jsonl and the configured tracker; the progress bar each step.
     With log_every=0 (fine-tuning) only the bar, showing the loss since whoever last reset it."""
 
     def __init__(
@@ -117,6 +118,11 @@ class MetricsLogger:
         record = {
             "step": state.step,
             "loss": loss,
+            **{
+                name: value / state.loss_steps
+                for name, value in state.metric_sums.items()
+                if state.loss_steps
+            },
             "lr": engine.scheduler.get_last_lr()[0],
             "grad_norm": state.last_grad_norm,
             "epoch": state.epoch,
@@ -127,7 +133,7 @@ class MetricsLogger:
         self.log(engine, record)
         if loss is not None and self.last_rates["tokens_per_s"] is not None:
             self.progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{self.last_rates['tokens_per_s']:.0f}")
-        state.loss_sum, state.loss_steps = 0.0, 0
+        state.loss_sum, state.loss_steps, state.metric_sums = 0.0, 0, {}
 
     def _rates(self, state: Any) -> dict[str, float | None]:
         tokens, seconds = state.tokens_seen - self._mark[0], state.train_seconds - self._mark[1]

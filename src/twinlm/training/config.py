@@ -29,6 +29,7 @@ __all__ = [
     "HubSection",
     "LoggingSection",
     "ModelSection",
+    "RTDSection",
     "RunConfig",
     "TokenizerSection",
     "TokenizerTrainSection",
@@ -156,12 +157,36 @@ class HubSection(_Section):
         return self
 
 
+class RTDSection(_Section):
+    """Replaced-token detection (objective: rtd, ELECTRA): the generator's size and the loss weight."""
+
+    generator_size: float = Field(
+        0.25,
+        gt=0,
+        le=1,
+        description="generator hidden size as a fraction of the discriminator's (whole heads of its head size; "
+        "the feed-forward in proportion); ELECTRA: 1/4 to 1/3",
+    )
+    generator_layers: float = Field(
+        1.0, gt=0, le=1, description="generator layers as a fraction of the discriminator's (ELECTRA: 1)"
+    )
+    discriminator_weight: float = Field(
+        50.0, gt=0, description="weight of the discriminator's loss next to the generator's (ELECTRA: 50)"
+    )
+
+
 class RunConfig(_Section):
     """A whole pretraining run."""
 
     model: ModelSection
     tokenizer: TokenizerSection
     data: DataConfig
+    objective: Literal["mlm", "clm", "rtd"] | None = Field(
+        None,
+        description="mlm (masked-LM), rtd (ELECTRA's replaced-token detection) for an encoder, clm for a causal "
+        "model; null: the model's own (mlm for an encoder, clm for a decoder)",
+    )
+    rtd: RTDSection = Field(default_factory=RTDSection)
     training: TrainingSection = Field(default_factory=TrainingSection)
     output_dir: Path = Path("outputs/pretrain")
     logging: LoggingSection = Field(default_factory=LoggingSection)

@@ -7,7 +7,11 @@ need, running loss sums included, lives in one `TrainState` that checkpoints sav
 
 The loss of an accumulation window is the mean over all its target tokens (all micro-batches, all
 processes): the target tokens of the window are counted first, then each micro-batch's loss is
-weighted by its share of them, so `grad_accum=4 x batch 2` steps exactly like `batch 8`.
+weighted by its share of them, so `grad_accum=4 x batch 2` steps exactly like `batch 8`. A loss of
+several terms with their own targets (replaced-token detection: masked tokens for the generator, every
+token for the discriminator) counts a tuple, and the model gets the window's counts as a tensor.
+A model output with `metrics` (detached scalars, each a micro-batch's share of its window mean, like the
+loss) has them summed over the window and the processes, and logged as means between log lines.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ class TrainState:
     train_seconds: float = 0.0
     loss_sum: float = 0.0  # window losses since the last log line (fine-tuning: the last evaluation)
     loss_steps: int = 0
+    metric_sums: dict[str, float] = dataclasses.field(default_factory=dict)  # the outputs' metrics, likewise
     skipped_steps: int = 0  # non-finite steps skipped (nonfinite="skip")
     consecutive_skips: int = 0
     last_grad_norm: float | None = None
@@ -117,6 +122,7 @@ class Engine:
         self.stop_reason: str | None = None  # set by a component: the loop ends after this step
         self._data: Iterator[Batch] | None = None
         self._batch_shape: tuple[int, ...] | None = None
+        self._metrics: dict[str, torch.Tensor] = {}  # this window's metric shares (see forward_backward_step)
         forward = inspect.signature(accelerator.unwrap_model(model).forward).parameters
         self.model_normalises = "num_items_in_batch" in forward  # transformers' convention
 
@@ -171,23 +177,36 @@ class Engine:
         started = time.perf_counter()
         assert self._data is not None
         window = [next(self._data) for _ in range(self.settings.grad_accum)]
-        local = torch.tensor([float(self.count_targets(b)) for _, _, b in window], device=acc.device)
-        total = (
-            acc.reduce(local.sum(), reduction="sum").item() if acc.num_processes > 1 else local.sum().item()
-        )
+        counts = [self.count_targets(b) for _, _, b in window]
+        local = torch.tensor(
+            [c if isinstance(c, tuple) else (c,) for c in counts], dtype=torch.float32, device=acc.device
+        )  # (micro-batches, loss terms)
+        total = local.sum(0)
+        if acc.num_processes > 1:
+            total = acc.reduce(total, reduction="sum")
+        total = total.clamp(min=1.0)
         loss = torch.zeros((), device=acc.device)
+        self._metrics = {}
         for i, (_, _, batch) in enumerate(window):
-            loss += self.forward_backward_step(batch, local[i].item(), max(total, 1.0))
+            if total.numel() == 1:
+                loss += self.forward_backward_step(batch, local[i, 0].item(), total.item())
+            else:
+                loss += self.forward_backward_step(batch, local[i], total)
         grad_norm = self._clip()
         state.epoch, state.batch_in_epoch = window[-1][0], window[-1][1] + 1
         state.tokens_seen += sum(b["input_ids"].numel() for _, _, b in window) * acc.num_processes
+        names = sorted(self._metrics)
+        values = torch.stack([loss, *(self._metrics[n].to(loss) for n in names)])
         if acc.num_processes > 1:
-            loss = acc.reduce(loss, reduction="sum")
+            values = acc.reduce(values, reduction="sum")
+        loss = values[0]
         if self._finite(loss, grad_norm):
             self.optimizer.step()
             state.consecutive_skips = 0
             state.loss_sum += state.last_loss or 0.0
             state.loss_steps += 1
+            for name, value in zip(names, values[1:].tolist(), strict=True):
+                state.metric_sums[name] = state.metric_sums.get(name, 0.0) + value
         self.optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.train_seconds += self._elapsed(started)  # before the schedule: a time budget's clock reads it
@@ -204,19 +223,29 @@ class Engine:
         return float(acc.gather(torch.tensor([seconds], device=acc.device)).max().item())
 
     def forward_backward_step(
-        self, batch: dict[str, torch.Tensor], targets: float, total: float
+        self,
+        batch: dict[str, torch.Tensor],
+        targets: float | torch.Tensor,
+        total: float | torch.Tensor,
     ) -> torch.Tensor:
-        """Forward and backward of one micro-batch; returns its share of the window's mean loss."""
+        """Forward and backward of one micro-batch; returns its share of the window's mean loss.
+
+        `targets`/`total`: this micro-batch's and the window's target counts (tensors, one entry per loss
+        term, when the objective counts several: only a model that takes num_items_in_batch can use those)."""
         acc = self.accelerator
         self._batch_shape = tuple(batch["input_ids"].shape)
         batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items() if k in MODEL_INPUTS}
         with acc.accumulate(self.model):
             with acc.autocast():
                 if self.model_normalises:
-                    share = self.model(**batch, num_items_in_batch=total).loss
+                    output = self.model(**batch, num_items_in_batch=total)
+                    share = output.loss
                 else:
-                    mean = self.model(**batch).loss  # the mean over this micro-batch's targets
+                    output = self.model(**batch)
+                    mean = output.loss  # the mean over this micro-batch's targets
                     share = mean if targets == total else mean * (targets / total)
+            for name, value in (getattr(output, "metrics", None) or {}).items():
+                self._metrics[name] = self._metrics.get(name, 0.0) + value.detach().float()
             # Accelerate (or DeepSpeed) divides by grad_accum and DDP averages over processes: undo both,
             # so the gradient is that of the window's sum over targets / the window's target count.
             scale = self.settings.grad_accum * acc.num_processes

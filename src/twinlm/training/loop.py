@@ -14,14 +14,13 @@ optimizer step by this loop and saved with the checkpoint.
 from __future__ import annotations
 
 import itertools
-import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import (
@@ -45,19 +44,11 @@ from twinlm.training.checkpoint import (
 )
 from twinlm.training.components import Checkpointer, Evaluator, HubPublisher, MetricsLogger, StopSignal
 from twinlm.training.config import RunConfig, dump_run_config, load_run_config
-from twinlm.training.engine import (
-    MODEL_INPUTS,
-    Engine,
-    EngineSettings,
-    NonFiniteError,
-    TrainState,
-    count_lm_targets,
-    model_is_finite,
-)
+from twinlm.training.engine import Engine, EngineSettings, NonFiniteError, TrainState, model_is_finite
+from twinlm.training.objectives import objective_for
 from twinlm.training.optim import build_optimizer, build_scheduler
 from twinlm.training.tracking import (
     MetricsLog,
-    flops_per_token,
     init_tracking,
     parameter_counts,
     peak_flops_per_device,
@@ -225,8 +216,11 @@ def check_model_memory(model_config: Any) -> int:
     """The model's parameter count (built on the meta device: no memory); a TwinLMError when its fp32
     weights, gradients and AdamW moments (16 bytes a parameter) cannot fit in this machine's memory when
     training on the CPU (on a GPU, an allocation that fails is reported in one line where it happens)."""
+    from twinlm import TwinLMForCausalLM, TwinLMForMaskedLM
+
     with torch.device("meta"):
-        n_params = parameter_counts(build_model(model_config))[0]
+        model = (TwinLMForCausalLM if model_config.is_causal else TwinLMForMaskedLM)(model_config)
+        n_params = parameter_counts(model)[0]
     available = _available_memory() if _on_cpu() else None
     need = 16 * n_params
     if available is not None and need > available:
@@ -253,11 +247,9 @@ def check_sequence_length(cfg: RunConfig, model_config: Any) -> None:
         )
 
 
-def build_model(model_config: Any) -> torch.nn.Module:
-    from twinlm import TwinLMForCausalLM, TwinLMForMaskedLM
-
-    cls = TwinLMForCausalLM if model_config.is_causal else TwinLMForMaskedLM
-    return cls(model_config)
+def _pretrained_models(model: torch.nn.Module) -> list[Any]:
+    """The transformers models a training model is made of: itself, or (replaced-token detection) its parts."""
+    return [model] if hasattr(model, "config") else [m for m in model.children() if hasattr(m, "config")]
 
 
 class _SkipSampler(Sampler[int]):
@@ -274,13 +266,25 @@ class _SkipSampler(Sampler[int]):
 
 
 class TrainBatches:
-    """This process's micro-batches, epoch after epoch, from any (epoch, batch index) position."""
+    """This process's micro-batches, epoch after epoch, from any (epoch, batch index) position.
+
+    Map-style data of several sources with `weights` is read through a MixtureSampler (the sources mixed by
+    their shares of the tokens); otherwise every block once per epoch, shuffled (DistributedSampler)."""
 
     def __init__(
-        self, dataset: Any, collator: Any, batch_size: int, seed: int, rank: int, world: int
+        self,
+        dataset: Any,
+        collator: Any,
+        batch_size: int,
+        seed: int,
+        rank: int,
+        world: int,
+        source_sizes: list[int] | None = None,
+        weights: list[float] | None = None,
     ) -> None:
         self.dataset, self.collator, self.batch_size = dataset, collator, batch_size
         self.seed, self.rank, self.world = seed, rank, world
+        self.source_sizes, self.weights = source_sizes, weights
         self.iterable = isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__")
         if self.iterable:
             from datasets.distributed import split_dataset_by_node
@@ -290,15 +294,40 @@ class TrainBatches:
             )
             self.batches_per_epoch = None
         else:
-            self.sampler = DistributedSampler(
-                dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
-            )
+            self.sampler = self._sampler(rank)
             self.batches_per_epoch = len(self.sampler) // batch_size
             if self.batches_per_epoch == 0:
                 raise TwinLMError(
                     f"the training set has {len(dataset)} blocks, fewer than training.batch_size={batch_size} "
                     f"per process ({world} processes); add data or lower the batch size"
                 )
+
+    def _sampler(self, rank: int) -> Sampler[int]:
+        if self.weights is not None:
+            from twinlm.data import MixtureSampler
+
+            assert self.source_sizes is not None
+            return MixtureSampler(self.source_sizes, self.weights, self.seed, rank, self.world)
+        return DistributedSampler(
+            self.dataset, num_replicas=self.world, rank=rank, shuffle=True, seed=self.seed, drop_last=True
+        )
+
+    def blocks_read(self, epoch: int, batch_in_epoch: int) -> list[int] | None:
+        """Blocks each source gave all processes up to (epoch, batch index), recomputed from the samplers
+        (a pure function of the position: exact after a resume); None for streamed data."""
+        if self.iterable or self.source_sizes is None or self.batches_per_epoch is None:
+            return None
+        from twinlm.data import blocks_per_source
+
+        counts = np.zeros(len(self.source_sizes), dtype=np.int64)
+        for e in range(epoch + 1):
+            taken = (self.batches_per_epoch if e < epoch else batch_in_epoch) * self.batch_size
+            for rank in range(self.world if taken else 0):
+                sampler = self._sampler(rank)
+                sampler.set_epoch(e)  # type: ignore[attr-defined]
+                indices = np.fromiter(itertools.islice(iter(sampler), taken), dtype=np.int64)
+                counts += np.asarray(blocks_per_source(indices, self.source_sizes), dtype=np.int64)
+        return counts.tolist()
 
     def iterate(self, epoch: int, batch_in_epoch: int) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
         """Yield (epoch, index of the batch in its epoch, batch) forever, starting at the given position."""
@@ -353,55 +382,6 @@ def _eval_loader(dataset: Any, collator: Any, batch_size: int, rank: int, world:
     )
 
 
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k in MODEL_INPUTS}
-
-
-# ------------------------------------------------------------------------------------------------
-# Evaluation
-# ------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate(
-    model: torch.nn.Module,
-    loader: DataLoader,
-    accelerator: Accelerator,
-    causal: bool,
-    max_batches: int | None,
-    seed: int,
-) -> dict[str, float]:
-    """Token-weighted validation loss, perplexity and (masked-token or next-token) accuracy.
-
-    Runs under a forked RNG seeded with `seed`: masking is the same at every evaluation, and the
-    training RNG stream is left untouched (so evaluation does not change the training losses).
-    """
-    model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, tokens, correct
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for i, batch in enumerate(loader):
-            if max_batches is not None and i >= max_batches:
-                break
-            batch = _to_device(batch, accelerator.device)
-            labels = batch.pop("labels")
-            with accelerator.autocast():
-                logits = model(**batch, use_cache=False).logits
-            if causal:
-                logits, labels = logits[:, :-1], labels[:, 1:]
-            logits = logits.float().reshape(-1, logits.size(-1))
-            labels = labels.reshape(-1)
-            mask = labels != -100
-            totals[0] += F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum").double()
-            totals[1] += mask.sum()
-            totals[2] += ((logits.argmax(-1) == labels) & mask).sum()
-    model.train()
-    totals = accelerator.reduce(totals, reduction="sum")
-    loss_sum, tokens, correct = totals.tolist()
-    if tokens == 0:
-        return {}
-    loss = loss_sum / tokens
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_accuracy": correct / tokens}
-
-
 # ------------------------------------------------------------------------------------------------
 # The run
 # ------------------------------------------------------------------------------------------------
@@ -434,30 +414,26 @@ class PretrainingRun:
         """The model config (objective first: it picks the tokenizer), tokenizer, datasets, loaders."""
         cfg, train, acc = self.cfg, self.cfg.training, self.accelerator
         probe_config = probe_model_config(cfg)
-        self.tokenizer = build_tokenizer(cfg, acc, bool(probe_config.is_causal))
+        self.objective = objective_for(cfg.objective, bool(probe_config.is_causal))  # picks the tokenizer
+        self.tokenizer = build_tokenizer(cfg, acc, self.objective.causal)
         check_stop("the run has not started training; run the same command again to start it")
         self.model_config = build_model_config(cfg, self.tokenizer)
-        self.causal = bool(self.model_config.is_causal)
+        self.causal = self.objective.causal
 
-        from twinlm.data import CausalLMCollator, MaskedLMCollator, build_pretraining_datasets
+        from twinlm.data import build_pretraining_datasets
 
         with acc.main_process_first():
-            train_ds, val_ds = build_pretraining_datasets(cfg.data, self.tokenizer, causal=self.causal)
-        if self.causal:
-            collator: Any = CausalLMCollator(self.tokenizer)
-        else:
-            collator = MaskedLMCollator(
-                self.tokenizer,
-                mlm_probability=cfg.data.mlm_probability,
-                whole_word_masking=cfg.data.whole_word_masking,
-            )
+            data = build_pretraining_datasets(cfg.data, self.tokenizer, causal=self.causal)
+        self.sources = data.sources
+        collator = self.objective.collator(self.tokenizer, cfg)
         self.batches = TrainBatches(
-            train_ds, collator, train.batch_size, train.seed, acc.process_index, acc.num_processes
-        )
+            data.train, collator, train.batch_size, train.seed, acc.process_index, acc.num_processes,
+            source_sizes=data.source_sizes() if data.sources else None, weights=cfg.data.weights(),
+        )  # fmt: skip
         self.eval_loader = None
-        if val_ds is not None and len(val_ds) >= acc.num_processes:
+        if data.validation is not None and len(data.validation) >= acc.num_processes:
             self.eval_loader = _eval_loader(
-                val_ds, collator, train.batch_size, acc.process_index, acc.num_processes
+                data.validation, collator, train.batch_size, acc.process_index, acc.num_processes
             )
 
     def _setup_model(self) -> None:
@@ -466,7 +442,7 @@ class PretrainingRun:
         set_seed(train.seed)
         check_model_memory(self.model_config)
         try:
-            model = build_model(self.model_config)
+            model = self.objective.build_model(self.model_config, cfg)
         except (RuntimeError, MemoryError) as err:
             if not is_out_of_memory(err):
                 raise
@@ -475,19 +451,14 @@ class PretrainingRun:
                 f"size {self.model_config.hidden_size}, vocabulary {self.model_config.vocab_size}); lower "
                 "model.overrides"
             ) from None
-        self.n_params, n_flop_params = parameter_counts(model)
-        self.flops_per_token = flops_per_token(
-            n_flop_params,
-            self.model_config.num_hidden_layers,
-            self.model_config.hidden_size,
-            cfg.data.seq_len,
-        )
-        if train.gradient_checkpointing:
-            enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x name
+        self.sizes = self.objective.sizes(model, cfg.data.seq_len)
+        self.n_params, self.flops_per_token = self.sizes["parameters"], self.sizes["flops_per_token"]
+        for part in _pretrained_models(model) if train.gradient_checkpointing else ():
+            enable = getattr(part, "activation_checkpointing_enable", None)  # transformers >= 5.x name
             if enable is not None:
                 enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                part.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if train.compile:
             model.compile()  # in place: parameter names (and checkpoints) stay those of the model
         deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
@@ -583,7 +554,7 @@ class PretrainingRun:
         )
         return Engine(
             acc, self.model, self.optimizer, self.scheduler,
-            lambda s: self.batches.iterate(s.epoch, s.batch_in_epoch), count_lm_targets(self.causal),
+            lambda s: self.batches.iterate(s.epoch, s.batch_in_epoch), self.objective.count_targets,
             settings, [self.logger, evaluator, StopSignal(), self.checkpointer], state,
         )  # fmt: skip
 
@@ -591,8 +562,8 @@ class PretrainingRun:
         if self.eval_loader is None:
             return {}
         train = self.cfg.training
-        return evaluate(
-            self.model, self.eval_loader, self.accelerator, self.causal, train.eval_batches, train.seed
+        return self.objective.evaluate(
+            self.model, self.eval_loader, self.accelerator, train.eval_batches, train.seed
         )
 
     def _save(self, engine: Engine) -> Path:
@@ -612,25 +583,34 @@ class PretrainingRun:
             self.hub.submit(snapshot, f"twinlm pretraining: checkpoint at step {step}", owned=True)
         return path
 
-    def _export(self, target: Path) -> Path:
-        """save_pretrained into `target` (atomically): safetensors, config, model code, tokenizer."""
+    def _export(self, target: Path, everything: bool = False) -> Path:
+        """save_pretrained (atomically) of the objective's exported model into `target`: safetensors, config,
+        model code, tokenizer; with `everything`, its other exports too (replaced-token detection's
+        generator), each into a folder of its name beside `target`, before `target`."""
         acc = self.accelerator
         if not model_is_finite(self.model):
             raise NonFiniteError(f"the model holds NaN/inf values: not exported to {target}")
         state_dict = acc.get_state_dict(self.model)  # gathers ZeRO-3 shards: every process takes part
         if acc.is_main_process:
-            model = acc.unwrap_model(self.model)
             state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
-            with atomic_folder(target, "the exported model (the checkpoints are intact)") as tmp:
-                model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-                self.tokenizer.save_pretrained(tmp)
+            exports = self.objective.exports(acc.unwrap_model(self.model), state_dict)
+            for name, (model, own) in exports.items():
+                if name == "final" or everything:
+                    self._save_pretrained(model, own, target if name == "final" else target.with_name(name))
         acc.wait_for_everyone()
         return target
+
+    def _save_pretrained(self, model: Any, state_dict: dict[str, torch.Tensor], target: Path) -> None:
+        """model.save_pretrained and the tokenizer into `target` atomically (twinlm.fileio): a failure leaves
+        no half-written folder and says what ran out."""
+        with atomic_folder(target, "the exported model (the checkpoints are intact)") as tmp:
+            model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
 
     def _finish(self, engine: Engine) -> dict[str, Any]:
         """Export (unless stopped), summary.json, model-card info, Hub verdict; returns the summary."""
         acc, state, interrupted = self.accelerator, engine.state, engine.stop_reason
-        final_dir = self._export(self.output_dir / "final") if interrupted is None else None
+        final_dir = self._export(self.output_dir / "final", everything=True) if interrupted is None else None
         summary = self._summary(state, final_dir, interrupted, engine.ended_by())
         if final_dir is not None and acc.is_main_process:
             # Read by twinlm.model_card when the folder is pushed (now or later with `twinlm push`).
@@ -642,9 +622,20 @@ class PretrainingRun:
                     if m.get("loss") is not None
                 ],
                 "datasets": [s.hub for s in self.cfg.data.sources if s.hub],
+                "data_sources": summary["data_sources"],
                 "metrics": {k: summary[k] for k in ("val_loss", "val_ppl", "val_accuracy") if k in summary},
             }
             write_json_atomic(final_dir / "training_info.json", info, "the model card's training info")
+            if summary.get("generator_model"):
+                generator_info = {
+                    **info,
+                    "training_summary": {**info["training_summary"], "role": "generator"},
+                }
+                write_json_atomic(
+                    Path(summary["generator_model"], "training_info.json"),
+                    generator_info,
+                    "the generator's info",
+                )
         if self.hub is not None:
             if final_dir is not None:
                 self.hub.submit(final_dir, f"twinlm pretraining: step {state.step}")
@@ -656,6 +647,25 @@ class PretrainingRun:
         acc.end_training()  # also tears down the process group
         return summary
 
+    def _source_report(self, state: TrainState) -> list[dict[str, Any]] | None:
+        """Per source: its weight, the tokens it holds and the tokens trained on (None for streamed data)."""
+        read = self.batches.blocks_read(state.epoch, state.batch_in_epoch)
+        if read is None:
+            return None
+        seq_len, total = self.cfg.data.seq_len, max(sum(read), 1)
+        return [
+            {
+                "source": source.name,
+                "weight": source.weight,
+                "documents": source.documents,
+                "tokens_available": source.train_blocks * seq_len,
+                "tokens_seen": blocks * seq_len,
+                "share_seen": blocks / total,
+                "passes": blocks / source.train_blocks if source.train_blocks else 0.0,
+            }
+            for source, blocks in zip(self.sources, read, strict=True)
+        ]
+
     def _summary(
         self, state: TrainState, final_dir: Path | None, interrupted: str | None, ended_by: str | None
     ) -> dict[str, Any]:
@@ -666,8 +676,15 @@ class PretrainingRun:
             "output_dir": str(self.output_dir),
             "final_model": str(final_dir) if final_dir else None,
             "checkpoint": str(self.checkpointer.last),
-            "objective": "causal-lm" if self.causal else "masked-lm",
+            "objective": self.objective.name,
             "parameters": self.n_params,
+            **{k: v for k, v in self.sizes.items() if k not in ("parameters", "flops_per_token")},
+            "generator_model": (
+                str(self.output_dir / "generator")
+                if final_dir is not None and "generator" in self.objective.exported
+                else None
+            ),
+            "data_sources": self._source_report(state),
             "steps": state.step,
             "tokens_seen": state.tokens_seen,
             "train_seconds": state.train_seconds,
@@ -714,9 +731,14 @@ def _card_summary(summary: dict[str, Any]) -> dict[str, Any]:
         "objective",
         "steps",
         "tokens_seen",
+        "train_seconds",
         "val_loss",
         "val_ppl",
         "val_accuracy",
+        "val_gen_loss",
+        "val_disc_loss",
+        "val_disc_accuracy",
+        "generator_parameters",
         "tokens_per_s",
         "processes",
     )
@@ -734,21 +756,43 @@ def _format_summary(summary: dict[str, Any], plot: Path | None) -> str:
         "",
         f"pretraining {status} at step {summary['steps']} ({summary['objective']}, "
         f"{summary['parameters'] / 1e6:.2f}M parameters, {summary['processes']} process(es))",
-        f"  validation loss {fmt(summary.get('val_loss'), '.4f')}  perplexity {fmt(summary.get('val_ppl'), '.2f')}"
-        f"  accuracy {fmt(summary.get('val_accuracy'), '.4f')}",
+        f"  validation loss {fmt(summary.get('val_loss'), '.4f')}"
+        + (
+            f"  perplexity {fmt(summary.get('val_ppl'), '.2f')}  accuracy {fmt(summary.get('val_accuracy'), '.4f')}"
+            if "generator_parameters" not in summary  # replaced-token detection: its own line below
+            else " (generator + weight x discriminator)"
+        ),
         *(
             [
-                f"  before training: validation loss {summary['initial_val_loss']:.4f}  "
-                f"perplexity {summary['initial_val_ppl']:.2f}"
+                f"  replaced-token detection: generator loss {fmt(summary.get('val_gen_loss'), '.4f')}, "
+                f"discriminator loss {fmt(summary.get('val_disc_loss'), '.4f')} accuracy "
+                f"{fmt(summary.get('val_disc_accuracy'), '.4f')}, {fmt(summary.get('val_replaced_fraction'), '.1%')} "
+                f"of the tokens replaced"
+            ]
+            if "generator_parameters" in summary
+            else []
+        ),
+        *(
+            [
+                f"  before training: validation loss {summary['initial_val_loss']:.4f}"
+                + (f"  perplexity {summary['initial_val_ppl']:.2f}" if "initial_val_ppl" in summary else "")
             ]
             if "initial_val_loss" in summary
             else []
+        ),
+        *(
+            f"  data         {s['source']}: {s['tokens_seen']:,} tokens ({s['share_seen']:.1%}"
+            + (f", weight {s['weight']:.3f}" if s["weight"] is not None else "")
+            + f", {s['passes']:.2f} passes over its {s['tokens_available']:,})"
+            for s in summary.get("data_sources") or []
         ),
         f"  throughput {fmt(summary['tokens_per_s'], ',.0f')} tokens/s  MFU "
         f"{'n/a (unknown peak FLOP/s: set training.peak_flops)' if summary['mfu'] is None else format(summary['mfu'], '.1%')}"
         f"  ({summary['tokens_seen']:,} tokens in {summary['train_seconds']:.1f} s)",
         f"  checkpoint   {summary['checkpoint']}",
     ]
+    if summary.get("generator_model"):
+        lines.append(f"  generator    {summary['generator_model']}  (AutoModelForMaskedLM)")
     if summary["final_model"]:
         lines.append(
             f"  final model  {summary['final_model']}  (from_pretrained(..., trust_remote_code=True))"
@@ -766,7 +810,6 @@ def _format_summary(summary: dict[str, Any], plot: Path | None) -> str:
 
 __all__ = [
     "PretrainingRun",
-    "evaluate",
     "pretrain",
     "build_accelerator",
     "build_model_config",

@@ -1,0 +1,423 @@
+"""`twinlm sweep SWEEP.yaml`: a recipe sweep, one trial at a time, resumable, with its table.
+
+A sweep file names an evaluation suite and a list of trials; a trial is a pretraining config plus overrides
+(dotted keys). Each trial pretrains into OUT/NAME/pretrain (an interrupted one resumes from its last
+checkpoint, a finished one is not run again), then `twinlm evaluate` fine-tunes its final model and its
+control on the suite into OUT/NAME/evaluate (finished cells are kept). After every trial the table of the
+finished trials goes to OUT/sweep.md and OUT/sweep.json: config and overrides, objective, steps, tokens,
+training minutes, validation loss, each task's score (mean ± std over seeds), the suite average, the
+control's, the gain over it, and how many tasks beat their baseline by more than one standard deviation.
+
+Tokenizers. Trials whose tokenizer settings and sources are the same share one tokenizer: the first such trial
+trains it, the others read it (`tokenizer.path`, OUT/tokenizers/KEY). Tokenizer training is not deterministic in
+the order of its ids, so retrained tokenizers would differ trivially from trial to trial, and each would have
+to tokenise the corpus again; shared, the data cache is reused and the trials differ only where they say.
+
+Budgets. A config's `training.max_minutes` is wall clock: run such a sweep alone on an idle machine (a busy
+one loses tokens to contention, for good). `steps_from: OTHER` runs a trial for exactly the steps OTHER's
+pretraining reached, with no clock: the same work as OTHER whatever the machine is doing (a re-run with
+another seed, a re-run under contention, or the same model with a different data option).
+
+    twinlm sweep configs/sweeps/cpu-30min.yaml                  # every trial, in order
+    twinlm sweep configs/sweeps/cpu-30min.yaml --only mlm rtd   # some trials
+    twinlm sweep configs/sweeps/cpu-30min.yaml --smoke          # each trial for 2 steps, no evaluation
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import shutil
+import signal
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from twinlm.config import Section, build_config
+from twinlm.errors import TwinLMError
+
+TRIAL_FILE = "trial.json"
+SMOKE = {
+    "training.max_minutes": None,
+    "training.max_steps": 2,
+    "training.eval_batches": 2,
+    "training.eval_every": 0,
+    "training.save_every": 0,
+    "training.log_every": 1,
+}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+class Trial(Section):
+    """One pretraining run of the sweep, then its evaluation."""
+
+    name: str = Field(description="a folder name: letters, digits, - _ . +")
+    config: Path = Field(description="a pretraining config, e.g. configs/pretrain/cpu-30min-mlm.yaml")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="dotted keys, e.g. data.seq_len")
+    steps_from: str | None = Field(None, description="run exactly the steps this earlier trial reached")
+    evaluate: bool = True
+    note: str = Field("", description="what the trial asks, for the table")
+
+
+class SweepConfig(Section):
+    """The suite every trial is evaluated on, where results go, and the trials in order."""
+
+    suite: Path
+    out: Path = Path("outputs/sweep")
+    evaluate_overrides: dict[str, Any] = Field(default_factory=dict, description="e.g. {seeds: [0]}")
+    trials: list[Trial] = Field(min_length=1)
+    compare: list[tuple[str, str]] = Field(
+        default_factory=list,
+        description="[A, B] pairs: A - B on the suite average, seed by seed, in the table",
+    )
+
+    @model_validator(mode="after")
+    def _names(self) -> SweepConfig:
+        seen: list[str] = []
+        for trial in self.trials:
+            if not _NAME.match(trial.name):
+                raise ValueError(f"trial name {trial.name!r} is not a folder name (letters, digits, - _ . +)")
+            if trial.name in seen:
+                raise ValueError(f"two trials are named {trial.name!r}")
+            if trial.steps_from is not None and trial.steps_from not in seen:
+                raise ValueError(
+                    f"trial {trial.name!r}: steps_from {trial.steps_from!r} is not an earlier trial"
+                )
+            seen.append(trial.name)
+        for pair in self.compare:
+            missing = [name for name in pair if name not in seen]
+            if missing:
+                raise ValueError(f"compare {list(pair)}: no trial named {', '.join(missing)}")
+        return self
+
+
+def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SweepConfig:
+    """Read a sweep YAML (with `key=value` overrides, e.g. out=outputs/x); every config file must exist."""
+    sweep = build_config(
+        SweepConfig, path, overrides, what="sweep config", example="configs/sweeps/cpu-30min.yaml"
+    )
+    for file, what in [
+        (sweep.suite, "suite"),
+        *((t.config, f"trial {t.name!r}: config") for t in sweep.trials),
+    ]:
+        if not file.is_file():
+            raise TwinLMError(f"sweep config {path}: {what} {str(file)!r} does not exist")
+    return sweep
+
+
+def _dotted(overrides: dict[str, Any]) -> list[str]:
+    return [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
+
+
+def _fingerprint(trial: Trial) -> str:
+    """What a trial's pretraining depends on: its config file's text and its overrides."""
+    facts = {"config": trial.config.read_text(encoding="utf-8"), "overrides": trial.overrides}
+    return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class Sweep:
+    """Runs the trials of a SweepConfig in order into `out`, and writes the table after each."""
+
+    def __init__(self, sweep: SweepConfig, smoke: bool = False) -> None:
+        self.sweep, self.smoke = sweep, smoke
+        self.out = Path(f"{sweep.out}-smoke") if smoke else sweep.out
+
+    def shared_tokenizer(self, trial: Trial) -> Path | None:
+        """Where the tokenizer of trials with this trial's tokenizer settings and sources is kept (None when
+        the trial's config names a tokenizer itself)."""
+        from twinlm.training import load_run_config
+
+        cfg = load_run_config(trial.config, _dotted(trial.overrides))
+        if cfg.tokenizer.train is None:
+            return None
+        facts = {
+            "train": cfg.tokenizer.train.model_dump(mode="json"),
+            "model": None
+            if cfg.tokenizer.train.type
+            else cfg.model.model_dump(mode="json"),  # type from the model
+            "sources": [s.model_dump(mode="json", exclude={"weight"}) for s in cfg.data.sources],
+            "document_split": cfg.data.text_document_split,
+        }  # (not seq_len: the tokenizer's model_max_length by default, it changes no token)
+        key = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
+        return self.out / "tokenizers" / key
+
+    def pretrain_overrides(self, trial: Trial) -> dict[str, Any]:
+        """The trial's overrides, its output folder, resume, a shared tokenizer, and its budget (smoke: 2 steps)."""
+        output_dir = self.out / trial.name / "pretrain"
+        settings = {
+            **trial.overrides,
+            "output_dir": str(output_dir),
+            "training.resume_from_checkpoint": "latest",
+        }
+        shared = self.shared_tokenizer(trial)
+        if shared is not None and (shared / "tokenizer.json").is_file():
+            if not (output_dir / "tokenizer" / "tokenizer.json").is_file():  # (a trial keeps its own)
+                print(
+                    f"trial {trial.name}: the tokenizer of the trials with its tokenizer settings, {shared}"
+                )
+                settings.update({"tokenizer.train": None, "tokenizer.path": str(shared)})
+        if self.smoke:
+            return {**settings, **SMOKE}
+        if trial.steps_from is not None:
+            other = _read_json(self.out / trial.steps_from / "pretrain" / "summary.json")
+            if not other or not other.get("final_model"):
+                raise TwinLMError(
+                    f"trial {trial.name!r} runs the steps of {trial.steps_from!r}, which has not finished "
+                    f"pretraining in {self.out / trial.steps_from}: run it first"
+                )
+            settings.update({"training.max_minutes": None, "training.max_steps": int(other["steps"])})
+        return settings
+
+    def run(self, only: list[str] | None = None) -> list[dict[str, Any]]:
+        """Every trial (or those named in `only`) in order; returns the table's rows."""
+        names = [t.name for t in self.sweep.trials]
+        unknown = sorted(set(only or ()) - set(names))
+        if unknown:
+            raise TwinLMError(
+                f"--only: no trial named {', '.join(unknown)}; the trials are {', '.join(names)}"
+            )
+        for trial in self.sweep.trials:
+            if only and trial.name not in only:
+                continue
+            print(
+                f"\n=== sweep trial {trial.name}: {trial.config} {' '.join(_dotted(trial.overrides))}".rstrip()
+            )
+            self.run_trial(trial)
+            self.write_table()
+        return self.write_table()
+
+    def run_trial(self, trial: Trial) -> None:
+        """Pretrain (unless finished with the same settings), then evaluate (finished cells are kept)."""
+        from twinlm.evaluation import evaluate_checkpoints
+        from twinlm.training import pretrain
+
+        folder = self.out / trial.name
+        record = _read_json(folder / TRIAL_FILE)
+        fingerprint = _fingerprint(trial)
+        if record is not None and record.get("fingerprint") != fingerprint:
+            raise TwinLMError(
+                f"trial {trial.name!r} changed (its config file or overrides) since it ran into {folder}: "
+                "give the new settings another trial name, or delete that folder to run it again"
+            )
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / TRIAL_FILE).write_text(
+            json.dumps({"fingerprint": fingerprint, **trial.model_dump(mode="json")})
+        )
+        summary = _read_json(folder / "pretrain" / "summary.json")
+        if not (summary and summary.get("final_model") and Path(summary["final_model"]).is_dir()):
+            settings = self.pretrain_overrides(trial)
+            summary = pretrain(trial.config, _dotted(settings))
+            shared, trained = self.shared_tokenizer(trial), folder / "pretrain" / "tokenizer"
+            if shared is not None and not shared.exists() and (trained / "tokenizer.json").is_file():
+                tmp = shared.with_name(shared.name + ".tmp")
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(trained, tmp)
+                tmp.replace(shared)
+            stopped = summary.get("interrupted_by")
+            if stopped:
+                raise SweepInterrupted(
+                    f"trial {trial.name!r} was interrupted by {stopped}: run the same command again to resume it",
+                    int(getattr(signal, stopped, 0)),
+                )
+        if trial.evaluate and not self.smoke:
+            evaluate_checkpoints(
+                [summary["final_model"]],
+                self.sweep.suite,
+                folder / "evaluate",
+                _dotted(self.sweep.evaluate_overrides),
+            )
+
+    def row(self, trial: Trial) -> dict[str, Any] | None:
+        """The table's row of a trial whose pretraining finished (scores once its evaluation did)."""
+        folder = self.out / trial.name
+        summary = _read_json(folder / "pretrain" / "summary.json")
+        if not summary or not summary.get("final_model"):
+            return None
+        row: dict[str, Any] = {
+            "trial": trial.name,
+            "note": trial.note,
+            "config": str(trial.config),
+            "overrides": trial.overrides,
+            "steps_from": trial.steps_from,
+            **{
+                k: summary.get(k)
+                for k in ("objective", "parameters", "steps", "tokens_seen", "train_seconds")
+            },
+            "validation": {k: v for k, v in summary.items() if k.startswith("val_")},
+            "data_sources": summary.get("data_sources"),
+        }
+        report = _read_json(folder / "evaluate" / "results.json")
+        if report is not None:
+            checkpoint = next(m for m in report["models"] if m["kind"] == "checkpoint")
+            control = next((m for m in report["models"] if m["kind"] == "control"), None)
+            tasks = {}
+            for name, task in checkpoint["tasks"].items():
+                baseline = (report["baselines"].get(name) or {}).get("test")
+                tasks[name] = {
+                    "mean": task["mean"],
+                    "std": task["std"],
+                    "baseline": baseline,
+                    "above_baseline": baseline is not None and task["mean"] - task["std"] > baseline,
+                }
+            row.update(
+                {
+                    "seeds": report["seeds"],
+                    "tasks": tasks,
+                    "average": checkpoint["average"],
+                    "control_average": control["average"] if control else None,
+                    "gain": next(iter(report["gains"].values()), None),
+                }
+            )
+        return row
+
+    def write_table(self) -> list[dict[str, Any]]:
+        """OUT/sweep.json and OUT/sweep.md: every finished trial, and the comparisons of evaluated ones."""
+        rows = [r for r in (self.row(t) for t in self.sweep.trials) if r is not None]
+        comparisons = compare_rows(rows, self.sweep.compare)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "sweep.json").write_text(
+            json.dumps({"trials": rows, "comparisons": comparisons}, indent=2)
+        )
+        (self.out / "sweep.md").write_text(format_table(rows, comparisons))
+        return rows
+
+
+def compare_rows(rows: list[dict[str, Any]], pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """For each [A, B] whose evaluations both finished on the same seeds: A - B on the suite average per seed
+    (mean ± std), and whether their training times were equal (twinlm.evaluation.EQUAL_TIME_TOLERANCE)."""
+    import statistics
+
+    from twinlm.evaluation import equal_time
+
+    by_name = {r["trial"]: r for r in rows}
+    found = []
+    for a, b in pairs:
+        first, second = by_name.get(a), by_name.get(b)
+        if not (first and second and first.get("average") and second.get("average")):
+            continue
+        if first["seeds"] != second["seeds"]:
+            continue
+        diffs = [
+            x - y for x, y in zip(first["average"]["per_seed"], second["average"]["per_seed"], strict=True)
+        ]
+        found.append(
+            {
+                "a": a,
+                "b": b,
+                "per_seed": diffs,
+                "mean": statistics.fmean(diffs),
+                "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
+                "train_minutes": [first["train_seconds"] / 60, second["train_seconds"] / 60],
+                "equal_time": equal_time([first, second]),
+            }
+        )
+    return found
+
+
+class SweepInterrupted(TwinLMError):
+    """A trial's pretraining was stopped by a signal; the exit status says which (128 + signal)."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+def _pm(value: dict[str, float] | None, scale: float = 1.0, spec: str = ".4f") -> str:
+    if not value:
+        return ""
+    return f"{value['mean'] * scale:{spec}} ± {value['std'] * scale:{spec}}"
+
+
+def _validation(row: dict[str, Any]) -> str:
+    val = row["validation"]
+    if "val_disc_loss" in val:
+        return f"gen {val['val_gen_loss']:.3f}, disc {val['val_disc_loss']:.4f}"
+    return f"{val['val_loss']:.3f}" if "val_loss" in val else ""
+
+
+def format_table(rows: list[dict[str, Any]], comparisons: list[dict[str, Any]] = ()) -> str:
+    """sweep.md: one line per trial (the scores of the trials whose evaluation finished), then the
+    comparisons."""
+    tasks = sorted({name for r in rows for name in r.get("tasks", {})})
+    head = ["trial", "config (overrides)", "objective", "steps", "tokens", "train min", "val loss"]
+    head += [*tasks, "suite avg", "control avg", "gain (points)", "> baseline + 1 std"]
+    lines = [
+        "# twinlm sweep: pretraining and `twinlm evaluate` per trial (mean ± std over seeds)",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for r in rows:
+        overrides = ", ".join(f"{k}={json.dumps(v)}" for k, v in r["overrides"].items())
+        budget = f"; steps of {r['steps_from']}" if r.get("steps_from") else ""
+        config = f"{Path(r['config']).name}" + (f" ({overrides}{budget})" if overrides or budget else "")
+        scores = [_pm(r.get("tasks", {}).get(name)) for name in tasks]
+        above = (
+            r.get("tasks") and f"{sum(t['above_baseline'] for t in r['tasks'].values())}/{len(r['tasks'])}"
+        )
+        cells = [
+            r["trial"],
+            config,
+            r["objective"] or "",
+            f"{r['steps']:,}",
+            f"{r['tokens_seen'] / 1e6:.1f}M",
+            f"{r['train_seconds'] / 60:.1f}",
+            _validation(r),
+            *scores,
+            _pm(r.get("average")),
+            _pm(r.get("control_average")),
+            _pm(r.get("gain"), 100.0, "+.2f"),
+            above or "",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = [f"- **{r['trial']}**: {r['note']}" for r in rows if r.get("note")]
+    compared = [
+        f"- **{c['a']} - {c['b']}** (suite average, the same seeds): {_pm(c, 100.0, '+.2f')} points; training "
+        f"{c['train_minutes'][0]:.1f} vs {c['train_minutes'][1]:.1f} minutes"
+        + (" (equal time)" if c["equal_time"] else " (NOT equal time)" if c["equal_time"] is False else "")
+        for c in comparisons
+    ]
+    return "\n".join(lines + ([""] + notes if notes else []) + ([""] + compared if compared else [])) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> int:
+    sweep = load_sweep(args.sweep, list(args.overrides))
+    runner = Sweep(sweep, smoke=args.smoke)
+    try:
+        rows = runner.run(args.only)
+    except SweepInterrupted as stop:
+        print(f"twinlm sweep: {stop}")
+        return 128 + stop.signum
+    print(f"\n{len(rows)} finished trial(s): {runner.out / 'sweep.md'}, {runner.out / 'sweep.json'}")
+    return 0
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "sweep",
+        help="run a recipe sweep: pretrain and evaluate each trial, resumably, and tabulate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("sweep", help="sweep YAML, e.g. configs/sweeps/cpu-30min.yaml")
+    parser.add_argument(
+        "--only", nargs="+", metavar="TRIAL", help="run only these trials (the table lists all)"
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="2 steps of each trial into OUT-smoke, no evaluation"
+    )
+    parser.set_defaults(func=run, overrides=[])  # sweep overrides: out=outputs/x evaluate_overrides=...
+    return parser

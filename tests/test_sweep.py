@@ -1,0 +1,144 @@
+"""`twinlm sweep`: trials pretrained then evaluated in order, a step budget taken from another trial, a shared
+tokenizer, resume without rework, a refused changed trial, the smoke mode, the table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import test_training
+import yaml
+from test_finetune import write_sentiment
+
+from twinlm.errors import TwinLMError
+
+assets = test_training.assets  # the module-scoped fixture: corpus excerpt and tokenizers
+pytestmark = test_training.needs_corpus
+
+
+@pytest.fixture
+def sweep_file(assets: dict[str, Path], tmp_path: Path) -> Path:
+    """Two tiny masked-LM trials (the second with the first's step count) and a one-task, one-seed suite."""
+    run = test_training.run_config(assets, tmp_path / "unused", causal=False, max_steps=3, save_every=0)
+    run["tokenizer"] = {"train": {"type": "wordpiece", "vocab_size": 300}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
+    data = write_sentiment(tmp_path / "sentiment", n_train=48, n_eval=16)
+    task = {
+        "model": {"path": "unused"},
+        "task": {"type": "sequence_classification", **{k: str(v) for k, v in data.items()}},
+        "training": {"batch_size": 16, "max_steps": 3, "eval_every": 0, "max_length": 32},
+    }
+    (tmp_path / "task.yaml").write_text(yaml.safe_dump(task))
+    suite = {"seeds": [0], "tasks": {"sentiment": {"config": str(tmp_path / "task.yaml")}}}
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite))
+    sweep = {
+        "suite": str(tmp_path / "suite.yaml"),
+        "out": str(tmp_path / "sweep"),
+        "trials": [
+            {"name": "a", "config": str(tmp_path / "run.yaml"), "note": "the base"},
+            {
+                "name": "b",
+                "config": str(tmp_path / "run.yaml"),
+                "overrides": {"training.lr": 1.0e-3, "training.max_minutes": 5},
+                "steps_from": "a",
+            },
+        ],
+        "compare": [["b", "a"]],
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+def test_a_sweep_runs_its_trials_shares_the_tokenizer_and_resumes(sweep_file: Path, monkeypatch) -> None:
+    from twinlm.cli import main
+
+    assert main(["sweep", str(sweep_file)]) == 0
+    out = sweep_file.parent / "sweep"
+    rows = json.loads((out / "sweep.json").read_text())["trials"]
+    assert [r["trial"] for r in rows] == ["a", "b"] and rows[0]["steps"] == rows[1]["steps"] == 3
+    run_b = yaml.safe_load((out / "b" / "pretrain" / "run_config.yaml").read_text())
+    assert (
+        run_b["training"]["max_minutes"] is None and run_b["training"]["lr"] == 1.0e-3
+    )  # a's steps, no clock
+    shared = Path(run_b["tokenizer"]["path"])  # b read the tokenizer a trained, not a retrained one
+    assert shared.parent == out / "tokenizers" and run_b["tokenizer"]["train"] is None
+    assert (shared / "tokenizer.json").read_text() == (
+        out / "a/pretrain/tokenizer/tokenizer.json"
+    ).read_text()
+    for row in rows:
+        task = row["tasks"]["sentiment"]
+        assert 0 <= task["mean"] <= 1 and row["gain"] is not None and row["control_average"] is not None
+    table = (out / "sweep.md").read_text()
+    assert "| a | run.yaml |" in table and "steps of a" in table and "- **a**: the base" in table
+    (comparison,) = json.loads((out / "sweep.json").read_text())["comparisons"]
+    diff = rows[1]["average"]["per_seed"][0] - rows[0]["average"]["per_seed"][0]
+    assert (comparison["a"], comparison["b"]) == ("b", "a") and comparison["mean"] == pytest.approx(diff)
+    assert "- **b - a** (suite average, the same seeds):" in table
+
+    import twinlm.finetune
+    import twinlm.training
+
+    monkeypatch.setattr(
+        twinlm.training, "pretrain", lambda *a, **k: pytest.fail("pretrained a finished trial")
+    )
+    monkeypatch.setattr(
+        twinlm.finetune, "finetune", lambda *a, **k: pytest.fail("fine-tuned a finished cell")
+    )
+    assert main(["sweep", str(sweep_file)]) == 0
+    assert json.loads((out / "sweep.json").read_text())["trials"] == rows
+
+    changed = yaml.safe_load(sweep_file.read_text())
+    changed["trials"][1]["overrides"]["training.lr"] = 2.0e-3
+    sweep_file.write_text(yaml.safe_dump(changed))
+    with pytest.raises(TwinLMError, match="trial 'b' changed"):
+        from twinlm.sweep import Sweep, load_sweep
+
+        Sweep(load_sweep(sweep_file)).run()
+
+
+def test_smoke_runs_two_steps_of_each_trial_without_evaluating(sweep_file: Path) -> None:
+    from twinlm.cli import main
+
+    assert main(["sweep", str(sweep_file), "--smoke", "--only", "b"]) == 0  # no steps_from in a smoke run
+    out = sweep_file.parent / "sweep-smoke"
+    summary = json.loads((out / "b" / "pretrain" / "summary.json").read_text())
+    assert summary["steps"] == 2 and not (out / "b" / "evaluate").exists() and not (out / "a").exists()
+    assert main(["sweep", str(sweep_file), "--only", "nope"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda s: s["trials"][1].update(steps_from="c"), "steps_from 'c' is not an earlier trial"),
+        (lambda s: s["trials"][1].update(name="a"), "two trials are named 'a'"),
+        (lambda s: s["trials"][0].update(name="a b"), "is not a folder name"),
+        (lambda s: s["trials"][0].update(config="nope.yaml"), "config 'nope.yaml' does not exist"),
+        (lambda s: s.update(compare=[["b", "z"]]), r"compare \['b', 'z'\]: no trial named z"),
+    ],
+)
+def test_bad_sweep_files_are_one_line_errors(sweep_file: Path, change, message: str) -> None:
+    from twinlm.sweep import load_sweep
+
+    values = yaml.safe_load(sweep_file.read_text())
+    change(values)
+    sweep_file.write_text(yaml.safe_dump(values))
+    with pytest.raises(TwinLMError, match=message):
+        load_sweep(sweep_file)
+
+
+def test_the_shipped_sweep_validates() -> None:
+    from twinlm.sweep import load_sweep
+    from twinlm.training import load_run_config
+
+    root = Path(__file__).resolve().parents[1]
+    sweep = load_sweep(root / "configs" / "sweeps" / "cpu-30min.yaml")
+    names = [t.name for t in sweep.trials]
+    assert {"mlm", "rtd", "clm"} <= set(names) and len(names) == len(set(names))
+    for trial in sweep.trials:
+        config = load_run_config(trial.config, [f"{k}={json.dumps(v)}" for k, v in trial.overrides.items()])
+        task_text = any("labeled" in (s.path or "") for s in config.data.sources)
+        assert task_text == trial.name.endswith("tapt"), (
+            trial.name
+        )  # only the labelled variant reads task text
