@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("twinlm.evaluation", "fine-tune checkpoints on a task suite vs a from-scratch control"),
     "ablate": ("twinlm.ablation", "answer a Transformer design question by experiment"),
     "attention-map": ("twinlm.attention_map", "plot attention weights per layer and head for a sentence"),
+    "describe": ("twinlm.describe", "parameters and FLOPs of a config, per component and per token"),
 }
 
 
