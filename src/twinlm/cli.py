@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ablate": ("twinlm.ablation", "answer a Transformer design question by experiment"),
     "sweep": ("twinlm.sweep", "run a recipe sweep: pretrain and evaluate each trial, resumably"),
     "attention-map": ("twinlm.attention_map", "plot attention weights per layer and head for a sentence"),
+    "describe": ("twinlm.describe", "parameters and FLOPs of a config, per component and per token"),
 }
 
 

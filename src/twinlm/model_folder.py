@@ -74,11 +74,9 @@ def check_weights(folder: Path) -> Path:
     return main
 
 
-def check_model_folder(
-    path: str | os.PathLike, what: str = "checkpoint", tokenizer: bool = False
-) -> dict[str, Any]:
-    """The config of a local twinlm model folder, after checking it is one and its files are whole; a
-    one-line TwinLMError naming the file otherwise. `tokenizer`: its tokenizer files must be there too."""
+def read_twinlm_config(path: str | os.PathLike, what: str = "checkpoint") -> dict[str, Any]:
+    """config.json of a local folder that must be a twinlm model's (its weights are not looked at); a
+    one-line TwinLMError otherwise."""
     folder = Path(path)
     if not folder.exists():
         raise TwinLMError(f"{what} {str(folder)!r} does not exist; give a folder written by save_pretrained")
@@ -91,6 +89,16 @@ def check_model_folder(
             f"{folder / 'config.json'} is a {model_type or 'unknown'} model, not a twinlm one; convert it first "
             "(`twinlm convert`) or give a twinlm checkpoint"
         )
+    return config
+
+
+def check_model_folder(
+    path: str | os.PathLike, what: str = "checkpoint", tokenizer: bool = False
+) -> dict[str, Any]:
+    """The config of a local twinlm model folder, after checking it is one and its files are whole; a
+    one-line TwinLMError naming the file otherwise. `tokenizer`: its tokenizer files must be there too."""
+    config = read_twinlm_config(path, what)
+    folder = Path(path)
     check_weights(folder)
     if tokenizer and not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise TwinLMError(
@@ -106,4 +114,4 @@ def load_error(err: BaseException, folder: str | os.PathLike) -> TwinLMError:
     return TwinLMError(f"cannot load the model in {str(folder)!r}: {detail}")
 
 
-__all__ = ["check_model_folder", "check_weights", "load_error", "read_config"]
+__all__ = ["check_model_folder", "check_weights", "load_error", "read_config", "read_twinlm_config"]

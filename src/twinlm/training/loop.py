@@ -186,6 +186,14 @@ def probe_model_config(cfg: RunConfig) -> Any:
     """The run's model config before the tokenizer exists (its special-token ids come later, its vocabulary
     is the one the tokenizer will be trained to): every model setting, the sequence length and the memory
     the model needs are checked before minutes of tokenizer training, not after."""
+    config = run_model_config(cfg)
+    check_model_memory(config)
+    return config
+
+
+def run_model_config(cfg: RunConfig) -> Any:
+    """The run's model config without its tokenizer (special-token ids None, the vocabulary the tokenizer will
+    be trained to), settings and sequence length checked; no memory check (`twinlm describe` sizes any model)."""
     from twinlm import TwinLMConfig
 
     source = cfg.model.preset if cfg.model.preset is not None else str(cfg.model.config_file)
@@ -197,7 +205,6 @@ def probe_model_config(cfg: RunConfig) -> Any:
     except (ValueError, TypeError) as err:
         raise TwinLMError(f"model ({source}): {err}") from None
     check_sequence_length(cfg, config)
-    check_model_memory(config)
     return config
 
 
