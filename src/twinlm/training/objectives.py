@@ -58,16 +58,21 @@ def generator_config(config: Any, size: float, layers: float = 1.0) -> Any:
     heads = max(1, round(config.hidden_size * size / head_dim))
     hidden = heads * head_dim
     kv_heads = max(1, heads * config.num_key_value_heads // config.num_attention_heads)
+    depth = max(1, round(config.num_hidden_layers * layers))
     values = {
         **config.to_dict(),
         "hidden_size": hidden,
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads if heads % kv_heads == 0 else heads,
         "intermediate_size": max(1, round(config.intermediate_size * hidden / config.hidden_size)),
-        "num_hidden_layers": max(1, round(config.num_hidden_layers * layers)),
+        "num_hidden_layers": depth,
         "embedding_size": config.embedding_size,
         "architectures": ["TwinLMForMaskedLM"],
     }
+    if list(config.layer_types) == config._derived_layer_types():  # derived: the generator derives its own
+        values.pop("layer_types")
+    else:  # a layout given layer by layer: the generator keeps its first layers'
+        values["layer_types"] = list(config.layer_types[:depth])
     return type(config).from_dict(values)
 
 
