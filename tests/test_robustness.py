@@ -87,6 +87,10 @@ def _question(root: Path, name: str, variants: dict, max_steps: int = 8, **extra
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    import shutil
+
+    import torch
+
     from twinlm.tokenization import train_tokenizer
 
     root = tmp_path_factory.mktemp("robust")
@@ -96,8 +100,6 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     )
     (root / "run.yaml").write_text(yaml.safe_dump(_run_config(root)))
     ckpt = build_checkpoint(root / "ckpt")
-    import shutil
-
     shutil.copytree(ckpt, root / "truncated")
     weights = root / "truncated" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
@@ -128,6 +130,7 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         },
     }
     (root / "suite.yaml").write_text(yaml.safe_dump(suite))
+    (root / "suite_notasks.yaml").write_text(yaml.safe_dump({"seeds": [0], "tasks": {}}))
     (root / "suite_notest.yaml").write_text(
         yaml.safe_dump({"tasks": {"first": {"config": str(root / "task.yaml")}}})
     )
@@ -135,7 +138,35 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     _question(root, "bad_name", {"a": {}, "../escape": {}})
     _question(root, "bad_variant", {"a": {}, "last": {"model": {"overrides": {"hiden_size": 64}}}})
     _question(root, "bad_measure", {"a": {}, "b": {}}, measures=[{"name": "downstream"}])
-    return {p.stem: p for p in root.iterdir()} | {"root": root}
+    _question(root, "bad_data", {"a": {}, "b": {"data.sources": [str(root / "missing.txt")]}})
+    cost = {"name": "cost", "params": {"sweep": "num_attention_heads", "values": [2, 3]}}
+    _question(root, "bad_cost", {"a": {}, "b": {}}, measures=[cost])
+    generation = {"name": "generation", "params": {"new_tokens": 4}}
+    _question(
+        root, "gen_encoder", {"a": {}, "b": {"model.overrides.is_causal": False}}, measures=[generation]
+    )
+    downstream = {"name": "downstream", "params": {"suite": str(root / "suite_notest.yaml")}}
+    _question(root, "bad_downstream", {"a": {}, "b": {}}, measures=[downstream])
+    (root / "other").mkdir()
+    shutil.copy(root / "question.yaml", root / "other" / "question.yaml")
+    # damaged in ways that only loading shows
+    shutil.copytree(ckpt, root / "wrongkeys")
+    from safetensors.torch import save_file
+
+    save_file({"foo": torch.zeros(1)}, root / "wrongkeys" / "model.safetensors")
+    shutil.copytree(ckpt, root / "badtok")
+    (root / "badtok" / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    (root / "withdir" / "results.json").mkdir(parents=True)
+    shutil.copytree(root / "bert_checkpoint", root / "bert_badtype")
+    config = json.loads((root / "bert_badtype" / "config.json").read_text())
+    (root / "bert_badtype" / "config.json").write_text(json.dumps({**config, "num_attention_heads": "two"}))
+    bad_names = yaml.safe_load((root / "suite.yaml").read_text())
+    bad_names["tasks"] = {"../escape": bad_names["tasks"]["first"]}
+    (root / "suite_badname.yaml").write_text(yaml.safe_dump(bad_names))
+    return {p.stem: p for p in root.iterdir()} | {
+        "root": root,
+        "question_copy": root / "other" / "question.yaml",
+    }
 
 
 def _bert_checkpoint(root: Path) -> None:
@@ -201,9 +232,17 @@ def test_a_nested_override_sets_one_field_in_every_command(assets, tmp_path):
     from twinlm.tokenization import TokenizerTrainConfig
     from twinlm.training.config import load_run_config
 
-    # pretrain: the command line, a mapping as the value
+    # pretrain: the command line, a mapping as the value; an empty mapping names no field: no change
     run = load_run_config(assets["run"], ["training={max_steps: 3}"])
     assert run.training.max_steps == 3 and run.training.lr == 3e-3 and run.training.batch_size == 4
+    same = load_run_config(assets["run"], ["training={}", "model.overrides={}"])
+    assert same.training.max_steps == 8 and same.model.overrides["hidden_size"] == 32
+    # a field spelled dotted in a YAML mapping is found by a nested override, and the reverse: the last wins
+    from twinlm.config import apply_overrides, flatten_overrides
+
+    mixed = {"overrides": {"training": {"lr": 1e-3}, "training.max_steps": 8}}
+    apply_overrides(mixed, [("overrides.training.max_steps", 16), ("overrides", {"training": {"lr": 2e-3}})])
+    assert dict(flatten_overrides(mixed["overrides"])) == {"training.lr": 2e-3, "training.max_steps": 16}
     # finetune
     ft = load_finetune_config(assets["task"], ["training={lr: 0.5}"])
     assert ft.training.lr == 0.5 and ft.training.max_length == 32 and ft.training.batch_size == 16
@@ -213,7 +252,7 @@ def test_a_nested_override_sets_one_field_in_every_command(assets, tmp_path):
     assert cfg.training.epochs == 2 and cfg.training.max_length == 32 and cfg.training.max_steps == 4
     # ablate: base.overrides.training.max_steps from the command line keeps the base's training section
     question = load_ablation(assets["question"], ["base.overrides.training.max_steps=4"])
-    resolved = run_config(question, "b", 0, tmp_path)
+    resolved = run_config(question, "b", 0)
     assert resolved.training.max_steps == 4 and resolved.training.lr == 3e-3
     assert (
         resolved.model.overrides["num_hidden_layers"] == 2 and resolved.model.overrides["hidden_size"] == 32
@@ -270,7 +309,9 @@ def test_ablate_reruns_a_run_whose_inputs_changed(assets, tmp_path, monkeypatch)
     measured: list = []
 
     def count(run_dir, summary, params):
-        measured.append((run_dir.parent.name, tuple(params["factors"])))
+        measured.append(
+            (json.loads((run_dir / "ablation_run.json").read_text())["variant"], tuple(params["factors"]))
+        )
         return {"factors": len(params["factors"])}
 
     monkeypatch.setitem(MEASURES, "length", Measurement(count, MEASURES["length"].params))
@@ -303,6 +344,25 @@ def test_ablate_reruns_a_run_whose_inputs_changed(assets, tmp_path, monkeypatch)
     finally:
         _text(assets["root"] / "corpus.txt", 12_000)
     assert len(calls) == 14
+    # a preset file that gives the same model is the same run; rewritten (same name, another norm): stale
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("extends: tiny-modern-decoder\n")
+    with_preset = [*changed, f"base.overrides.model.preset={preset}"]
+    run_ablation(question, out, overrides=with_preset)
+    assert len(calls) == 14
+    preset.write_text("extends: tiny-modern-decoder\nnorm_type: layernorm\n")
+    run_ablation(question, out, overrides=with_preset)
+    assert len(calls) == 18 and {c.model.preset for c in calls[14:]} == {str(preset)}
+    # a measure that asks its own command (downstream: evaluate keeps its finished cells) runs every time
+    asked: list = []
+    monkeypatch.setitem(
+        MEASURES,
+        "length",
+        Measurement(lambda *a: asked.append(1) or {}, MEASURES["length"].params, cached=False),
+    )
+    run_ablation(question, out, overrides=with_preset)
+    run_ablation(question, out, overrides=with_preset)
+    assert len(calls) == 18 and len(asked) == 8
 
 
 def test_evaluate_follows_a_retrained_checkpoint_and_rewritten_task_files(assets, tmp_path, monkeypatch):
@@ -360,6 +420,22 @@ def test_evaluate_follows_a_retrained_checkpoint_and_rewritten_task_files(assets
     train.write_text(train.read_text() + "one more excellent house\tpos\n")
     evaluate_checkpoints([str(ckpt)], suite, out)
     assert len(seen) == 10
+    # a separate tokenizer named in the task config is rewritten: its cells rerun
+    shutil.copytree(ckpt, tmp_path / "tok", ignore=shutil.ignore_patterns("*.safetensors"))
+    task["model"]["tokenizer"] = str(tmp_path / "tok")
+    (tmp_path / "task.yaml").write_text(yaml.safe_dump(task))
+    evaluate_checkpoints([str(ckpt)], suite, out)
+    evaluate_checkpoints([str(ckpt)], suite, out)
+    assert len(seen) == 12
+    config = json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 31}))
+    evaluate_checkpoints([str(ckpt)], suite, out)
+    assert len(seen) == 14
+    # an evaluation kept inside the checkpoint's own folder does not change the checkpoint's identity
+    inside = ckpt / "eval"
+    evaluate_checkpoints([str(ckpt)], suite, inside)
+    evaluate_checkpoints([str(ckpt)], suite, inside)
+    assert len(seen) == 16
 
 
 # ------------------------------------------------------------------------------------------------
@@ -402,31 +478,34 @@ def _signal_when(
 
 @pytest.mark.slow
 def test_sigterm_stops_the_whole_ablation_and_the_same_command_goes_on(assets, tmp_path):
+    from twinlm.ablation import load_ablation, plan_runs
+
     question = _question(tmp_path, "q", {"a": {}, "b": {"training.lr": 1.0e-3}}, max_steps=300)
     (tmp_path / "run.yaml").write_text(assets["run"].read_text())
-    out, runs = tmp_path / "out", tmp_path / "out" / "runs"
+    out = tmp_path / "out"
+    runs = {(r.variant, r.seed): r.run_dir for r in plan_runs(load_ablation(question), out / "runs")}
     argv = ["ablate", str(question), "--out", str(out)]
     # a/seed0 has finished when a/seed1 logs its first line: the signal lands in a/seed1's training
-    stopped = _signal_when(argv, runs / "a" / "seed1" / "metrics.jsonl", signal.SIGTERM)
+    stopped = _signal_when(argv, runs["a", 1] / "metrics.jsonl", signal.SIGTERM)
     assert stopped.returncode == 143, stopped.stderr[-3000:]
     assert "interrupted by SIGTERM" in stopped.stderr and "Traceback" not in stopped.stderr
     assert not (out / "results.json").exists() and not (out / "report.md").exists()
-    finished = runs / "a" / "seed0" / "summary.json"
+    finished = runs["a", 0] / "summary.json"
     kept = json.loads(finished.read_text())
     assert kept["final_model"] and kept["steps"] == 300
-    partial = json.loads((runs / "a" / "seed1" / "summary.json").read_text())
+    partial = json.loads((runs["a", 1] / "summary.json").read_text())
     assert partial["interrupted_by"] == "SIGTERM" and partial["final_model"] is None
-    assert not (runs / "b").exists()  # the other runs did not train on
+    assert not runs["b", 0].exists() and not runs["b", 1].exists()  # the other runs did not train on
     mtime = finished.stat().st_mtime_ns
     done = subprocess.run(
         [sys.executable, "-m", "twinlm.cli", *argv], capture_output=True, text=True, env=_env(), cwd=REPO
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert finished.stat().st_mtime_ns == mtime  # the finished run was not trained again
-    assert f"resumed from {runs / 'a' / 'seed1' / 'checkpoints'}" in done.stdout
+    assert f"resumed from {runs['a', 1] / 'checkpoints'}" in done.stdout
     result = json.loads((out / "results.json").read_text())
     assert len(result["runs"]) == 4
-    assert json.loads((runs / "a" / "seed1" / "summary.json").read_text())["steps"] == 300
+    assert json.loads((runs["a", 1] / "summary.json").read_text())["steps"] == 300
 
 
 @pytest.mark.slow

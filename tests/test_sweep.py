@@ -113,7 +113,7 @@ def test_smoke_runs_two_steps_of_each_trial_without_evaluating(sweep_file: Path)
     [
         (lambda s: s["trials"][1].update(steps_from="c"), "steps_from 'c' is not an earlier trial"),
         (lambda s: s["trials"][1].update(name="a"), "two trials are named 'a'"),
-        (lambda s: s["trials"][0].update(name="a b"), "is not a folder name"),
+        (lambda s: s["trials"][0].update(name="a b"), "cannot name a folder"),
         (lambda s: s["trials"][0].update(config="nope.yaml"), "config 'nope.yaml' does not exist"),
         (lambda s: s.update(compare=[["b", "z"]]), r"compare \['b', 'z'\]: no trial named z"),
     ],

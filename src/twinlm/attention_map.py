@@ -33,11 +33,19 @@ def attention_weights(checkpoint: str, text: str, max_tokens: int = 64) -> tuple
     hf_logging.set_verbosity_error()  # the body of a *ForMaskedLM/CausalLM folder: its head is not needed
     try:
         config = twinlm.TwinLMConfig.from_pretrained(checkpoint, attn_implementation="eager")
-        model = twinlm.TwinLMModel.from_pretrained(checkpoint, config=config).eval()
-    except (OSError, ValueError, RuntimeError) as err:
+        model, info = twinlm.TwinLMModel.from_pretrained(checkpoint, config=config, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError, TypeError) as err:
         raise load_error(err, checkpoint) from None
     finally:
         hf_logging.set_verbosity(verbosity)
+    missing = sorted(info.get("missing_keys") or []) + sorted(k[0] for k in info.get("mismatched_keys") or [])
+    if missing:  # a map of randomly initialised weights would be a silent lie
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise TwinLMError(
+            f"the weights in {checkpoint!r} do not fit its config.json ({len(missing)} missing or of another "
+            f"shape: {shown}); save the model again"
+        )
+    model.eval()
     limit = min(max_tokens, config.max_position_embeddings)
     whole = len(tokenizer(text)["input_ids"])
     ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=limit)["input_ids"]

@@ -92,8 +92,13 @@ def main(argv: list[str] | None = None) -> int:
         problem = resource_problem(err)
         if problem is None:
             raise
-        detail = " ".join(str(err).split())[:200]
-        print(f"twinlm {args.command}: error: {problem} ({detail})", file=sys.stderr)
+        where = getattr(err, "filename", None)
+        detail = f"writing {where}" if where else " ".join(str(err).split())[:200]
+        print(
+            f"twinlm {args.command}: error: {problem} ({detail}); free space or memory (or choose another "
+            "folder) and run the same command again: finished work is kept",
+            file=sys.stderr,
+        )
         return 2
 
 

@@ -21,7 +21,7 @@ import types
 import typing
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -31,6 +31,24 @@ from twinlm.errors import TwinLMError
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 Schedule = Literal["linear", "cosine", "inverse_sqrt", "constant"]
 MixedPrecision = Literal["no", "bf16", "fp16"]
+
+
+# A seed torch, numpy and Python's random all take.
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1, description="a seed in [0, 2**32 - 1]")]
+
+# A name that becomes a folder of its own under an output folder (variants, tasks, trials): no '/', no
+# leading '.', so nothing is written outside the folder it belongs in.
+FOLDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+def check_folder_names(names: Iterable[str], what: str) -> None:
+    """ValueError naming every `what` (e.g. 'variant') whose name cannot be a folder name."""
+    bad = [name for name in names if not FOLDER_NAME.match(str(name))]
+    if bad:
+        raise ValueError(
+            f"{what} name(s) {bad} cannot name a folder; use letters, digits, '-', '_', '.', '+' "
+            "(no '/', no leading '.')"
+        )
 
 
 class Section(BaseModel):
@@ -48,7 +66,7 @@ class OptimizerSection(Section):
     """
 
     batch_size: int = Field(8, gt=0, description="examples per process per micro-batch")
-    grad_accum: int = Field(1, gt=0)
+    grad_accum: int = Field(1, gt=0, le=65536, description="micro-batches per optimizer step")
     lr: float = Field(5e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     betas: tuple[float, float] = (0.9, 0.98)
@@ -56,7 +74,7 @@ class OptimizerSection(Section):
     max_grad_norm: float | None = Field(1.0, ge=0, description="0 or null: no clipping")
     schedule: Schedule = "cosine"
     mixed_precision: MixedPrecision = "no"
-    seed: int = 42
+    seed: Seed = 42
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -130,11 +148,11 @@ def parse_overrides(args: Sequence[str]) -> list[tuple[str, Any]]:
 
 def flatten_overrides(values: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     """{'training': {'lr': 1}, 'data.seq_len': 64} -> [('training.lr', 1), ('data.seq_len', 64)]: a mapping
-    of overrides sets the leaves it names, never a whole section."""
+    of overrides sets the leaves it names, never a whole section (an empty mapping names none)."""
     pairs: list[tuple[str, Any]] = []
     for key, value in values.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
+        if isinstance(value, dict):
             pairs += flatten_overrides(value, dotted + ".")
         else:
             pairs.append((dotted, value))
@@ -146,25 +164,35 @@ def apply_overrides(values: dict[str, Any], overrides: Iterable[tuple[str, Any]]
 
     One semantics everywhere: a key sets one field. A mapping given as a value (`training={epochs: 2}` on
     the command line, `overrides: {training: {epochs: 2}}` in YAML) sets the fields it names and keeps the
-    section's others."""
+    section's others. A field may be spelled nested or dotted in a mapping (`{training: {lr: 1}}` or
+    `{training.lr: 1}`): an override finds it either way, so the last one given wins."""
     for key, value in overrides:
-        leaves = flatten_overrides(value, f"{key}.") if isinstance(value, dict) and value else [(key, value)]
+        leaves = flatten_overrides(value, f"{key}.") if isinstance(value, dict) else [(key, value)]
         for leaf, leaf_value in leaves:
-            _set_dotted(values, leaf, leaf_value)
+            _set_dotted(values, leaf.split("."), leaf_value, leaf)
     return values
 
 
-def _set_dotted(values: dict[str, Any], key: str, value: Any) -> None:
-    node = values
-    parts = key.split(".")
-    for depth, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        elif not isinstance(child, dict):
-            raise TwinLMError(f"override {key}: {'.'.join(parts[: depth + 1])} is not a section")
-        node = child
-    node[parts[-1]] = value
+def _set_dotted(node: dict[str, Any], parts: list[str], value: Any, key: str) -> None:
+    """Set `parts` under `node`, following a key already spelled with dots (`training.lr`) where there is one."""
+    for k in range(len(parts), 1, -1):  # the longest dotted spelling first
+        spelled = ".".join(parts[:k])
+        if spelled in node:
+            if k == len(parts):
+                node[spelled] = value
+                return
+            if isinstance(node[spelled], dict):
+                _set_dotted(node[spelled], parts[k:], value, key)
+                return
+    if len(parts) == 1:
+        node[parts[0]] = value
+        return
+    child = node.get(parts[0])
+    if child is None:
+        child = node[parts[0]] = {}
+    elif not isinstance(child, dict):
+        raise TwinLMError(f"override {key}: {parts[0]} is not a section")
+    _set_dotted(child, parts[1:], value, key)
 
 
 def split_overrides(argv: Sequence[str], options: Iterable[str]) -> tuple[list[str], list[str]]:
@@ -263,6 +291,8 @@ def read_config_file(path: str | os.PathLike, what: str, example: str) -> dict[s
     from twinlm.data.textfiles import read_text
 
     path = Path(path)
+    if path.is_dir():
+        raise TwinLMError(f"{what} {str(path)!r} is a folder, not a file; give a YAML file such as {example}")
     if not path.is_file():
         raise TwinLMError(f"{what} {str(path)!r} does not exist; give a YAML file such as {example}")
     text = read_text(path, what=what)

@@ -437,7 +437,7 @@ def _checkpoint_loader(source: Path) -> Any:
 def _load_hf(loader: Any, source: Path) -> nn.Module:
     try:
         model, info = loader.from_pretrained(source, local_files_only=True, output_loading_info=True)
-    except (OSError, ValueError, RuntimeError) as err:
+    except Exception as err:  # a damaged file, a wrongly typed config field (huggingface_hub's strict errors)
         if is_out_of_memory(err):
             raise
         raise load_error(err, source) from None

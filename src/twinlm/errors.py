@@ -56,6 +56,8 @@ def resource_problem(err: BaseException) -> str | None:
         return f"cannot write{where}: permission denied"
     if code == errno.ENOTDIR:
         return f"{name or 'a path'} lies under a file, not a folder"
+    if code == errno.EISDIR:
+        return f"{name or 'a path'} is a folder where a file is to be written"
     return None
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 from pydantic import Field, PositiveFloat, field_validator, model_validator
 
-from twinlm.config import Section, build_config, flatten_overrides
+from twinlm.config import Section, Seed, build_config, check_folder_names, flatten_overrides
 from twinlm.errors import Interrupted, TwinLMError
 from twinlm.fileio import read_json
 
@@ -73,7 +73,7 @@ class Suite(Section):
     """Tasks, seeds and the learning-rate grid; `overrides` apply to every task."""
 
     tasks: dict[str, SuiteTask] = Field(min_length=1)
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     lrs: list[PositiveFloat] | None = Field(
         None, min_length=1, description="learning rates to try; chosen per model on mean dev"
     )
@@ -87,6 +87,12 @@ class Suite(Section):
             raise ValueError(f"seeds {seeds} repeat a seed: each seed is one fine-tuning run")
         return seeds
 
+    @field_validator("tasks")
+    @classmethod
+    def _task_names(cls, tasks: dict[str, SuiteTask]) -> dict[str, SuiteTask]:
+        check_folder_names(tasks, "task")
+        return tasks
+
 
 def load_suite(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Suite:
     """Read a suite YAML (with `key=value` overrides, e.g. seeds=[0]); a one-line TwinLMError naming the
@@ -96,9 +102,14 @@ def load_suite(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     )
     for name, task in suite.tasks.items():
         if not task.config.is_file():
-            raise TwinLMError(
-                f"evaluation suite {path}: tasks.{name}.config {str(task.config)!r} does not exist"
-            )
+            state = "is a folder, not a file" if task.config.is_dir() else "does not exist"
+            raise TwinLMError(f"evaluation suite {path}: tasks.{name}.config {str(task.config)!r} {state}")
+        for file in task.split_from.files if task.split_from else ():
+            if not Path(file).is_file():
+                state = "is a folder, not a file" if Path(file).is_dir() else "does not exist"
+                raise TwinLMError(
+                    f"evaluation suite {path}: tasks.{name}.split_from.files: {str(file)!r} {state}"
+                )
     return suite
 
 
@@ -216,15 +227,22 @@ def cell_config(model_path: str, spec: SuiteTask, overrides: dict[str, Any], fol
 
 def _fingerprint(model_path: str, cfg: Any) -> str:
     """What a cell's result depends on: the model's files (weights, config, tokenizer), the resolved
-    fine-tuning config (task, settings, seed, lr) and the contents of the task's files."""
+    fine-tuning config (task, settings, seed, lr) and the contents of the files it reads (the task's, a
+    separate tokenizer's); not where they lie, so the same cell is found again under another spelling of a
+    path."""
     from twinlm.fingerprint import files_digest, fingerprint, model_folder_digest
 
-    task_files = [f for f in (cfg.task.train, cfg.task.dev, cfg.task.test) if f is not None]
+    run = cfg.model_dump(mode="json", exclude={"output_dir": True, "model": {"path"}})
+    task_files = [str(f) for f in (cfg.task.train, cfg.task.dev, cfg.task.test) if f is not None]
+    tokenizer = [cfg.model.tokenizer] if cfg.model.tokenizer and Path(cfg.model.tokenizer).exists() else []
+    for split in ("train", "dev", "test"):  # paths are compared by content, below
+        run["task"][split] = None
     return fingerprint(
         {
             "model": model_folder_digest(model_path),
-            "run": cfg.model_dump(mode="json"),
-            "task_files": files_digest(task_files),
+            "run": run,
+            "task_files": list(files_digest(task_files).values()),
+            "tokenizer": list(files_digest(tokenizer).values()),
         }
     )
 
@@ -280,6 +298,19 @@ def run_cell(model_path: str, task: str, spec: SuiteTask, overrides: dict[str, A
 # ------------------------------------------------------------------------------------------------
 def _mean_std(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def check_tokenizer(checkpoint: str) -> None:
+    """The checkpoint's tokenizer loads (a damaged tokenizer.json is found before anything trains)."""
+    from transformers import AutoTokenizer
+
+    try:
+        AutoTokenizer.from_pretrained(checkpoint)
+    except Exception as err:  # tokenizers raises its own Exception types for damaged files
+        detail = " ".join(str(err).split())[:200] or err.__class__.__name__
+        raise TwinLMError(
+            f"the tokenizer in {checkpoint!r} does not load ({detail}); save it again"
+        ) from None
 
 
 def checkpoint_labels(checkpoints: list[str]) -> list[str]:
@@ -343,14 +374,17 @@ def _cell_overrides(
     return overrides
 
 
-def _check_cells(checkpoints: list[str], suite: Suite, out: Path, splits: dict[str, dict]) -> None:
+def _check_cells(model_path: str, suite: Suite, out: Path, splits: dict[str, dict]) -> None:
     """Before anything trains: every task config with every cell's overrides is valid, names files that
-    exist and has the dev and test splits the report needs (one-line TwinLMError otherwise)."""
+    exist, has the dev and test splits the report needs, and its data reads (columns, labels) (one-line
+    TwinLMError naming the task otherwise)."""
+    from twinlm.finetune.data import load_task
+
     for name, spec in suite.tasks.items():
         for lr in suite.lrs or [None]:
             overrides = _cell_overrides(suite, name, splits[name], suite.seeds[0], lr, True)
             try:
-                cfg = cell_config(checkpoints[0], spec, overrides, out / "check")
+                cfg = cell_config(model_path, spec, overrides, out / "check")
             except TwinLMError as err:
                 raise TwinLMError(f"tasks.{name} ({spec.config}): {err}") from None
             hub = cfg.task.hub
@@ -363,6 +397,26 @@ def _check_cells(checkpoints: list[str], suite: Suite, out: Path, splits: dict[s
                         f"tasks.{name} ({spec.config}) has no {split} split, which evaluate needs {need}; "
                         f"give task.{split} in the task config (or split_from in the suite)"
                     )
+        try:
+            load_task(cfg.task, suite.seeds[0])  # the files read, their columns and labels
+        except TwinLMError as err:
+            raise TwinLMError(f"tasks.{name} ({spec.config}): {err}") from None
+
+
+def check_suite(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Suite:
+    """A suite checked as `twinlm evaluate` checks it before the first fine-tuning run (every task config with
+    its overrides, its splits and its data), without a checkpoint: for commands that will evaluate later
+    (ablate's downstream measure)."""
+    import tempfile
+
+    suite = load_suite(path, overrides)
+    with tempfile.TemporaryDirectory(prefix="twinlm-suite-check-") as tmp:
+        splits = {
+            name: prepare_split(name, spec.split_from, Path(tmp)) if spec.split_from else {}
+            for name, spec in suite.tasks.items()
+        }
+        _check_cells("checkpoint", suite, Path(tmp), splits)
+    return suite
 
 
 def _score_model(model: EvaluatedModel, suite: Suite, out: Path, splits: dict[str, dict]) -> dict[str, Any]:
@@ -437,7 +491,13 @@ def evaluate_checkpoints(
     Everything is checked before the first fine-tuning run (the suite, every task config with its
     overrides, the checkpoints, the output folder); SIGINT/SIGTERM stop the whole evaluation with its
     finished cells kept (`Interrupted`), and the same command goes on from there."""
-    from twinlm.fileio import atomic_file, write_json_atomic, write_text_atomic
+    from twinlm.fileio import (
+        atomic_file,
+        check_writable_file,
+        ensure_output_dir,
+        write_json_atomic,
+        write_text_atomic,
+    )
     from twinlm.model_folder import check_model_folder
     from twinlm.session import run_folder
     from twinlm.stopping import check_stop, stop_on_signal
@@ -445,15 +505,20 @@ def evaluate_checkpoints(
     suite, out = load_suite(suite_path, overrides), Path(out)
     for ckpt in checkpoints:
         check_model_folder(ckpt, "checkpoint", tokenizer=True)
-    with run_folder(out, "--out"):  # one evaluation per folder at a time
-        with stop_on_signal():
-            splits = {
-                name: prepare_split(name, spec.split_from, out) if spec.split_from else {}
-                for name, spec in suite.tasks.items()
-            }
-            _check_cells(checkpoints, suite, out, splits)
-            results = [_score_model(m, suite, out, splits) for m in _models(checkpoints, suite)]
-            check_stop(RESUME_HINT)
+        check_tokenizer(ckpt)
+    ensure_output_dir(out, "--out")
+    for name in ("controls", "runs", "data"):
+        ensure_output_dir(out / name, f"--out's {name} folder")
+    for name in ("results.json", "report.md", "results.png"):
+        check_writable_file(out / name, f"--out's {name}")
+    with run_folder(out, "--out"), stop_on_signal():  # one evaluation per folder; a signal: a clean stop
+        splits = {
+            name: prepare_split(name, spec.split_from, out) if spec.split_from else {}
+            for name, spec in suite.tasks.items()
+        }
+        _check_cells(checkpoints[0], suite, out, splits)
+        results = [_score_model(m, suite, out, splits) for m in _models(checkpoints, suite)]
+        check_stop(RESUME_HINT)
         pretraining = {
             label: pretraining_facts(ckpt)
             for ckpt, label in zip(checkpoints, checkpoint_labels(checkpoints), strict=True)
@@ -463,6 +528,7 @@ def evaluate_checkpoints(
         write_text_atomic(out / "report.md", format_report(report), "the report")
         with atomic_file(out / "results.png", "the plot") as tmp:
             plot_results(report, tmp)
+        check_stop(RESUME_HINT)  # a signal that came while the report was written: it is whole; stop now
     print(format_report(report))
     print(f"\nreport: {out / 'report.md'}  results: {out / 'results.json'}  plot: {out / 'results.png'}")
     return report

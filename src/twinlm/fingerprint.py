@@ -36,12 +36,14 @@ def file_digest(path: str | os.PathLike) -> str:
 
 
 def model_folder_digest(folder: str | os.PathLike) -> dict[str, str]:
-    """{file: digest} of what a saved model is: config, weights, tokenizer files (not its card or code)."""
+    """{file: digest} of what a saved model is: the files save_pretrained writes at the folder's top level
+    (config, weights, tokenizer), not its card or code, and nothing in sub-folders (an evaluation's own
+    output kept inside the folder must not change the model's identity)."""
     folder = Path(folder)
     return {
-        str(p.relative_to(folder)): file_digest(p)
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name not in _NOT_THE_MODEL and p.suffix != ".py" and "__pycache__" not in p.parts
+        p.name: file_digest(p)
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name not in _NOT_THE_MODEL and p.suffix != ".py" and not p.name.startswith(".")
     }
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import re
 import shutil
 import signal
 from pathlib import Path
@@ -36,7 +35,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from twinlm.config import Section, build_config
+from twinlm.config import Section, build_config, check_folder_names
 from twinlm.errors import TwinLMError
 
 TRIAL_FILE = "trial.json"
@@ -48,7 +47,6 @@ SMOKE = {
     "training.save_every": 0,
     "training.log_every": 1,
 }
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
 class Trial(Section):
@@ -78,8 +76,7 @@ class SweepConfig(Section):
     def _names(self) -> SweepConfig:
         seen: list[str] = []
         for trial in self.trials:
-            if not _NAME.match(trial.name):
-                raise ValueError(f"trial name {trial.name!r} is not a folder name (letters, digits, - _ . +)")
+            check_folder_names([trial.name], "trial")
             if trial.name in seen:
                 raise ValueError(f"two trials are named {trial.name!r}")
             if trial.steps_from is not None and trial.steps_from not in seen:

@@ -15,6 +15,7 @@ marked as agreeing or DISAGREEING with the measurement.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -25,16 +26,24 @@ from twinlm.ablation.report import _aggregate, answer, check_claim, format_repor
 from twinlm.ablation.runs import (
     RESUME_HINT,
     RUN_FILE,
-    check_variants,
+    PlannedRun,
+    plan_runs,
+    prepare_tokenizers,
     run_config,
     run_overrides,
     run_variant,
 )
 
 
-def _folders(path: str | Path, out: str | Path | None, runs_dir: str | Path | None) -> tuple[Path, Path]:
-    out = Path(out) if out is not None else Path("outputs/ablations") / Path(path).stem
-    return out, Path(runs_dir) if runs_dir is not None else out / "runs"
+@dataclasses.dataclass
+class Question:
+    """A question as it will run: its config (at its scale), report folder, runs folder and planned runs."""
+
+    path: Path
+    config: AblationConfig
+    out: Path
+    runs_root: Path
+    planned: list[PlannedRun]
 
 
 def prepare_ablation(
@@ -42,17 +51,21 @@ def prepare_ablation(
     out: str | Path | None = None,
     runs_dir: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
-) -> AblationConfig:
-    """Everything checked before the first run trains: the question, every variant's run and model config,
-    the measures' parameters, the output folders (one-line TwinLMError otherwise)."""
-    from twinlm.fileio import ensure_output_dir
+    scale: str | None = None,
+) -> Question:
+    """Everything checked before the first run trains: the question (at its scale), every variant's run and
+    model config, the measures' parameters against each model, the output folders (one-line TwinLMError
+    otherwise); the runs planned (named by what they compute, under `runs_dir`, default OUT/runs)."""
+    from twinlm.fileio import check_writable_file, ensure_output_dir
 
-    config = load_ablation(path, overrides)
-    out, runs = _folders(path, out, runs_dir)
+    config = load_ablation(path, overrides, scale)
+    out = Path(out) if out is not None else Path("outputs/ablations") / Path(path).stem
+    runs_root = Path(runs_dir) if runs_dir is not None else out / "runs"
     ensure_output_dir(out, "--out")
-    ensure_output_dir(runs, "--runs")
-    check_variants(config, runs)
-    return config
+    ensure_output_dir(runs_root, "--runs")
+    for name in ("results.json", "report.md", "results.png"):
+        check_writable_file(out / name, f"--out's {name}")
+    return Question(Path(path), config, out, runs_root, plan_runs(config, runs_root))
 
 
 def run_ablation(
@@ -60,22 +73,30 @@ def run_ablation(
     out: str | Path | None = None,
     runs_dir: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
+    scale: str | None = None,
 ) -> dict[str, Any]:
-    """Run every (variant, seed) under `runs_dir` (default OUT/runs), measure, and write report.md,
-    results.json and plots into `out` (default outputs/ablations/NAME). SIGINT/SIGTERM stop the whole
-    question with its finished runs kept (`Interrupted`); the same command goes on from there."""
-    from twinlm.session import run_folder
-    from twinlm.stopping import check_stop, stop_on_signal
+    """Run every (variant, seed) of a question, measure, and write report.md, results.json and plots into
+    `out` (default outputs/ablations/NAME). SIGINT/SIGTERM stop the whole question with its finished runs
+    kept (`Interrupted`); the same command goes on from there."""
+    from twinlm.stopping import stop_on_signal
 
-    config = prepare_ablation(path, out, runs_dir, overrides)
-    out, where = _folders(path, out, runs_dir)
-    with run_folder(out, "--out"):  # one run of a question per folder at a time
-        with stop_on_signal():
-            runs = [
-                run_variant(config, name, seed, where) for name in config.variants for seed in config.seeds
-            ]
-            check_stop(RESUME_HINT)
-        return _report(config, runs, out)
+    with stop_on_signal():
+        return answer_question(prepare_ablation(path, out, runs_dir, overrides, scale))
+
+
+def answer_question(question: Question) -> dict[str, Any]:
+    """Train (or read back) every planned run of a prepared question, then report. Called inside
+    `stop_on_signal()`: a signal stops at the next run, measurement or file."""
+    from twinlm.session import run_folder
+    from twinlm.stopping import check_stop
+
+    with run_folder(question.out, "--out"):  # one run of a question per folder at a time
+        prepare_tokenizers(question.planned)
+        runs = [run_variant(question.config, planned) for planned in question.planned]
+        check_stop(RESUME_HINT)
+        result = _report(question.config, runs, question.out)
+    check_stop(RESUME_HINT)  # a signal that came while the report was written: it is whole; stop now
+    return result
 
 
 def _report(config: AblationConfig, runs: list[dict[str, Any]], out: Path) -> dict[str, Any]:
@@ -87,10 +108,11 @@ def _report(config: AblationConfig, runs: list[dict[str, Any]], out: Path) -> di
         "question": config.question,
         "textbook": config.textbook,
         "metric": config.metric,
+        "scale": config.scale,
         "seeds": config.seeds,
         "table": table,
         "answer": answer(config, table),
-        "runs": [{k: r[k] for k in ("variant", "seed", "values")} for r in runs],
+        "runs": [{k: r[k] for k in ("variant", "seed", "run_dir", "values")} for r in runs],
     }
     write_json_atomic(out / "results.json", result, "the results")
     plots = plot_ablation(config, runs, table, out)
@@ -100,23 +122,33 @@ def _report(config: AblationConfig, runs: list[dict[str, Any]], out: Path) -> di
 
 
 def run(args: argparse.Namespace) -> int:
+    """One or several questions: every one checked and planned before the first trains; with several, the
+    runs are shared under one --runs folder (default OUT/runs) and each report goes to OUT/NAME."""
+    from twinlm.errors import TwinLMError
+    from twinlm.stopping import check_stop, stop_on_signal
+
+    stems = [Path(p).stem for p in args.configs]
+    twice = sorted({s for s in stems if stems.count(s) > 1})
+    if len(args.configs) > 1 and twice:
+        raise TwinLMError(f"two questions named {twice} would share a report folder; rename one of them")
     many = len(args.configs) > 1
-
-    def folders(path: str) -> tuple[Path | None, Path | None]:
-        name = Path(path).stem
-        out = None if args.out is None else Path(args.out) / name if many else Path(args.out)
-        runs = None if args.runs is None else Path(args.runs) / name if many else Path(args.runs)
-        return out, runs
-
-    for path in args.configs:  # every question checked before the first one trains
-        prepare_ablation(path, *folders(path), list(args.overrides))
-    results, seconds = {}, {}
-    for path in args.configs:
-        start = time.perf_counter()
-        results[Path(path).stem] = run_ablation(path, *folders(path), list(args.overrides))
-        seconds[Path(path).stem] = time.perf_counter() - start
-    if many and args.out is not None:
-        print(f"index: {write_index(results, seconds, Path(args.out))}")
+    root = Path(args.out) if args.out is not None else None
+    with stop_on_signal():
+        questions = []
+        for path in args.configs:
+            out = (root / Path(path).stem if many else root) if root is not None else None
+            runs = (
+                args.runs if args.runs is not None else (root / "runs" if many and root is not None else None)
+            )
+            questions.append(prepare_ablation(path, out, runs, list(args.overrides), args.scale))
+        results, seconds = {}, {}
+        for question in questions:
+            start = time.perf_counter()
+            results[question.path.stem] = answer_question(question)
+            seconds[question.path.stem] = time.perf_counter() - start
+        if many and root is not None:
+            print(f"index: {write_index(results, seconds, root)}")
+        check_stop(RESUME_HINT)
     return 0
 
 
@@ -131,7 +163,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "configs", nargs="+", help="ablation YAML(s), e.g. configs/ablations/02-scaled-attention.yaml"
     )
     parser.add_argument("--out", default=None, help="report folder (default: outputs/ablations/NAME)")
-    parser.add_argument("--runs", default=None, help="where the training runs go (default: OUT/runs)")
+    parser.add_argument(
+        "--runs", default=None, help="where the training runs go, shared by the questions (default: OUT/runs)"
+    )
+    parser.add_argument(
+        "--scale",
+        default=None,
+        help="a scale of configs/ablation-scales.yaml: tiny, small, ... (default: the question as written)",
+    )
     parser.set_defaults(func=run, overrides=[])  # config overrides: seeds=[0,1,2] ...
     return parser
 
@@ -143,10 +182,13 @@ __all__ = [
     "AblationConfig",
     "Comparison",
     "Measurement",
+    "Question",
     "add_parser",
     "answer",
+    "answer_question",
     "check_claim",
     "load_ablation",
+    "plan_runs",
     "prepare_ablation",
     "run_ablation",
     "run_config",

@@ -8,8 +8,8 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from twinlm.ablation.measures import MEASURES
-from twinlm.config import Section, build_config
+from twinlm.ablation.measures import MEASURES, RUN_OUTPUTS
+from twinlm.config import Section, Seed, build_config, check_folder_names, flatten_overrides
 from twinlm.errors import TwinLMError
 
 
@@ -27,16 +27,37 @@ class Measure(Section):
 
 
 class Comparison(Section):
-    """A textbook claim about two variants: `better` beats `worse` on `metric` (default: the question's)."""
+    """A textbook claim about two variants: `better` beats `worse` on `metric` (default: the question's),
+    with the publication it comes from and what that reports, printed beside the measurement."""
 
     better: str
     worse: str
     metric: str | None = None
     lower_is_better: bool | None = None
+    source: str | None = Field(None, description="e.g. 'Vaswani et al. 2017, Table 3 (A)'")
+    published: str | None = Field(None, description="what the source reports, with its number")
+    scale_note: str | None = Field(
+        None, description="what about a small scale could explain a measurement that does not reproduce it"
+    )
 
 
-# A variant names a folder under --runs: letters, digits, '-', '_', '.', '+' (no '/', no leading '.').
-_VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+class Scale(Section):
+    """A named scale (configs/ablation-scales.yaml): the base pretraining config every question runs on
+    there, its seeds and overrides; a question adds its own per scale (`scales: {NAME: {...}}`)."""
+
+    config: Path = Field(description="the base pretraining config at this scale")
+    seeds: list[Seed] = Field(min_length=2)
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    description: str = ""
+
+
+# The scales file, from the repository root (as every config path): tiny (make ablate), small (make
+# ablate-small), and larger ones for a GPU.
+DEFAULT_SCALES = Path("configs/ablation-scales.yaml")
+
+
+class Scales(Section):
+    scales: dict[str, Scale] = Field(min_length=1)
 
 
 class AblationConfig(Section):
@@ -47,20 +68,24 @@ class AblationConfig(Section):
     expect: str | None = Field(None, description="the variant the textbook says wins on `metric`")
     base: BaseRun
     variants: dict[str, dict[str, Any]] = Field(min_length=2)
-    seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=2)
+    seeds: list[Seed] = Field(default_factory=lambda: [0, 1], min_length=2)
     metric: str = "val_loss"
     lower_is_better: bool = True
     measures: list[Measure] = Field(default_factory=list)
     compare: list[Comparison] = Field(default_factory=list, description="textbook claims, each checked")
+    scales: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="more base overrides at a named scale (configs/ablation-scales.yaml), e.g. a longer table",
+    )
+    reference: str | None = Field(
+        None,
+        description="the variant whose learning decides whether the question is answered (default: the first)",
+    )
+    scale: str | None = Field(None, description="the scale this question runs at (set by --scale)")
 
     @model_validator(mode="after")
     def _known(self) -> AblationConfig:
-        bad_names = [n for n in self.variants if not _VARIANT_NAME.match(n)]
-        if bad_names:
-            raise ValueError(
-                f"variant name(s) {bad_names} cannot name a run folder; use letters, digits, '-', '_', '.', '+' "
-                "(no '/', no leading '.')"
-            )
+        check_folder_names(self.variants, "variant")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds {self.seeds} repeat a seed")
         unknown = [m.name for m in self.measures if m.name not in MEASURES]
@@ -73,20 +98,79 @@ class AblationConfig(Section):
         named = [n for c in self.compare for n in (c.better, c.worse) if n not in self.variants]
         if named:
             raise ValueError(f"compare names {named}, which are not variants ({', '.join(self.variants)})")
-        if self.expect is not None and self.expect not in self.variants:
-            raise ValueError(f"expect={self.expect!r} is not a variant ({', '.join(self.variants)})")
+        for field, name in (("expect", self.expect), ("reference", self.reference)):
+            if name is not None and name not in self.variants:
+                raise ValueError(f"{field}={name!r} is not a variant ({', '.join(self.variants)})")
+        known = self.outputs()
+        for where, metric in [("metric", self.metric)] + [
+            (f"compare[{i}].metric", c.metric) for i, c in enumerate(self.compare) if c.metric
+        ]:
+            if not _known_metric(metric, known):
+                raise ValueError(
+                    f"{where}={metric!r} is no number this question measures; choose from "
+                    f"{', '.join(sorted(known))} (or add the measure that produces it)"
+                )
         return self
+
+    def outputs(self) -> set[str]:
+        """The numbers each run of this question will report: the run's own and its measures'."""
+        known = set(RUN_OUTPUTS)
+        for measure in self.measures:
+            known |= set(MEASURES[measure.name].settings(measure.params).outputs())
+        return known
 
     def params(self, measure: Measure) -> dict[str, Any]:
         """A measure's parameters with their defaults filled in (validated when the config was built)."""
-        return MEASURES[measure.name].params.model_validate(measure.params).model_dump(mode="json")
+        return MEASURES[measure.name].settings(measure.params).model_dump(mode="json")
+
+    @property
+    def reference_variant(self) -> str:
+        return self.reference or next(iter(self.variants))
 
 
-def load_ablation(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> AblationConfig:
-    """Read an ablation YAML (with `key=value` overrides, e.g. seeds=[0,1,2]); a one-line TwinLMError
+def _known_metric(name: str, known: set[str]) -> bool:
+    """A measured number: named by a measure or the run, any validation number, or a per-layer one."""
+    return (
+        name in known
+        or name.startswith("val_")
+        or re.fullmatch(r"(entropy|saturation)_L\d+", name) is not None
+    )
+
+
+def load_ablation(
+    path: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    scale: str | None = None,
+    scales_file: str | Path | None = None,
+) -> AblationConfig:
+    """Read an ablation YAML (with `key=value` overrides, e.g. seeds=[0,1,2]), at a named scale when given
+    (its base config, seeds and overrides, then the question's own for that scale); a one-line TwinLMError
     naming the key on any problem."""
     example = "configs/ablations/02-scaled-attention.yaml"
     config = build_config(AblationConfig, path, overrides, what="ablation config", example=example)
+    if scale is not None:
+        config = at_scale(config, scale, scales_file or DEFAULT_SCALES)
     if not config.base.config.is_file():
         raise TwinLMError(f"ablation config {path}: base.config {str(config.base.config)!r} does not exist")
     return config
+
+
+def load_scales(path: str | Path) -> dict[str, Scale]:
+    return build_config(Scales, path, (), what="scales file", example="configs/ablations/scales.yaml").scales
+
+
+def at_scale(config: AblationConfig, name: str, scales_file: str | Path) -> AblationConfig:
+    """The question at scale `name`: that scale's base config, seeds and overrides, then the question's
+    base overrides, then its own overrides for that scale (later ones win; each sets one field)."""
+    scales = load_scales(scales_file)
+    if name not in scales:
+        raise TwinLMError(f"--scale {name!r} is not in {scales_file}; choose one of {', '.join(scales)}")
+    unknown = sorted(set(config.scales) - set(scales))
+    if unknown:
+        raise TwinLMError(f"scales {unknown} of the question are not in {scales_file} ({', '.join(scales)})")
+    scale = scales[name]
+    overrides = dict(flatten_overrides(scale.overrides))
+    overrides.update(flatten_overrides(config.base.overrides))
+    overrides.update(flatten_overrides(config.scales.get(name, {})))
+    base = BaseRun(config=scale.config, overrides=overrides)
+    return config.model_copy(update={"base": base, "seeds": list(scale.seeds), "scale": name})

@@ -4,6 +4,7 @@ MEASURES table names them, with the schema of their parameters (validated with t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import statistics
@@ -184,6 +185,18 @@ def _step_cost(config: Any, batch: int, seq: int, documents: int = 1, repeats: i
     return statistics.median(times[1:]), sum(saved.values())
 
 
+def sweep_config(base: Any, field: str, value: int, seq_len: int) -> Any:
+    """The variant's config at one point of a cost sweep (`field` = value; seq_len: the positions reach it)."""
+    seq = value if field == "seq_len" else seq_len
+    changes = {} if field == "seq_len" else {field: value}
+    if field == "hidden_size":
+        changes["intermediate_size"] = 4 * value
+    values = {**base.to_dict(), "max_position_embeddings": max(seq, base.max_position_embeddings), **changes}
+    if "num_hidden_layers" in changes:  # a layout derived from the depth follows it
+        values.pop("layer_types", None)
+    return base.__class__(**values)
+
+
 def measure_cost(run_dir: Path, summary: dict, params: dict) -> dict[str, Any]:
     """Step time and activation memory of the variant's architecture against one size (the O(n^2) curve);
     `documents`: packed documents per row (default 1: plain rows)."""
@@ -194,15 +207,13 @@ def measure_cost(run_dir: Path, summary: dict, params: dict) -> dict[str, Any]:
     out = {}
     for value in values:
         seq = value if field == "seq_len" else params.get("seq_len", 128)
-        changes = {} if field == "seq_len" else {field: value}
-        if field == "hidden_size":
-            changes["intermediate_size"] = 4 * value
-        config = base.__class__(
-            **{**base.to_dict(), "max_position_embeddings": max(seq, base.max_position_embeddings), **changes}
-        )
+        config = sweep_config(base, field, value, params.get("seq_len", 128))
         seconds, saved = _step_cost(config, params.get("batch", 4), seq, params.get("documents", 1))
         out[f"seconds@{value}"], out[f"activation_MB@{value}"] = seconds, saved / 2**20
     return out
+
+
+GENERATION_PROMPT = 8  # tokens of the random prompt the generation measure starts from
 
 
 def measure_generation(run_dir: Path, summary: dict, params: dict) -> dict[str, Any]:
@@ -211,7 +222,7 @@ def measure_generation(run_dir: Path, summary: dict, params: dict) -> dict[str, 
 
     model, tokenizer = _load_final(run_dir)
     new = params.get("new_tokens", 64)
-    prompt = torch.randint(5, model.config.vocab_size, (params.get("batch", 1), 8))
+    prompt = torch.randint(5, model.config.vocab_size, (params.get("batch", 1), GENERATION_PROMPT))
     model.generate(prompt, max_new_tokens=4, do_sample=False)  # warm-up
     start = time.perf_counter()
     out = model.generate(prompt, max_new_tokens=new, do_sample=False, return_dict_in_generate=True)
@@ -248,19 +259,27 @@ def measure_curve(run_dir: Path, summary: dict, params: dict) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------
-# The measures' parameters, validated with the question (before any run trains)
+# The measures' parameters, validated with the question (before any run trains): each schema also says
+# which numbers its measure produces (`outputs`: a question's metric and claims must name one) and checks
+# what depends on the model (`check`).
 # ------------------------------------------------------------------------------------------------
 class NoParams(Section):
     """This measure takes no parameters."""
 
+    def check(self, model_config: Any) -> str | None:
+        return None
 
-class LengthParams(Section):
+
+class LengthParams(NoParams):
     train_len: PositiveInt | None = Field(None, description="default: the run's data.seq_len")
     factors: list[PositiveInt] = Field(default_factory=lambda: [1, 2, 4], min_length=1)
     blocks: PositiveInt = 8
 
+    def outputs(self) -> list[str]:
+        return [f"ppl@{f}L" for f in self.factors]
 
-class CostParams(Section):
+
+class CostParams(NoParams):
     sweep: str = Field("seq_len", description="seq_len, or an integer TwinLMConfig field (hidden_size)")
     values: list[PositiveInt] = Field(default_factory=lambda: [128, 256, 512], min_length=1)
     batch: PositiveInt = 4
@@ -279,13 +298,39 @@ class CostParams(Section):
             )
         return value
 
+    def outputs(self) -> list[str]:
+        return [f"{what}@{v}" for v in self.values for what in ("seconds", "activation_MB")]
 
-class GenerationParams(Section):
+    def check(self, model_config: Any) -> str | None:
+        """Every model the sweep builds is a valid config (e.g. heads that divide the width)."""
+        for value in self.values:
+            try:
+                sweep_config(model_config, self.sweep, value, self.seq_len)
+            except ValueError as err:
+                return f"{self.sweep}={value}: {err}"
+        return None
+
+
+class GenerationParams(NoParams):
     new_tokens: PositiveInt = 64
     batch: PositiveInt = 1
 
+    def outputs(self) -> list[str]:
+        return ["kv_cache_MB", "generate_tokens_per_s"]
 
-class DownstreamParams(Section):
+    def check(self, model_config: Any) -> str | None:
+        if not model_config.is_causal:
+            return "generation needs a causal model (is_causal: true); this variant is a masked-LM encoder"
+        if model_config.position_embedding_type in ("learned", "sinusoidal"):
+            if GENERATION_PROMPT + self.new_tokens > model_config.max_position_embeddings:
+                return (
+                    f"new_tokens={self.new_tokens} after a {GENERATION_PROMPT}-token prompt goes past "
+                    f"max_position_embeddings={model_config.max_position_embeddings}"
+                )
+        return None
+
+
+class DownstreamParams(NoParams):
     suite: Path = Field(description="an evaluation suite, e.g. configs/evaluate/quick.yaml")
 
     @field_validator("suite")
@@ -299,13 +344,70 @@ class DownstreamParams(Section):
             raise ValueError(str(err)) from None
         return value
 
+    def outputs(self) -> list[str]:
+        from twinlm.evaluation import load_suite
+
+        return ["suite_average", *load_suite(self.suite).tasks]
+
+    def check(self, model_config: Any) -> str | None:
+        """The suite as evaluate checks it before its first fine-tuning run (task configs with their
+        overrides, splits, data), once per file version."""
+        try:
+            _check_suite_once(str(self.suite), self.suite.stat().st_mtime_ns)
+        except TwinLMError as err:
+            return str(err)
+        return None
+
+
+@functools.lru_cache(maxsize=16)
+def _check_suite_once(path: str, mtime_ns: int) -> None:
+    from twinlm.evaluation import check_suite
+
+    check_suite(path)
+
+
+class FixedOutputs(NoParams):
+    """A measure without parameters whose numbers are named in OUTPUTS (per-layer ones too, by pattern)."""
+
+    def outputs(self) -> list[str]:
+        return list(FIXED_OUTPUTS[type(self)])
+
+
+class AttentionParams(FixedOutputs):
+    pass
+
+
+class TrainEvalGapParams(FixedOutputs):
+    pass
+
+
+class BitsPerByteParams(FixedOutputs):
+    pass
+
+
+class CurveParams(FixedOutputs):
+    pass
+
+
+FIXED_OUTPUTS: dict[type, tuple[str, ...]] = {
+    AttentionParams: ("entropy", "saturation"),
+    TrainEvalGapParams: ("eval_mode_loss", "train_mode_loss", "train_minus_eval"),
+    BitsPerByteParams: ("bits_per_byte", "tokens_per_byte", "unk_rate"),
+    CurveParams: ("max_grad_norm", "final_train_loss", "diverged"),
+}
+# What every run reports, whatever its measures (a run summary's numbers; val_* differ by objective).
+RUN_OUTPUTS = ("val_loss", "val_ppl", "train_seconds", "tokens_per_s", "parameters")
+
 
 @dataclasses.dataclass(frozen=True)
 class Measurement:
-    """A measure: the function run on each finished run, and the schema of its parameters."""
+    """A measure: the function run on each finished run, the schema of its parameters, and whether its
+    result may be read back (a measure whose inputs are files of their own, such as a suite, is not: it
+    asks the command it runs, which keeps its own finished work)."""
 
     run: Callable[[Path, dict, dict], dict[str, Any]]
-    params: type[Section] = NoParams
+    params: type[NoParams]
+    cached: bool = True
 
     def problem(self, values: dict[str, Any]) -> str | None:
         try:
@@ -316,16 +418,19 @@ class Measurement:
             )
         return None
 
+    def settings(self, values: dict[str, Any]) -> NoParams:
+        return self.params.model_validate(values)
+
 
 MEASURES: dict[str, Measurement] = {
     "length": Measurement(measure_length, LengthParams),
-    "attention": Measurement(measure_attention),
-    "train_eval_gap": Measurement(measure_train_eval_gap),
-    "bits_per_byte": Measurement(measure_bits_per_byte),
+    "attention": Measurement(measure_attention, AttentionParams),
+    "train_eval_gap": Measurement(measure_train_eval_gap, TrainEvalGapParams),
+    "bits_per_byte": Measurement(measure_bits_per_byte, BitsPerByteParams),
     "cost": Measurement(measure_cost, CostParams),
     "generation": Measurement(measure_generation, GenerationParams),
-    "downstream": Measurement(measure_downstream, DownstreamParams),
-    "curve": Measurement(measure_curve),
+    "downstream": Measurement(measure_downstream, DownstreamParams, cached=False),
+    "curve": Measurement(measure_curve, CurveParams),
 }
 
 

@@ -29,22 +29,71 @@ def _aggregate(runs: list[dict[str, Any]], variants: list[str]) -> dict[str, dic
     return table
 
 
+# The learning gate: a variant whose validation loss is within GATE_NATS of the unigram cross-entropy (the
+# loss of a model that ignores context) did not learn at this budget; its quality numbers answer nothing.
+GATE_NATS = 0.3
+# Numbers about cost, not quality: a model that did not learn still has them.
+COST_METRICS = re.compile(
+    r"^(seconds@|activation_MB@|kv_cache_MB|generate_tokens_per_s|tokens_per_s|train_seconds|parameters|"
+    r"tokens_per_byte|unk_rate)"
+)
+
+
+def learned(table: dict, variant: str) -> bool | None:
+    """Whether the variant's mean validation loss is more than GATE_NATS below the unigram reference
+    (None when either is unknown)."""
+    row = table[variant]
+    if "val_loss" not in row or "unigram_entropy" not in row:
+        return None
+    return row["val_loss"]["mean"] < row["unigram_entropy"]["mean"] - GATE_NATS
+
+
+def _gated(metric: str) -> bool:
+    return COST_METRICS.match(metric) is None
+
+
+def _not_learned(table: dict, variant: str) -> str:
+    row = table[variant]
+    return (
+        f"{variant} did not learn at this budget (validation loss {row['val_loss']['mean']:.3f} vs unigram "
+        f"{row['unigram_entropy']['mean']:.3f} nats)"
+    )
+
+
 def _comparison(table: dict, a: str, b: str, metric: str) -> StatComparison:
     """a - b on `metric`, seed by seed (every variant runs the same seeds: a paired t-test)."""
     return compare(table[a][metric]["values"], table[b][metric]["values"], paired=True)
 
 
 def answer(config: AblationConfig, table: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
-    """The best variant on the metric, whether its lead over the runner-up is significant (paired t-test over
-    the seeds), and whether that agrees with the textbook's expected winner."""
+    """The best variant on the metric among those that learned, whether its lead over the runner-up is
+    significant (paired t-test over the seeds), and whether that agrees with the textbook's expected winner.
+    No answer when the reference variant did not learn (quality metrics only)."""
     metric = config.metric
+    withheld = [v for v in table if _gated(metric) and learned(table, v) is False]
+    claims = [check_claim(config, claim, table) for claim in config.compare]
+    if config.reference_variant in withheld:
+        return {
+            "text": f"no answer at this scale: {_not_learned(table, config.reference_variant)}",
+            "winner": None,
+            "measurable": False,
+            "withheld": withheld,
+            "disagrees": None,
+            "claims": claims,
+        }
     scored = {
         name: row[metric]
         for name, row in table.items()
-        if metric in row and math.isfinite(row[metric]["mean"])
+        if metric in row and math.isfinite(row[metric]["mean"]) and name not in withheld
     }
     if len(scored) < 2:
-        return {"text": f"not enough finite {metric} values to compare", "winner": None, "measurable": False}
+        return {
+            "text": f"not enough finite {metric} values to compare",
+            "winner": None,
+            "measurable": False,
+            "withheld": withheld,
+            "claims": claims,
+        }
     order = sorted(scored, key=lambda n: scored[n]["mean"], reverse=not config.lower_is_better)
     best, second = order[0], order[1]
     lead = _comparison(table, best, second, metric)
@@ -68,12 +117,14 @@ def answer(config: AblationConfig, table: dict[str, dict[str, dict[str, Any]]]) 
             text += f". DISAGREES with the textbook, which expects {config.expect} to win"
         elif measurable and best == config.expect:
             text += ". Agrees with the textbook"
-    claims = [check_claim(config, claim, table) for claim in config.compare]
+    if withheld:
+        text += "; left out: " + "; ".join(_not_learned(table, v) for v in withheld)
     return {
         "text": text,
         "winner": best if measurable else None,
         "measurable": measurable,
         "test": dataclasses.asdict(lead),
+        "withheld": withheld,
         "disagrees": disagrees or any(c["verdict"] == "disagrees" for c in claims),
         "claims": claims,
     }
@@ -81,12 +132,27 @@ def answer(config: AblationConfig, table: dict[str, dict[str, dict[str, Any]]]) 
 
 def check_claim(config: AblationConfig, claim: Comparison, table: dict) -> dict[str, Any]:
     """Does `better` beat `worse` significantly (agrees), the reverse (disagrees), or neither (no measurable
-    difference; untested with too few seeds)? Paired t-test over the seeds."""
+    difference; untested with too few seeds)? Paired t-test over the seeds. Withheld when a variant did not
+    learn (quality metrics)."""
     metric = claim.metric or config.metric
     lower = config.lower_is_better if claim.lower_is_better is None else claim.lower_is_better
+    cited = {"source": claim.source, "published": claim.published, "scale_note": claim.scale_note}
     a, b = table[claim.better].get(metric), table[claim.worse].get(metric)
+    base = {"better": claim.better, "worse": claim.worse, "metric": metric, **cited}
     if a is None or b is None:
-        return {"text": f"{claim.better} vs {claim.worse}: {metric} not measured for both", "verdict": None}
+        return {
+            **base,
+            "text": f"{claim.better} vs {claim.worse}: {metric} not measured for both",
+            "verdict": None,
+        }
+    silent = [v for v in (claim.better, claim.worse) if _gated(metric) and learned(table, v) is False]
+    if silent:
+        reason = "; ".join(_not_learned(table, v) for v in silent)
+        return {
+            **base,
+            "verdict": "withheld",
+            "text": f"{claim.better} vs {claim.worse} on {metric}: withheld, {reason}",
+        }
     test = _comparison(table, claim.better, claim.worse, metric)
     advantage = -test.difference if lower else test.difference
     verdict = (
@@ -101,14 +167,23 @@ def check_claim(config: AblationConfig, claim: Comparison, table: dict) -> dict[
             "disagrees": "DISAGREES with the textbook",
         }.get(verdict, verdict)
     )
-    return {
-        "better": claim.better,
-        "worse": claim.worse,
-        "metric": metric,
-        "verdict": verdict,
-        "test": dataclasses.asdict(test),
-        "text": text,
-    }
+    return {**base, "verdict": verdict, "test": dataclasses.asdict(test), "text": text}
+
+
+def _reproduces(claim: dict[str, Any]) -> str:
+    """Whether the measurement reproduces the published direction, in a word (and what scale may explain)."""
+    verdict = claim.get("verdict")
+    word = {
+        "agrees": "reproduced",
+        "disagrees": "NOT reproduced (the opposite, significantly)",
+        "no measurable difference": "not reproduced (no measurable difference)",
+        "untested": "untested",
+        "withheld": "withheld (did not learn)",
+    }.get(verdict, "not measured")
+    note = claim.get("scale_note")
+    if verdict in ("disagrees", "no measurable difference") and note:
+        word += f"; at this scale: {note}"
+    return word
 
 
 def format_report(config: AblationConfig, result: dict[str, Any], plots: list[Path]) -> str:
@@ -117,25 +192,51 @@ def format_report(config: AblationConfig, result: dict[str, Any], plots: list[Pa
     per_layer = re.compile(r"_L\d+$")
     names = {k for row in table.values() for k in row if not per_layer.search(k)}
     columns = [config.metric] + sorted(names - {config.metric})
+    claims = result["answer"].get("claims", [])
+    unigram = [row["unigram_entropy"]["mean"] for row in table.values() if "unigram_entropy" in row]
+    scale = f"scale `{config.scale}`" if config.scale else "the question as written"
     lines = [
         f"# {config.question}",
         "",
         f"**Textbook:** {config.textbook}",
         "",
-        f"**Measured answer:** {result['answer']['text']}.",
+        f"**Measured answer** ({scale}, {len(config.seeds)} seeds): {result['answer']['text']}.",
         "",
-        *(f"- Textbook claim {c['text']}." for c in result["answer"].get("claims", [])),
-        "",
+    ]
+    if claims:
+        lines += [
+            "| claim | source | published | measured | reproduces? |",
+            "|---|---|---|---|---|",
+            *(
+                f"| {c['better']} beats {c['worse']} on {c['metric']} | {c.get('source') or ''} | "
+                f"{c.get('published') or ''} | {c['text'].split(': ', 1)[-1]} | {_reproduces(c)} |"
+                for c in claims
+            ),
+            "",
+        ]
+    if unigram:
+        lines += [
+            f"Learning gate: the unigram cross-entropy of the validation tokens is {min(unigram):.3f} nats per "
+            f"token"
+            + (f" (to {max(unigram):.3f} across tokenizers)" if max(unigram) - min(unigram) > 1e-6 else "")
+            + f"; a variant whose validation loss is within {GATE_NATS} nats of it did not learn at this budget "
+            "and is left out of every verdict on quality.",
+            "",
+        ]
+    lines += [
         f"{len(config.seeds)} seeds per variant (mean ± std); differences judged with a paired t-test over the "
         f"seeds (scipy.stats.ttest_rel) at the 0.05 level; base run `{config.base.config}` with "
         f"`{json.dumps(config.base.overrides)}`.",
         "",
-        "| variant | overrides | " + " | ".join(columns) + " |",
-        "|---|---|" + "---|" * len(columns),
+        "| variant | overrides | learned? | " + " | ".join(columns) + " |",
+        "|---|---|---|" + "---|" * len(columns),
     ]
     for name, row in table.items():
         cells = [f"{row[c]['mean']:.4g} ± {row[c]['std']:.2g}" if c in row else "n/a" for c in columns]
-        lines.append(f"| {name} | `{json.dumps(config.variants[name])}` | " + " | ".join(cells) + " |")
+        gate = {True: "yes", False: "NO", None: "n/a"}[learned(table, name)]
+        lines.append(
+            f"| {name} | `{json.dumps(config.variants[name])}` | {gate} | " + " | ".join(cells) + " |"
+        )
     lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
     return "\n".join(lines) + "\n"
 
@@ -178,27 +279,31 @@ def plot_ablation(config: AblationConfig, runs: list[dict], table: dict, out: Pa
 
 
 def write_index(results: dict[str, dict[str, Any]], seconds: dict[str, float], out: Path) -> Path:
-    """OUT/README.md: one line per question with its measured answer, textbook verdicts and wall time
-    (n/a for a question missing from `seconds`)."""
+    """OUT/README.md: one line per question with its measured answer, whether each published claim is
+    reproduced, and wall time (n/a for a question missing from `seconds`)."""
+    from twinlm.fileio import write_text_atomic
+
+    scales = sorted({str(r.get("scale")) for r in results.values() if r.get("scale")})
     lines = [
-        "# Ablations: the classic Transformer questions, measured",
+        "# Ablations: the classic Transformer questions, measured"
+        + (f" (scale: {', '.join(scales)})" if scales else ""),
         "",
-        "Written by `make ablate` (`twinlm ablate configs/ablations/*.yaml`); each link is a full report.",
+        "Written by `twinlm ablate configs/ablations/*.yaml`; each link is a full report (the table over seeds, "
+        "the tests, the learning gate, every claim with its source).",
         "",
-        "| question | measured answer | textbook claims (agree / disagree / no measurable difference / untested) "
-        "| wall s |",
+        "| question | measured answer | reproduces the literature? (claims: yes / no / no measurable difference "
+        "/ withheld / untested) | wall s |",
         "|---|---|---|---|",
     ]
     for name, result in results.items():
         claims = [c.get("verdict") for c in result["answer"].get("claims", [])]
         counts = " / ".join(
-            str(claims.count(v)) for v in ("agrees", "disagrees", "no measurable difference", "untested")
+            str(claims.count(v))
+            for v in ("agrees", "disagrees", "no measurable difference", "withheld", "untested")
         )
         lines.append(
             f"| [{result['question']}]({name}/report.md) | {result['answer']['text']} | {counts} | "
             + (f"{seconds[name]:.0f} |" if name in seconds else "n/a |")
         )
     lines += ["", f"Total wall time: {sum(seconds.values()):.0f} s over {len(seconds)} question(s)."]
-    from twinlm.fileio import write_text_atomic
-
     return write_text_atomic(out / "README.md", "\n".join(lines) + "\n", "the index")

@@ -250,8 +250,8 @@ def _save_failure(
     return (
         f"saving {tmp.name.removesuffix('.tmp')} failed: {cause} ({getattr(err, 'filename', None) or tmp}); a checkpoint needs "
         f"about {need / 1e6:,.1f} MB, {free / 1e6:,.1f} MB are free on {root}; the unfinished {tmp.name} was "
-        f"removed, earlier checkpoints are intact ({intact}): free space and resume with "
-        "training.resume_from_checkpoint=latest"
+        f"removed, earlier checkpoints are intact ({intact}): free space and run the same command again "
+        "(`twinlm pretrain` with training.resume_from_checkpoint=latest)"
     )
 
 

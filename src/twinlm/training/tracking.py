@@ -188,6 +188,11 @@ def plot_training_curves(metrics: list[dict[str, Any]], out_path: Path, title: s
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
+    from twinlm.fileio import atomic_file
+
+    try:
+        with atomic_file(out_path, "the loss curve") as tmp:
+            fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)
     return out_path
