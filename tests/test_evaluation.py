@@ -241,10 +241,68 @@ def test_two_checkpoints_are_compared_seed_by_seed_with_their_pretraining_time(
     assert comparison["mean"] == pytest.approx(0.05) and comparison["per_seed"] == pytest.approx([0.05, 0.05])
     text = (tmp_path / "out" / "report.md").read_text()
     assert "| rtd | replaced-token-detection | 30.4 |" in text and "an equal-wall-clock comparison" in text
-    assert "**rtd vs mlm** (the same seeds, suite average): +5.00 ± 0.00 points" in text
+    assert (
+        "**rtd vs mlm** (the same seeds, suite average): +5 points (untested: the per-seed differences do not vary"
+        in text
+    )
 
     info = Path(checkpoints[1], "training_info.json")
     info.write_text(info.read_text().replace("1824.0", "2400.0"))  # 40 minutes against 30
     report = evaluate_checkpoints(checkpoints, suite_dir / "suite.yaml", tmp_path / "out", ["lrs=null"])
     assert report["equal_time"] is False
     assert "NOT an equal-wall-clock comparison" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_a_shared_cells_cache_fine_tunes_a_control_once(suite_dir, tmp_path, monkeypatch):
+    """Two evaluations of checkpoints with one architecture and tokenizer share their controls' cells."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    import twinlm.finetune
+    from twinlm.evaluation import evaluate_checkpoints
+
+    runs: list[str] = []
+
+    def fake_finetune(cfg, overrides=()):
+        runs.append(cfg.model.path)
+        return {"metric_for_best": "accuracy", "best": {"dev": {"accuracy": 0.6}, "test": {"accuracy": 0.6}}}
+
+    monkeypatch.setattr(twinlm.finetune, "finetune", fake_finetune)
+    other = tmp_path / "other"
+    shutil.copytree(suite_dir / "ckpt", other)
+    weights = load_file(other / "model.safetensors")
+    save_file(
+        {k: v + 0.01 if v.is_floating_point() else v for k, v in weights.items()}, other / "model.safetensors"
+    )
+    cache = tmp_path / "cells"
+    evaluate_checkpoints(
+        [str(suite_dir / "ckpt")], suite_dir / "suite.yaml", tmp_path / "e1", ["lrs=null"], cache
+    )
+    assert len(runs) == 4  # checkpoint and control, two seeds
+    evaluate_checkpoints([str(other)], suite_dir / "suite.yaml", tmp_path / "e2", ["lrs=null"], cache)
+    assert len(runs) == 6 and all("controls" not in path for path in runs[4:])  # only the new checkpoint ran
+
+
+def test_noise_curves_score_every_model_on_perturbed_test_inputs(suite_dir, tmp_path):
+    from twinlm.evaluation import evaluate_checkpoints
+    from twinlm.finetune.data import Split
+    from twinlm.noise import perturb_split
+
+    split = Split("test", "t", texts=["the cat sees a dog", "a big red house"], labels=["pos", "neg"])
+    noisy = perturb_split(split, "char", 1.0, 0, [])
+    assert noisy.labels == split.labels and [len(t.split()) for t in noisy.texts] == [5, 4]
+    assert all(a != b for a, b in zip(noisy.texts, split.texts, strict=True))
+    assert perturb_split(split, "token", 1.0, 0, ["w"]).texts == ["w w w w w", "w w w w"]
+    assert perturb_split(split, "char", 0.5, 3, []).texts == perturb_split(split, "char", 0.5, 3, []).texts
+    tagged = Split("test", "t", words=[["john", "smith", "runs"]], tags=[["B-PER", "I-PER", "O"]])
+    assert perturb_split(tagged, "char", 1.0, 0, []).tags == tagged.tags
+
+    overrides = ["lrs=null", "seeds=[0]", "control=false", "noise={rates: [0.5], kinds: [char, token]}"]
+    report = evaluate_checkpoints(
+        [str(suite_dir / "ckpt")], suite_dir / "suite.yaml", tmp_path / "out", overrides
+    )
+    curve = report["models"][0]["noise"]["sentiment"]
+    assert set(curve) == {"char_noise0.5", "token_noise0.5"} and all(0 <= v <= 1 for v in curve.values())
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "## Test inputs with noise" in text and "| sentiment | ckpt |" in text

@@ -31,6 +31,8 @@ from pydantic import Field, PositiveFloat, field_validator, model_validator
 from twinlm.config import Section, Seed, build_config, check_folder_names, flatten_overrides
 from twinlm.errors import Interrupted, TwinLMError
 from twinlm.fileio import read_json
+from twinlm.noise import NoiseKind
+from twinlm.stats import Comparison as StatComparison
 
 CELL_FILE = "cell.json"
 CONTROL_FILE = "control.json"
@@ -69,6 +71,26 @@ class SuiteTask(Section):
     split_from: SplitFrom | None = None
 
 
+class Noise(Section):
+    """Test inputs perturbed at rising rates (twinlm.noise): each fine-tuned model is scored again on them."""
+
+    rates: list[float] = Field(min_length=1, description="the share of words perturbed, each in (0, 1]")
+    kinds: list[NoiseKind] = Field(default_factory=lambda: ["char", "token"], min_length=1)
+    seed: int = 0
+
+    @field_validator("rates")
+    @classmethod
+    def _shares(cls, rates: list[float]) -> list[float]:
+        bad = [r for r in rates if not 0 < r <= 1]
+        if bad:
+            raise ValueError(f"rates {bad} are not shares of words in (0, 1]")
+        return rates
+
+    def keys(self) -> list[str]:
+        """The names of the scores, e.g. char_noise0.1."""
+        return [f"{kind}_noise{rate:g}" for kind in self.kinds for rate in self.rates]
+
+
 class Suite(Section):
     """Tasks, seeds and the learning-rate grid; `overrides` apply to every task."""
 
@@ -79,6 +101,7 @@ class Suite(Section):
     )
     overrides: dict[str, Any] = Field(default_factory=dict)
     control: bool = True
+    noise: Noise | None = Field(None, description="score every model again on perturbed test inputs")
 
     @field_validator("seeds")
     @classmethod
@@ -225,7 +248,7 @@ def cell_config(model_path: str, spec: SuiteTask, overrides: dict[str, Any], fol
     return load_finetune_config(spec.config, pairs)
 
 
-def _fingerprint(model_path: str, cfg: Any) -> str:
+def _fingerprint(model_path: str, cfg: Any, noise: Any = None) -> str:
     """What a cell's result depends on: the model's files (weights, config, tokenizer), the resolved
     fine-tuning config (task, settings, seed, lr) and the contents of the files it reads (the task's, a
     separate tokenizer's); not where they lie, so the same cell is found again under another spelling of a
@@ -243,6 +266,7 @@ def _fingerprint(model_path: str, cfg: Any) -> str:
             "run": run,
             "task_files": list(files_digest(task_files).values()),
             "tokenizer": list(files_digest(tokenizer).values()),
+            **({"noise": noise.model_dump(mode="json")} if noise is not None else {}),
         }
     )
 
@@ -251,9 +275,18 @@ class EvaluationInterrupted(Interrupted):
     """A fine-tuning run of the evaluation was stopped (SIGINT/SIGTERM): the evaluation stops too."""
 
 
-def run_cell(model_path: str, task: str, spec: SuiteTask, overrides: dict[str, Any], folder: Path) -> dict:
-    """Fine-tune once (or read the finished result when nothing it depends on changed): best dev and its
-    test scores, the baseline if run."""
+def run_cell(
+    model_path: str,
+    task: str,
+    spec: SuiteTask,
+    overrides: dict[str, Any],
+    folder: Path,
+    noise: Noise | None = None,
+    cache: Path | None = None,
+) -> dict:
+    """Fine-tune once (or read the finished result when nothing it depends on changed, here or in the
+    shared `cache` of finished cells): best dev and its test scores, the baseline if run, and with `noise`
+    the test scores on perturbed inputs."""
     import shutil
     import signal
 
@@ -261,12 +294,18 @@ def run_cell(model_path: str, task: str, spec: SuiteTask, overrides: dict[str, A
 
     done = folder / CELL_FILE
     cfg = cell_config(model_path, spec, overrides, folder)
-    fingerprint = _fingerprint(model_path, cfg)
+    fingerprint = _fingerprint(model_path, cfg, noise)
     if done.is_file():
         cell = read_json(done)
         if cell.get("fingerprint") == fingerprint:
             return cell
         print(f"re-running {folder}: the model, its task files or the settings changed since it was run")
+    shared = cache / f"{fingerprint[:32]}.json" if cache is not None else None
+    if shared is not None and read_json(shared).get("fingerprint") == fingerprint:
+        cell = {**read_json(shared), "model": model_path}  # the same cell, run by another evaluation
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(done, cell, f"the result of {folder}")
+        return cell
     from twinlm.finetune import finetune
 
     summary = finetune(cfg)
@@ -287,10 +326,31 @@ def run_cell(model_path: str, task: str, spec: SuiteTask, overrides: dict[str, A
         "baseline": summary.get("baseline"),
         "seconds": summary.get("seconds"),
     }
+    if noise is not None:
+        cell["noise"] = noisy_scores(folder / "run" / "best", cfg, noise, cell["metric"])
     folder.mkdir(parents=True, exist_ok=True)
     write_json_atomic(done, cell, f"the result of {folder}")
+    if shared is not None:
+        shared.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(shared, cell, "a shared finished cell")
     shutil.rmtree(folder / "run", ignore_errors=True)  # the fine-tuned weights are not needed: scores are
     return cell
+
+
+def noisy_scores(best: Path, cfg: Any, noise: Noise, metric: str) -> dict[str, float]:
+    """The best model's test `metric` on the test split perturbed at every rate and kind (twinlm.noise)."""
+    from twinlm.finetune.data import load_task
+    from twinlm.finetune.loop import score_saved_model
+    from twinlm.noise import perturb_split, training_vocabulary
+
+    splits, _ = load_task(cfg.task, cfg.training.seed)
+    vocabulary = training_vocabulary(splits["train"])
+    scores = {}
+    for kind in noise.kinds:
+        for rate in noise.rates:
+            perturbed = perturb_split(splits["test"], kind, rate, noise.seed, vocabulary)
+            scores[f"{kind}_noise{rate:g}"] = score_saved_model(best, cfg, perturbed)[metric]
+    return scores
 
 
 # ------------------------------------------------------------------------------------------------
@@ -419,7 +479,9 @@ def check_suite(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return suite
 
 
-def _score_model(model: EvaluatedModel, suite: Suite, out: Path, splits: dict[str, dict]) -> dict[str, Any]:
+def _score_model(
+    model: EvaluatedModel, suite: Suite, out: Path, splits: dict[str, dict], cache: Path | None = None
+) -> dict[str, Any]:
     """Run every (task, lr, seed) cell of one model; per task, the lr with the best mean dev metric."""
     from twinlm.stopping import check_stop
 
@@ -434,7 +496,8 @@ def _score_model(model: EvaluatedModel, suite: Suite, out: Path, splits: dict[st
                 baseline = model.kind == "checkpoint" and seed == suite.seeds[0]
                 overrides = _cell_overrides(suite, name, splits[name], seed, lr, baseline)
                 folder = out / "runs" / _slug(model.label) / name / f"lr{lr}-seed{seed}"
-                cells.append(run_cell(model.path(seed, out), name, spec, overrides, folder))
+                path = model.path(seed, out)
+                cells.append(run_cell(path, name, spec, overrides, folder, suite.noise, cache))
             by_lr[lr] = cells
         best_lr = max(
             by_lr, key=lambda lr: statistics.fmean(c["dev"].get(c["metric"], 0.0) for c in by_lr[lr])
@@ -449,14 +512,21 @@ def _score_model(model: EvaluatedModel, suite: Suite, out: Path, splits: dict[st
             "baseline": next((c["baseline"] for c in cells if c.get("baseline")), None),
             **_mean_std([c["test"].get(metric, 0.0) for c in cells]),
         }
+        if suite.noise is not None:  # the test metric on perturbed inputs, mean over seeds at the chosen lr
+            tasks[name]["noise"] = {
+                key: statistics.fmean(c["noise"][key] for c in cells) for key in suite.noise.keys()
+            }
     per_seed = [statistics.fmean(t["test"][i] for t in tasks.values()) for i in range(len(suite.seeds))]
-    return {
+    result = {
         "label": model.label,
         "kind": model.kind,
         "of": model.of,
         "tasks": tasks,
         "average": {"per_seed": per_seed, **_mean_std(per_seed)},
     }
+    if suite.noise is not None:
+        result["noise"] = {name: task["noise"] for name, task in tasks.items()}
+    return result
 
 
 def _slug(label: str) -> str:
@@ -485,6 +555,7 @@ def evaluate_checkpoints(
     suite_path: str | Path,
     out: str | Path,
     overrides: list[str] | tuple[str, ...] = (),
+    cells_cache: str | Path | None = None,
 ) -> dict[str, Any]:
     """Fine-tune every checkpoint (and its control) on every task; write report.md, results.json, a PNG.
 
@@ -517,7 +588,8 @@ def evaluate_checkpoints(
             for name, spec in suite.tasks.items()
         }
         _check_cells(checkpoints[0], suite, out, splits)
-        results = [_score_model(m, suite, out, splits) for m in _models(checkpoints, suite)]
+        cache = Path(cells_cache) if cells_cache is not None else None
+        results = [_score_model(m, suite, out, splits, cache) for m in _models(checkpoints, suite)]
         check_stop(RESUME_HINT)
         pretraining = {
             label: pretraining_facts(ckpt)
@@ -532,6 +604,27 @@ def evaluate_checkpoints(
     print(format_report(report))
     print(f"\nreport: {out / 'report.md'}  results: {out / 'results.json'}  plot: {out / 'results.png'}")
     return report
+
+
+def difference(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """a - b on the suite average, seed by seed (the same seeds fine-tune both): mean, std, the paired
+    t-test's interval and p-value (twinlm.stats), and per task the same on its test scores."""
+    from twinlm.stats import compare
+
+    diffs = [x - y for x, y in zip(a["average"]["per_seed"], b["average"]["per_seed"], strict=True)]
+    test = compare(a["average"]["per_seed"], b["average"]["per_seed"], paired=True)
+    per_task = {n: a["tasks"][n]["mean"] - b["tasks"][n]["mean"] for n in a["tasks"]}
+    per_task_tests = {
+        n: dataclasses.asdict(compare(a["tasks"][n]["test"], b["tasks"][n]["test"], paired=True))
+        for n in a["tasks"]
+    }
+    return {
+        **_mean_std(diffs),
+        "per_seed": diffs,
+        "per_task": per_task,
+        "test": dataclasses.asdict(test),
+        "per_task_tests": per_task_tests,
+    }
 
 
 def build_results(
@@ -551,24 +644,12 @@ def build_results(
     for res in results:
         control = next((r for r in results if r["kind"] == "control" and r["of"] == res["of"]), None)
         if res["kind"] == "checkpoint" and control is not None:
-            diffs = [
-                a - b for a, b in zip(res["average"]["per_seed"], control["average"]["per_seed"], strict=True)
-            ]
-            per_task = {n: res["tasks"][n]["mean"] - control["tasks"][n]["mean"] for n in res["tasks"]}
-            gains[res["label"]] = {**_mean_std(diffs), "per_seed": diffs, "per_task": per_task}
+            gains[res["label"]] = difference(res, control)
     checkpoints = [r for r in results if r["kind"] == "checkpoint"]
-    comparisons = {}
-    for other in checkpoints[1:]:
-        first = checkpoints[0]
-        diffs = [
-            a - b for a, b in zip(other["average"]["per_seed"], first["average"]["per_seed"], strict=True)
-        ]
-        per_task = {n: other["tasks"][n]["mean"] - first["tasks"][n]["mean"] for n in other["tasks"]}
-        comparisons[f"{other['label']} vs {first['label']}"] = {
-            **_mean_std(diffs),
-            "per_seed": diffs,
-            "per_task": per_task,
-        }
+    comparisons = {
+        f"{other['label']} vs {checkpoints[0]['label']}": difference(other, checkpoints[0])
+        for other in checkpoints[1:]
+    }
     pretraining = pretraining or {}
     return {
         "seeds": suite.seeds,
@@ -607,20 +688,34 @@ def format_report(report: dict[str, Any]) -> str:
     base_avg = f"{statistics.fmean(bases):.4f}" if len(bases) == len(tasks) and bases else "n/a"
     lines.append("| **suite average** | " + " | ".join(avg) + f" | {base_avg} |")
     for label, gain in report["gains"].items():
+        test = StatComparison(**gain["test"])
         lines += [
             "",
-            f"**Pretraining gain of {label}** (checkpoint - control, suite average): "
-            f"{gain['mean'] * 100:+.2f} ± {gain['std'] * 100:.2f} points"
-            + (
-                " (one seed: no spread to compare it with)"
-                if len(report["seeds"]) < 2
-                else " (larger than the seed spread)"
-                if abs(gain["mean"]) > gain["std"]
-                else " (within the seed spread: no measurable difference)"
-            ),
+            f"**Pretraining gain of {label}** (checkpoint - control, suite average, seed by seed): "
+            f"{test.describe('points', scale=100, digits=3)}: {test.verdict()}; ± {gain['std'] * 100:.2f} "
+            "points over seeds",
         ]
         lines.append("per task: " + ", ".join(f"{n} {v * 100:+.2f}" for n, v in gain["per_task"].items()))
-    return "\n".join(lines + _pretraining_lines(report)) + "\n"
+    return "\n".join(lines + _noise_lines(report) + _pretraining_lines(report)) + "\n"
+
+
+def _noise_lines(report: dict[str, Any]) -> list[str]:
+    """With a suite's noise section: per task, each model's test score at every perturbation."""
+    models = [m for m in report["models"] if m.get("noise")]
+    if not models:
+        return []
+    keys = list(next(iter(models[0]["noise"].values())))
+    lines = ["", "## Test inputs with noise (twinlm.noise; mean over seeds)", ""]
+    lines += ["| task | model | clean | " + " | ".join(keys) + " |", "|---|---|---|" + "---|" * len(keys)]
+    for model in models:
+        for task, curve in model["noise"].items():
+            clean = model["tasks"][task]["mean"]
+            lines.append(
+                f"| {task} | {model['label']} | {clean:.4f} | "
+                + " | ".join(f"{curve[k]:.4f}" for k in keys)
+                + " |"
+            )
+    return lines
 
 
 def _pretraining_lines(report: dict[str, Any]) -> list[str]:
@@ -653,10 +748,12 @@ def _pretraining_lines(report: dict[str, Any]) -> list[str]:
             "equal-wall-clock comparison.",
         ]
     for name, diff in comparisons.items():
+        test = StatComparison(**diff["test"])
         lines += [
             "",
-            f"**{name}** (the same seeds, suite average): {diff['mean'] * 100:+.2f} ± {diff['std'] * 100:.2f} "
-            "points; per task: " + ", ".join(f"{n} {v * 100:+.2f}" for n, v in diff["per_task"].items()),
+            f"**{name}** (the same seeds, suite average): {test.describe('points', scale=100, digits=3)}: "
+            f"{test.verdict()}; per task: "
+            + ", ".join(f"{n} {v * 100:+.2f}" for n, v in diff["per_task"].items()),
         ]
     return lines
 
@@ -703,7 +800,7 @@ def plot_results(report: dict[str, Any], path: Path) -> Path:
 # Command line
 # ------------------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> int:
-    evaluate_checkpoints(list(args.checkpoints), args.suite, args.out, list(args.overrides))
+    evaluate_checkpoints(list(args.checkpoints), args.suite, args.out, list(args.overrides), args.cells_cache)
     return 0
 
 
@@ -719,5 +816,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--suite", required=True, help="suite YAML, e.g. configs/evaluate/default.yaml")
     parser.add_argument("--out", default="outputs/evaluate", help="output folder (default: %(default)s)")
+    parser.add_argument(
+        "--cells-cache",
+        default=None,
+        help="a folder of finished cells shared by evaluations: a cell whose model files, settings and task "
+        "files are the same (e.g. the control of the same architecture and tokenizer) runs once",
+    )
     parser.set_defaults(func=run, overrides=[])  # suite overrides: seeds=[0] lrs=[1e-3,2e-3] ...
     return parser

@@ -18,7 +18,7 @@ _DIGESTS: dict[tuple[str, int, int, int], str] = {}
 
 # Files of a model folder that do not change what the model computes (written after the export, or the
 # model code, which every twinlm command takes from the installed package).
-_NOT_THE_MODEL = {"README.md", "training_info.json", ".gitattributes"}
+_NOT_THE_MODEL = {"README.md", "training_info.json", ".gitattributes", "control.json", "eval_results.json"}
 
 
 def file_digest(path: str | os.PathLike) -> str:

@@ -28,17 +28,18 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import shutil
-import signal
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field, model_validator
 
-from twinlm.config import Section, build_config, check_folder_names
+from twinlm.config import Section, build_config, check_folder_names, flatten_overrides
 from twinlm.errors import TwinLMError
+from twinlm.fileio import read_json
+from twinlm.stats import Comparison as StatComparison
 
 TRIAL_FILE = "trial.json"
+RESUME_HINT = "finished trials are kept: run the same command again to go on"
 SMOKE = {
     "training.max_minutes": None,
     "training.max_steps": 2,
@@ -105,8 +106,8 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     return sweep
 
 
-def _dotted(overrides: dict[str, Any]) -> list[str]:
-    return [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
+def _pairs(overrides: dict[str, Any]) -> list[tuple[str, Any]]:
+    return flatten_overrides(overrides)
 
 
 def _fingerprint(trial: Trial) -> str:
@@ -115,11 +116,8 @@ def _fingerprint(trial: Trial) -> str:
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+def _maybe_json(path: Path) -> dict[str, Any] | None:
+    return read_json(path) or None
 
 
 class Sweep:
@@ -130,23 +128,28 @@ class Sweep:
         self.out = Path(f"{sweep.out}-smoke") if smoke else sweep.out
 
     def shared_tokenizer(self, trial: Trial) -> Path | None:
-        """Where the tokenizer of trials with this trial's tokenizer settings and sources is kept (None when
-        the trial's config names a tokenizer itself)."""
+        """Where the tokenizer of the trials with this trial's tokenizer settings and sources is kept (None
+        when the trial's config names a tokenizer itself): trained once, before the first such trial."""
         from twinlm.training import load_run_config
+        from twinlm.training.loop import run_model_config, shared_tokenizer_key
 
-        cfg = load_run_config(trial.config, _dotted(trial.overrides))
+        cfg = load_run_config(trial.config, _pairs(trial.overrides))
         if cfg.tokenizer.train is None:
             return None
-        facts = {
-            "train": cfg.tokenizer.train.model_dump(mode="json"),
-            "model": None
-            if cfg.tokenizer.train.type
-            else cfg.model.model_dump(mode="json"),  # type from the model
-            "sources": [s.model_dump(mode="json", exclude={"weight"}) for s in cfg.data.sources],
-            "document_split": cfg.data.text_document_split,
-        }  # (not seq_len: the tokenizer's model_max_length by default, it changes no token)
-        key = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
-        return self.out / "tokenizers" / key
+        causal = bool(run_model_config(cfg).is_causal) and cfg.objective != "rtd"
+        return self.out / "tokenizers" / shared_tokenizer_key(cfg, causal)
+
+    def prepare_tokenizer(self, trial: Trial) -> None:
+        """Train the trial's shared tokenizer unless it is there (atomically, as the run would train it)."""
+        from twinlm.training import load_run_config
+        from twinlm.training.loop import run_model_config, train_run_tokenizer
+
+        shared = self.shared_tokenizer(trial)
+        if shared is None or (shared / "tokenizer.json").is_file():
+            return
+        cfg = load_run_config(trial.config, _pairs(trial.overrides))
+        causal = bool(run_model_config(cfg).is_causal) and cfg.objective != "rtd"
+        train_run_tokenizer(cfg, shared, causal)
 
     def pretrain_overrides(self, trial: Trial) -> dict[str, Any]:
         """The trial's overrides, its output folder, resume, a shared tokenizer, and its budget (smoke: 2 steps)."""
@@ -157,16 +160,14 @@ class Sweep:
             "training.resume_from_checkpoint": "latest",
         }
         shared = self.shared_tokenizer(trial)
-        if shared is not None and (shared / "tokenizer.json").is_file():
-            if not (output_dir / "tokenizer" / "tokenizer.json").is_file():  # (a trial keeps its own)
-                print(
-                    f"trial {trial.name}: the tokenizer of the trials with its tokenizer settings, {shared}"
-                )
-                settings.update({"tokenizer.train": None, "tokenizer.path": str(shared)})
+        if shared is not None and not (output_dir / "tokenizer" / "tokenizer.json").is_file():
+            settings.update(
+                {"tokenizer.train": None, "tokenizer.path": str(shared)}
+            )  # (a trial keeps its own)
         if self.smoke:
             return {**settings, **SMOKE}
         if trial.steps_from is not None:
-            other = _read_json(self.out / trial.steps_from / "pretrain" / "summary.json")
+            other = _maybe_json(self.out / trial.steps_from / "pretrain" / "summary.json")
             if not other or not other.get("final_model"):
                 raise TwinLMError(
                     f"trial {trial.name!r} runs the steps of {trial.steps_from!r}, which has not finished "
@@ -176,30 +177,38 @@ class Sweep:
         return settings
 
     def run(self, only: list[str] | None = None) -> list[dict[str, Any]]:
-        """Every trial (or those named in `only`) in order; returns the table's rows."""
+        """Every trial (or those named in `only`) in order; returns the table's rows. SIGINT/SIGTERM stop
+        the whole sweep (the trial in progress keeps its checkpoint or its finished cells; exit 128 + signal)."""
+        from twinlm.session import run_folder
+        from twinlm.stopping import check_stop, stop_on_signal
+
         names = [t.name for t in self.sweep.trials]
         unknown = sorted(set(only or ()) - set(names))
         if unknown:
             raise TwinLMError(
                 f"--only: no trial named {', '.join(unknown)}; the trials are {', '.join(names)}"
             )
-        for trial in self.sweep.trials:
-            if only and trial.name not in only:
-                continue
-            print(
-                f"\n=== sweep trial {trial.name}: {trial.config} {' '.join(_dotted(trial.overrides))}".rstrip()
-            )
-            self.run_trial(trial)
-            self.write_table()
-        return self.write_table()
+        with run_folder(self.out, "out"), stop_on_signal():
+            for trial in self.sweep.trials:
+                if only and trial.name not in only:
+                    continue
+                check_stop(RESUME_HINT)
+                overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in _pairs(trial.overrides))
+                print(f"\n=== sweep trial {trial.name}: {trial.config} {overrides}".rstrip())
+                self.run_trial(trial)
+                self.write_table()
+            return self.write_table()
 
     def run_trial(self, trial: Trial) -> None:
-        """Pretrain (unless finished with the same settings), then evaluate (finished cells are kept)."""
+        """Pretrain (unless finished with the same settings), then evaluate (finished cells are kept, and a
+        cell another trial already ran, such as the control of the same architecture, is read back)."""
         from twinlm.evaluation import evaluate_checkpoints
+        from twinlm.fileio import write_json_atomic
+        from twinlm.stopping import raise_interrupted
         from twinlm.training import pretrain
 
         folder = self.out / trial.name
-        record = _read_json(folder / TRIAL_FILE)
+        record = _maybe_json(folder / TRIAL_FILE)
         fingerprint = _fingerprint(trial)
         if record is not None and record.get("fingerprint") != fingerprint:
             raise TwinLMError(
@@ -207,37 +216,28 @@ class Sweep:
                 "give the new settings another trial name, or delete that folder to run it again"
             )
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / TRIAL_FILE).write_text(
-            json.dumps({"fingerprint": fingerprint, **trial.model_dump(mode="json")})
-        )
-        summary = _read_json(folder / "pretrain" / "summary.json")
+        write_json_atomic(folder / TRIAL_FILE, {"fingerprint": fingerprint, **trial.model_dump(mode="json")})
+        summary = _maybe_json(folder / "pretrain" / "summary.json")
         if not (summary and summary.get("final_model") and Path(summary["final_model"]).is_dir()):
-            settings = self.pretrain_overrides(trial)
-            summary = pretrain(trial.config, _dotted(settings))
-            shared, trained = self.shared_tokenizer(trial), folder / "pretrain" / "tokenizer"
-            if shared is not None and not shared.exists() and (trained / "tokenizer.json").is_file():
-                tmp = shared.with_name(shared.name + ".tmp")
-                shutil.rmtree(tmp, ignore_errors=True)
-                shutil.copytree(trained, tmp)
-                tmp.replace(shared)
-            stopped = summary.get("interrupted_by")
-            if stopped:
-                raise SweepInterrupted(
-                    f"trial {trial.name!r} was interrupted by {stopped}: run the same command again to resume it",
-                    int(getattr(signal, stopped, 0)),
+            self.prepare_tokenizer(trial)
+            summary = pretrain(trial.config, list(self.pretrain_overrides(trial).items()))
+            if summary.get("interrupted_by"):
+                raise_interrupted(
+                    summary["interrupted_by"], f"trial {trial.name!r} keeps its checkpoint; {RESUME_HINT}"
                 )
         if trial.evaluate and not self.smoke:
             evaluate_checkpoints(
                 [summary["final_model"]],
                 self.sweep.suite,
                 folder / "evaluate",
-                _dotted(self.sweep.evaluate_overrides),
+                [f"{k}={json.dumps(v)}" for k, v in _pairs(self.sweep.evaluate_overrides)],
+                cells_cache=self.out / "cells",
             )
 
     def row(self, trial: Trial) -> dict[str, Any] | None:
         """The table's row of a trial whose pretraining finished (scores once its evaluation did)."""
         folder = self.out / trial.name
-        summary = _read_json(folder / "pretrain" / "summary.json")
+        summary = _maybe_json(folder / "pretrain" / "summary.json")
         if not summary or not summary.get("final_model"):
             return None
         row: dict[str, Any] = {
@@ -253,7 +253,7 @@ class Sweep:
             "validation": {k: v for k, v in summary.items() if k.startswith("val_")},
             "data_sources": summary.get("data_sources"),
         }
-        report = _read_json(folder / "evaluate" / "results.json")
+        report = _maybe_json(folder / "evaluate" / "results.json")
         if report is not None:
             checkpoint = next(m for m in report["models"] if m["kind"] == "checkpoint")
             control = next((m for m in report["models"] if m["kind"] == "control"), None)
@@ -279,22 +279,26 @@ class Sweep:
 
     def write_table(self) -> list[dict[str, Any]]:
         """OUT/sweep.json and OUT/sweep.md: every finished trial, and the comparisons of evaluated ones."""
+        from twinlm.fileio import write_json_atomic, write_text_atomic
+
         rows = [r for r in (self.row(t) for t in self.sweep.trials) if r is not None]
         comparisons = compare_rows(rows, self.sweep.compare)
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "sweep.json").write_text(
-            json.dumps({"trials": rows, "comparisons": comparisons}, indent=2)
+        write_json_atomic(
+            self.out / "sweep.json", {"trials": rows, "comparisons": comparisons}, "the sweep table"
         )
-        (self.out / "sweep.md").write_text(format_table(rows, comparisons))
+        write_text_atomic(self.out / "sweep.md", format_table(rows, comparisons), "the sweep table")
         return rows
 
 
 def compare_rows(rows: list[dict[str, Any]], pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
-    """For each [A, B] whose evaluations both finished on the same seeds: A - B on the suite average per seed
-    (mean ± std), and whether their training times were equal (twinlm.evaluation.EQUAL_TIME_TOLERANCE)."""
+    """For each [A, B] whose evaluations both finished on the same seeds: A - B on the suite average, seed by
+    seed (a paired t-test, twinlm.stats), and whether their training times were equal
+    (twinlm.evaluation.EQUAL_TIME_TOLERANCE)."""
+    import dataclasses
     import statistics
 
     from twinlm.evaluation import equal_time
+    from twinlm.stats import compare
 
     by_name = {r["trial"]: r for r in rows}
     found = []
@@ -304,9 +308,8 @@ def compare_rows(rows: list[dict[str, Any]], pairs: list[tuple[str, str]]) -> li
             continue
         if first["seeds"] != second["seeds"]:
             continue
-        diffs = [
-            x - y for x, y in zip(first["average"]["per_seed"], second["average"]["per_seed"], strict=True)
-        ]
+        x, y = first["average"]["per_seed"], second["average"]["per_seed"]
+        diffs = [p - q for p, q in zip(x, y, strict=True)]
         found.append(
             {
                 "a": a,
@@ -314,19 +317,12 @@ def compare_rows(rows: list[dict[str, Any]], pairs: list[tuple[str, str]]) -> li
                 "per_seed": diffs,
                 "mean": statistics.fmean(diffs),
                 "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
+                "test": dataclasses.asdict(compare(x, y, paired=True)),
                 "train_minutes": [first["train_seconds"] / 60, second["train_seconds"] / 60],
                 "equal_time": equal_time([first, second]),
             }
         )
     return found
-
-
-class SweepInterrupted(TwinLMError):
-    """A trial's pretraining was stopped by a signal; the exit status says which (128 + signal)."""
-
-    def __init__(self, message: str, signum: int) -> None:
-        super().__init__(message)
-        self.signum = signum
 
 
 def _pm(value: dict[str, float] | None, scale: float = 1.0, spec: str = ".4f") -> str:
@@ -379,7 +375,8 @@ def format_table(rows: list[dict[str, Any]], comparisons: list[dict[str, Any]] =
         lines.append("| " + " | ".join(cells) + " |")
     notes = [f"- **{r['trial']}**: {r['note']}" for r in rows if r.get("note")]
     compared = [
-        f"- **{c['a']} - {c['b']}** (suite average, the same seeds): {_pm(c, 100.0, '+.2f')} points; training "
+        f"- **{c['a']} - {c['b']}** (suite average, the same seeds): "
+        f"{StatComparison(**c['test']).describe('points', scale=100, digits=3)}; training "
         f"{c['train_minutes'][0]:.1f} vs {c['train_minutes'][1]:.1f} minutes"
         + (" (equal time)" if c["equal_time"] else " (NOT equal time)" if c["equal_time"] is False else "")
         for c in comparisons
@@ -393,11 +390,7 @@ def format_table(rows: list[dict[str, Any]], comparisons: list[dict[str, Any]] =
 def run(args: argparse.Namespace) -> int:
     sweep = load_sweep(args.sweep, list(args.overrides))
     runner = Sweep(sweep, smoke=args.smoke)
-    try:
-        rows = runner.run(args.only)
-    except SweepInterrupted as stop:
-        print(f"twinlm sweep: {stop}")
-        return 128 + stop.signum
+    rows = runner.run(args.only)
     print(f"\n{len(rows)} finished trial(s): {runner.out / 'sweep.md'}, {runner.out / 'sweep.json'}")
     return 0
 

@@ -133,7 +133,7 @@ def _known_metric(name: str, known: set[str]) -> bool:
     return (
         name in known
         or name.startswith("val_")
-        or re.fullmatch(r"(entropy|saturation)_L\d+", name) is not None
+        or re.fullmatch(r"(entropy|saturation|init_grad)_L\d+", name) is not None
     )
 
 

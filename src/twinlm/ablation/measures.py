@@ -96,7 +96,74 @@ def measure_length(run_dir: Path, summary: dict, params: dict) -> dict[str, Any]
             out[f"note@{f}L"] = str(err).split(";")[0]
             continue
         out[f"ppl@{f}L"] = math.exp(min(loss, 50)) if loss is not None else None
+    # The check that the model uses order at all: the same blocks with their tokens shuffled (a model that
+    # ignores order loses nothing). Length results of a model that does not use order mean nothing.
+    shuffled = _stream_loss(
+        model, tokenizer, _shuffled_blocks(ids, train_len), train_len, params.get("blocks", 8)
+    )
+    if shuffled is not None and out.get("ppl@1L"):
+        out["shuffled_ppl@1L"] = math.exp(min(shuffled, 50))
+        out["order_nats"] = shuffled - math.log(out["ppl@1L"])
     return out
+
+
+def _shuffled_blocks(ids: list[int], seq_len: int) -> list[int]:
+    """The stream with the tokens of each block of `seq_len` shuffled (seeded): order gone, tokens kept."""
+    import random
+
+    rng = random.Random(0)
+    out: list[int] = []
+    for start in range(0, len(ids) - seq_len + 1, seq_len):
+        block = ids[start : start + seq_len]
+        rng.shuffle(block)
+        out += block
+    return out
+
+
+def measure_init_gradients(run_dir: Path, summary: dict, params: dict) -> dict[str, Any]:
+    """The gradient norm of each layer's weights at initialisation (the run's architecture and seed, one
+    batch of validation text): Xiong et al. 2020 show post-LN's grow towards the output, pre-LN's do not."""
+    import torch
+
+    import twinlm
+    from twinlm.training.config import load_run_config
+
+    _, tokenizer = _load_final(run_dir)
+    config = twinlm.TwinLMConfig.from_pretrained(run_dir / "final")
+    seed = load_run_config(run_dir / "run_config.yaml").training.seed
+    torch.manual_seed(seed)
+    model = (twinlm.TwinLMForCausalLM if config.is_causal else twinlm.TwinLMForMaskedLM)(config).train()
+    seq = min(128, config.max_position_embeddings)
+    ids, _ = _validation_stream(run_dir, tokenizer, 8 * seq)
+    torch.manual_seed(seed)  # the same dropout and masking for every variant
+    with torch.random.fork_rng(devices=[]):
+        _stream_backward(model, tokenizer, ids, seq, 8)
+    norms = []
+    for layer in model.model.layers:
+        grads = [p.grad.float().pow(2).sum() for p in layer.parameters() if p.grad is not None]
+        norms.append(float(torch.stack(grads).sum().sqrt()) if grads else 0.0)
+    out = {f"init_grad_L{i}": n for i, n in enumerate(norms)}
+    out["init_grad_first"], out["init_grad_last"] = norms[0], norms[-1]
+    out["init_grad_last_over_first"] = norms[-1] / max(norms[0], 1e-12)
+    return out
+
+
+def _stream_backward(model: Any, tokenizer: Any, ids: list[int], seq_len: int, max_blocks: int) -> None:
+    """Forward and backward of the loss over contiguous blocks (see _stream_loss)."""
+    import torch
+
+    from twinlm.data import CausalLMCollator, MaskedLMCollator
+
+    blocks = [ids[i : i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)][:max_blocks]
+    causal = model.config.is_causal
+    collate = (
+        CausalLMCollator(tokenizer)
+        if causal
+        else MaskedLMCollator(tokenizer, generator=torch.Generator().manual_seed(0))
+    )
+    batch = collate([{"input_ids": b} for b in blocks])
+    batch.pop("position_ids", None)
+    model(**batch).loss.backward()
 
 
 def measure_attention(run_dir: Path, summary: dict, params: dict) -> dict[str, Any]:
@@ -243,7 +310,14 @@ def measure_downstream(run_dir: Path, summary: dict, params: dict) -> dict[str, 
 
     report = evaluate_checkpoints([str(run_dir / "final")], params["suite"], run_dir / "evaluate")
     model = report["models"][0]
-    return {"suite_average": model["average"]["mean"], **{k: v["mean"] for k, v in model["tasks"].items()}}
+    out = {"suite_average": model["average"]["mean"], **{k: v["mean"] for k, v in model["tasks"].items()}}
+    gain = next(iter(report["gains"].values()), None)  # with a suite that runs the control
+    if gain is not None:
+        out["gain"] = gain["mean"]
+        out["control_average"] = report["models"][1]["average"]["mean"]
+    for name, curve in (model.get("noise") or {}).items():  # with a suite that perturbs its test inputs
+        out.update({f"{name}@{key}": value for key, value in curve.items()})
+    return out
 
 
 def measure_curve(run_dir: Path, summary: dict, params: dict) -> dict[str, Any]:
@@ -276,7 +350,7 @@ class LengthParams(NoParams):
     blocks: PositiveInt = 8
 
     def outputs(self) -> list[str]:
-        return [f"ppl@{f}L" for f in self.factors]
+        return [f"ppl@{f}L" for f in self.factors] + ["shuffled_ppl@1L", "order_nats"]
 
 
 class CostParams(NoParams):
@@ -347,7 +421,13 @@ class DownstreamParams(NoParams):
     def outputs(self) -> list[str]:
         from twinlm.evaluation import load_suite
 
-        return ["suite_average", *load_suite(self.suite).tasks]
+        suite = load_suite(self.suite)
+        names = ["suite_average", *suite.tasks]
+        if suite.control:
+            names += ["gain", "control_average"]
+        for task in suite.tasks if suite.noise else ():
+            names += [f"{task}@{key}" for key in suite.noise.keys()]
+        return names
 
     def check(self, model_config: Any) -> str | None:
         """The suite as evaluate checks it before its first fine-tuning run (task configs with their
@@ -377,6 +457,10 @@ class AttentionParams(FixedOutputs):
     pass
 
 
+class InitGradientParams(FixedOutputs):
+    pass
+
+
 class TrainEvalGapParams(FixedOutputs):
     pass
 
@@ -394,6 +478,7 @@ FIXED_OUTPUTS: dict[type, tuple[str, ...]] = {
     TrainEvalGapParams: ("eval_mode_loss", "train_mode_loss", "train_minus_eval"),
     BitsPerByteParams: ("bits_per_byte", "tokens_per_byte", "unk_rate"),
     CurveParams: ("max_grad_norm", "final_train_loss", "diverged"),
+    InitGradientParams: ("init_grad_first", "init_grad_last", "init_grad_last_over_first"),
 }
 # What every run reports, whatever its measures (a run summary's numbers; val_* differ by objective).
 RUN_OUTPUTS = ("val_loss", "val_ppl", "train_seconds", "tokens_per_s", "parameters")
@@ -431,6 +516,7 @@ MEASURES: dict[str, Measurement] = {
     "generation": Measurement(measure_generation, GenerationParams),
     "downstream": Measurement(measure_downstream, DownstreamParams, cached=False),
     "curve": Measurement(measure_curve, CurveParams),
+    "init_gradients": Measurement(measure_init_gradients, InitGradientParams),
 }
 
 

@@ -98,20 +98,13 @@ def _model_identity(model_config: Any) -> dict[str, Any]:
 
 def _tokenizer_group(cfg: Any, model_config: Any, root: Path) -> TokenizerGroup:
     from twinlm.fingerprint import files_digest, fingerprint
+    from twinlm.training.loop import shared_tokenizer_key
 
     causal = bool(model_config.is_causal)
     if cfg.tokenizer.path is not None:
         given = Path(cfg.tokenizer.path)
         return TokenizerGroup(fingerprint(files_digest([given]))[:16], given, cfg, causal, given=True)
-    facts = {
-        "train": cfg.tokenizer.train.model_dump(mode="json"),
-        "kind": cfg.tokenizer.train.type or ("bpe" if causal else "wordpiece"),
-        "data": cfg.data.model_dump(
-            mode="json", include={"sources", "streaming", "text_document_split", "seq_len"}
-        ),
-        "files": files_digest(_local_files(cfg)),
-    }
-    key = fingerprint(facts)[:16]
+    key = shared_tokenizer_key(cfg, causal)
     return TokenizerGroup(key, root / "tokenizers" / key, cfg, causal)
 
 

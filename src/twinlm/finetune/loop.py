@@ -251,21 +251,23 @@ def evaluate(
     model: torch.nn.Module,
     loader: DataLoader,
     split: Split,
-    accelerator: Any,
+    accelerator: Any | None,
     id2label: dict[int, str],
     task_type: str,
 ) -> dict[str, float]:
-    """Scores on a whole split, gathered over processes; tagging is scored per word (first sub-token)."""
+    """Scores on a whole split, gathered over processes (`accelerator`; None: one process, no gathering);
+    tagging is scored per word (first sub-token)."""
     was_training = model.training
     model.eval()
     predicted: list[Any] = []
     for batch in loader:
         labels = batch.pop("labels")
         pred = model(**batch).logits.argmax(-1)
-        if task_type == "token_classification":
+        if accelerator is not None and task_type == "token_classification":
             pred = accelerator.pad_across_processes(pred, dim=1, pad_index=-100)
             labels = accelerator.pad_across_processes(labels, dim=1, pad_index=-100)
-        pred, labels = accelerator.gather_for_metrics((pred, labels))
+        if accelerator is not None:
+            pred, labels = accelerator.gather_for_metrics((pred, labels))
         if task_type == "sequence_classification":
             predicted.extend(id2label[int(p)] for p in pred.tolist())
         else:
@@ -281,6 +283,30 @@ def evaluate(
     # Words cut off by max_length get no prediction: count them as "O" against the full gold sentence.
     padded = [p + ["O"] * (len(g) - len(p)) for p, g in zip(predicted, split.tags, strict=True)]
     return tagging_scores(split.tags, padded)
+
+
+def score_saved_model(folder: Path, cfg: FinetuneConfig, split: Split) -> dict[str, float]:
+    """The scores of a fine-tuned model saved in `folder` (a run's best/) on `split`, in this process (e.g.
+    the test split with its inputs perturbed, for `twinlm evaluate`'s noise curves)."""
+    from transformers import AutoTokenizer
+
+    from twinlm.model import TwinLMForSequenceClassification, TwinLMForTokenClassification
+
+    cls = (
+        TwinLMForSequenceClassification
+        if cfg.task.type == "sequence_classification"
+        else TwinLMForTokenClassification
+    )
+    model = cls.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    id2label = {int(k): v for k, v in model.config.id2label.items()}
+    label2id = {v: k for k, v in id2label.items()}
+    max_length = min(cfg.training.max_length, model.config.max_position_embeddings)
+    encoded = encode_split(split, tokenizer, label2id, max_length, cfg.task.type)
+    loader = DataLoader(
+        encoded, batch_size=cfg.training.eval_batch_size, collate_fn=make_collator(tokenizer, cfg.task.type)
+    )
+    return evaluate(model, loader, split, None, id2label, cfg.task.type)
 
 
 # ------------------------------------------------------------------------------------------------

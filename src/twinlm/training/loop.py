@@ -127,6 +127,33 @@ def build_tokenizer(cfg: RunConfig, accelerator: Accelerator, causal: bool) -> A
         return train_run_tokenizer(cfg, out, causal, show_progress=accelerator.is_main_process)
 
 
+def shared_tokenizer_key(cfg: RunConfig, causal: bool) -> str:
+    """What the tokenizer `cfg.tokenizer.train` would be trained from (its settings, its kind, the data's
+    sources and how documents are cut, the contents of local files): runs with the same key may share one
+    tokenizer (ablate and sweep train it once; two trainings of WordPiece may number tied tokens
+    differently, which would make runs differ where they should not and defeat the data cache)."""
+    import glob
+
+    from twinlm.fingerprint import files_digest, fingerprint
+
+    settings = cfg.tokenizer.train
+    assert settings is not None
+    files = [
+        f
+        for s in cfg.data.sources
+        if s.path
+        for f in (sorted(glob.glob(s.path)) if glob.has_magic(s.path) else [s.path])
+    ]
+    facts = {
+        "train": settings.model_dump(mode="json"),
+        "kind": settings.type or ("bpe" if causal else "wordpiece"),
+        "sources": [src.model_dump(mode="json", exclude={"weight"}) for src in cfg.data.sources],
+        "data": cfg.data.model_dump(mode="json", include={"streaming", "text_document_split", "seq_len"}),
+        "files": files_digest(files),
+    }
+    return fingerprint(facts)[:16]
+
+
 def train_run_tokenizer(cfg: RunConfig, out: Path, causal: bool, show_progress: bool = True) -> Any:
     """Train the tokenizer `cfg.tokenizer.train` describes on the run's documents and save it to `out`
     (what a run does before its first step; ablate trains one per group of runs that share it)."""
