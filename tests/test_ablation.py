@@ -244,14 +244,26 @@ def test_attention_map_for_both_variants(tmp_path, kind, capsys):
     assert "no loadable tokenizer" in capsys.readouterr().err
 
 
-def test_shipped_questions_validate():
+def test_shipped_questions_validate_at_every_scale():
     from twinlm.ablation import load_ablation
+    from twinlm.ablation.config import DEFAULT_SCALES, load_scales
 
     shipped = sorted((ROOT / "configs" / "ablations").glob("*.yaml"))
-    assert len(shipped) == 13  # 01-12, and 13-long-documents
+    assert len(shipped) >= 17  # 01-13, and the classic questions no config answered before
+    scales = load_scales(ROOT / DEFAULT_SCALES)
+    assert {"tiny", "small"} <= set(scales)
     for path in shipped:
-        config = load_ablation(path)
-        assert len(config.seeds) >= 2 and config.textbook, path
+        for scale in (None, *scales):
+            config = load_ablation(path, scale=scale, scales_file=ROOT / DEFAULT_SCALES)
+            assert len(config.seeds) >= 2 and config.textbook, (path, scale)
+            assert all(
+                c.source and c.published for c in config.compare if c.source != "(a check, not a claim)"
+            ), (
+                path,
+                "every textbook claim cites its source and the published result",
+            )
+        small = load_ablation(path, scale="small", scales_file=ROOT / DEFAULT_SCALES)
+        assert len(small.seeds) >= 3 and small.base.config == scales["small"].config
 
 
 def test_index_of_several_questions(tmp_path):

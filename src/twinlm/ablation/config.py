@@ -60,6 +60,18 @@ class Scales(Section):
     scales: dict[str, Scale] = Field(min_length=1)
 
 
+class QuestionScale(Section):
+    """What a question changes at one scale: base overrides (a longer table, a deeper model) and the
+    variants it runs there (default: all; a scale with a budget may run the ones its claims need)."""
+
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    variants: list[str] | dict[str, dict[str, Any]] | None = Field(
+        None,
+        min_length=2,
+        description="the variants run at this scale; as a mapping, with more overrides of their own there",
+    )
+
+
 class AblationConfig(Section):
     """One question: base run, variants (overrides), seeds, the metric that answers it."""
 
@@ -73,9 +85,9 @@ class AblationConfig(Section):
     lower_is_better: bool = True
     measures: list[Measure] = Field(default_factory=list)
     compare: list[Comparison] = Field(default_factory=list, description="textbook claims, each checked")
-    scales: dict[str, dict[str, Any]] = Field(
+    scales: dict[str, QuestionScale] = Field(
         default_factory=dict,
-        description="more base overrides at a named scale (configs/ablation-scales.yaml), e.g. a longer table",
+        description="at a named scale (configs/ablation-scales.yaml): more base overrides, the variants run there",
     )
     reference: str | None = Field(
         None,
@@ -101,6 +113,10 @@ class AblationConfig(Section):
         for field, name in (("expect", self.expect), ("reference", self.reference)):
             if name is not None and name not in self.variants:
                 raise ValueError(f"{field}={name!r} is not a variant ({', '.join(self.variants)})")
+        for scale, settings in self.scales.items():
+            missing = [v for v in settings.variants or () if v not in self.variants]
+            if missing:
+                raise ValueError(f"scales.{scale}.variants names {missing}, which are not variants")
         known = self.outputs()
         for where, metric in [("metric", self.metric)] + [
             (f"compare[{i}].metric", c.metric) for i, c in enumerate(self.compare) if c.metric
@@ -168,9 +184,20 @@ def at_scale(config: AblationConfig, name: str, scales_file: str | Path) -> Abla
     unknown = sorted(set(config.scales) - set(scales))
     if unknown:
         raise TwinLMError(f"scales {unknown} of the question are not in {scales_file} ({', '.join(scales)})")
-    scale = scales[name]
+    scale, own = scales[name], config.scales.get(name, QuestionScale())
     overrides = dict(flatten_overrides(scale.overrides))
     overrides.update(flatten_overrides(config.base.overrides))
-    overrides.update(flatten_overrides(config.scales.get(name, {})))
-    base = BaseRun(config=scale.config, overrides=overrides)
-    return config.model_copy(update={"base": base, "seeds": list(scale.seeds), "scale": name})
+    overrides.update(flatten_overrides(own.overrides))
+    values = config.model_dump()
+    values.update(base={"config": scale.config, "overrides": overrides}, seeds=list(scale.seeds), scale=name)
+    if own.variants is not None:  # the variants run at this scale (with their own overrides), and the claims
+        extra = own.variants if isinstance(own.variants, dict) else dict.fromkeys(own.variants, {})
+        values["variants"] = {
+            v: {**dict(flatten_overrides(config.variants[v])), **dict(flatten_overrides(more))}
+            for v, more in extra.items()
+        }
+        values["compare"] = [c for c in values["compare"] if {c["better"], c["worse"]} <= set(own.variants)]
+        for field in ("expect", "reference"):
+            if values[field] is not None and values[field] not in own.variants:
+                values[field] = None
+    return AblationConfig.model_validate(values)

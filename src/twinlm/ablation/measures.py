@@ -308,7 +308,12 @@ def measure_downstream(run_dir: Path, summary: dict, params: dict) -> dict[str, 
     """The evaluation suite (`twinlm evaluate`) on the final model: suite average of the checkpoint."""
     from twinlm.evaluation import evaluate_checkpoints
 
-    report = evaluate_checkpoints([str(run_dir / "final")], params["suite"], run_dir / "evaluate")
+    # the runs of a question share one cache of finished cells: the control of an architecture and
+    # tokenizer is fine-tuned once, whatever each run's budget or data
+    cells = run_dir.parent / "cells"
+    report = evaluate_checkpoints(
+        [str(run_dir / "final")], params["suite"], run_dir / "evaluate", cells_cache=cells
+    )
     model = report["models"][0]
     out = {"suite_average": model["average"]["mean"], **{k: v["mean"] for k, v in model["tasks"].items()}}
     gain = next(iter(report["gains"].values()), None)  # with a suite that runs the control
@@ -317,6 +322,8 @@ def measure_downstream(run_dir: Path, summary: dict, params: dict) -> dict[str, 
         out["control_average"] = report["models"][1]["average"]["mean"]
     for name, curve in (model.get("noise") or {}).items():  # with a suite that perturbs its test inputs
         out.update({f"{name}@{key}": value for key, value in curve.items()})
+        for control in report["models"][1:2]:
+            out.update({f"control_{name}@{key}": value for key, value in control["noise"][name].items()})
     return out
 
 
@@ -427,6 +434,7 @@ class DownstreamParams(NoParams):
             names += ["gain", "control_average"]
         for task in suite.tasks if suite.noise else ():
             names += [f"{task}@{key}" for key in suite.noise.keys()]
+            names += [f"control_{task}@{key}" for key in suite.noise.keys()] if suite.control else []
         return names
 
     def check(self, model_config: Any) -> str | None:
