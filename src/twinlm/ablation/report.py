@@ -188,11 +188,13 @@ def _reproduces(claim: dict[str, Any]) -> str:
 
 def format_report(config: AblationConfig, result: dict[str, Any], plots: list[Path]) -> str:
     table = result["table"]
-    # per-layer values stay in results.json; the table shows the headline numbers
-    per_layer = re.compile(r"_L\d+$")
-    names = {k for row in table.values() for k in row if not per_layer.search(k)}
-    columns = [config.metric] + sorted(names - {config.metric})
     claims = result["answer"].get("claims", [])
+    # the headline table: the question's metric, the claims' metrics and the learning gate's numbers; every
+    # other measurement in a second table (per-layer values stay in results.json)
+    headline = [config.metric, *(c["metric"] for c in claims), "val_loss", "unigram_entropy"]
+    columns = [c for c in dict.fromkeys(headline) if any(c in row for row in table.values())]
+    per_layer = re.compile(r"_L\d+$")
+    others = sorted({k for row in table.values() for k in row if not per_layer.search(k)} - set(columns))
     unigram = [row["unigram_entropy"]["mean"] for row in table.values() if "unigram_entropy" in row]
     scale = f"scale `{config.scale}`" if config.scale else "the question as written"
     lines = [
@@ -231,12 +233,21 @@ def format_report(config: AblationConfig, result: dict[str, Any], plots: list[Pa
         "| variant | overrides | learned? | " + " | ".join(columns) + " |",
         "|---|---|---|" + "---|" * len(columns),
     ]
+
+    def cell(row: dict, column: str) -> str:
+        return f"{row[column]['mean']:.4g} ± {row[column]['std']:.2g}" if column in row else "n/a"
+
     for name, row in table.items():
-        cells = [f"{row[c]['mean']:.4g} ± {row[c]['std']:.2g}" if c in row else "n/a" for c in columns]
         gate = {True: "yes", False: "NO", None: "n/a"}[learned(table, name)]
         lines.append(
-            f"| {name} | `{json.dumps(config.variants[name])}` | {gate} | " + " | ".join(cells) + " |"
+            f"| {name} | `{json.dumps(config.variants[name])}` | {gate} | "
+            + " | ".join(cell(row, c) for c in columns)
+            + " |"
         )
+    if others:
+        lines += ["", "All measurements (mean ± std over seeds; per layer: results.json)", ""]
+        lines += ["| measurement | " + " | ".join(table) + " |", "|---|" + "---|" * len(table)]
+        lines += [f"| {m} | " + " | ".join(cell(row, m) for row in table.values()) + " |" for m in others]
     lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
     return "\n".join(lines) + "\n"
 
