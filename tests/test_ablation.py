@@ -248,7 +248,7 @@ def test_shipped_questions_validate():
     from twinlm.ablation import load_ablation
 
     shipped = sorted((ROOT / "configs" / "ablations").glob("*.yaml"))
-    assert len(shipped) == 13  # 01-12, and 13-long-documents
+    assert len(shipped) == 15  # 01-12, 13-long-documents, 14-residual, 15-local-conv
     for path in shipped:
         config = load_ablation(path)
         assert len(config.seeds) >= 2 and config.textbook, path
