@@ -167,9 +167,8 @@ def test_the_convolution_module_equals_its_naive_definition(causal, k, kind, nor
     config = tiny_config(is_causal=causal, conv_kernel_size=k, norm_type=norm)
     conv = modeling_twinlm.TwinLMModel(config).layers[0].conv.train()
     real, documents = layout_case(kind, causal)
-    with (
-        torch.no_grad()
-    ):  # unit-scale signals (not the init's small ones): every tap matters, nothing is tiny
+    # unit-scale signals (not the init's small ones): every tap matters, and no gradient is tiny
+    with torch.no_grad():
         for layer in (conv.pointwise_in, conv.depthwise, conv.pointwise_out):
             fan_in = layer.weight[0].numel()
             layer.weight.normal_(std=fan_in**-0.5)
@@ -423,14 +422,11 @@ def test_save_and_load_in_a_process_without_twinlm(tmp_path):
         f"""
         import sys, torch, transformers
         inputs = torch.load({str(tmp_path / "inputs.pt")!r})
-        results = {{}}
+        results, models = {{}}, {{}}
         for name in {list(cases)!r}:
-            model = getattr(transformers, name).from_pretrained({str(tmp_path)!r} + "/" + name, trust_remote_code=True).eval()
-            results[name] = model(inputs["ids"], attention_mask=inputs["mask"]).logits
-        decoder = transformers.AutoModelForCausalLM.from_pretrained(
-            {str(tmp_path / "AutoModelForCausalLM")!r}, trust_remote_code=True
-        ).eval()
-        results["tokens"] = decoder.generate(inputs["prompt"], **{generate!r})
+            models[name] = getattr(transformers, name).from_pretrained({str(tmp_path)!r} + "/" + name, trust_remote_code=True).eval()
+            results[name] = models[name](inputs["ids"], attention_mask=inputs["mask"]).logits
+        results["tokens"] = models["AutoModelForCausalLM"].generate(inputs["prompt"], **{generate!r})
         assert not any(m == "twinlm" or m.startswith("twinlm.") for m in sys.modules), "twinlm was imported"
         torch.save(results, {str(tmp_path / "results.pt")!r})
         """
