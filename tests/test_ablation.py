@@ -249,7 +249,7 @@ def test_shipped_questions_validate_at_every_scale():
     from twinlm.ablation.config import DEFAULT_SCALES, load_scales
 
     shipped = sorted((ROOT / "configs" / "ablations").glob("*.yaml"))
-    assert len(shipped) >= 17  # 01-13, and the classic questions no config answered before
+    assert len(shipped) == 19  # 01-13, and the classic questions no config answered before (14-19)
     scales = load_scales(ROOT / DEFAULT_SCALES)
     assert {"tiny", "small"} <= set(scales)
     for path in shipped:

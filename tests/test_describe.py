@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from twinlm import TwinLMConfig, TwinLMForCausalLM, TwinLMForMaskedLM
 from twinlm.cli import main
@@ -72,6 +72,21 @@ GRID = {
         "position_embedding_type": "sinusoidal",
         "embedding_norm": False,
     },
+    "encoder-conv-sparse-batchnorm": {
+        **ENCODER,
+        "conv_kernel_size": 5,
+        "sparse_prediction": True,
+        "norm_type": "batchnorm",
+        "position_embedding_type": "rope",
+    },
+    "encoder-conv-no-residual-sparse-window": {
+        **ENCODER,
+        "conv_kernel_size": 3,
+        "use_residual": False,
+        "sparse_prediction": True,
+        "sliding_window": 4,
+        "mlp_bias": False,
+    },
     "encoder-linear-sparse": {
         **ENCODER,
         "attention_scoring": "linear",
@@ -108,6 +123,28 @@ GRID = {
         "attention_scoring": "additive",
         "position_embedding_type": "relative",
         "norm_position": "post",
+    },
+    "decoder-conv-no-residual-gqa-swiglu": {
+        **DECODER,
+        "conv_kernel_size": 4,
+        "use_residual": False,
+        "num_key_value_heads": 2,
+        "hidden_act": "swiglu",
+        "position_embedding_type": "rope",
+    },
+    "decoder-conv-window-post-norm": {
+        **DECODER,
+        "conv_kernel_size": 1,
+        "sliding_window": 4,
+        "norm_position": "post",
+        "num_hidden_layers": 3,
+        "global_attention_every_n_layers": 2,
+    },
+    "decoder-conv-linear": {
+        **DECODER,
+        "conv_kernel_size": 3,
+        "attention_scoring": "linear",
+        "position_embedding_type": "none",
     },
     "decoder-linear-gqa": {
         **DECODER,
@@ -176,6 +213,11 @@ def test_mfu_rule_is_training_tracking_rule():
 # without the model class). The attention products are what the attention module runs besides its projections.
 PROJECTIONS = {"Q": "q_proj", "K": "k_proj", "V": "v_proj", "O": "o_proj"}
 FFN = {"FFN up": "up_proj", "FFN gate": "gate_proj", "FFN down": "down_proj"}
+CONV = {
+    "conv pointwise in": "pointwise_in",
+    "conv depthwise": "depthwise",
+    "conv pointwise out": "pointwise_out",
+}
 HEADS = {"MLM transform": "head_dense", "MLM decoder": "lm_head", "LM head": "lm_head"}
 ATTENTION = ("QK^T", "AV", "additive scores", "linear attention")
 
@@ -193,9 +235,27 @@ def counted(counter: FlopCounterMode) -> dict[str, float]:
 
     found = {c: under(f"model.layers.*.attention.{m}") for c, m in PROJECTIONS.items()}
     found |= {c: under(f"model.layers.*.mlp.{m}") for c, m in FFN.items()}
+    found |= {c: under(f"model.layers.*.conv.{m}") for c, m in CONV.items()}
     found |= {c: under(m) for c, m in HEADS.items()}
     found["attention"] = under("model.layers.*.attention") - sum(found[c] for c in PROJECTIONS)
     return found
+
+
+def conv_backward_flop(grad_out_shape, x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    """The gradients of a convolution, each as many products as its forward. torch's own formula counts the
+    weight gradient of a grouped convolution as if it were dense, `groups` times too many (torch 2.13's
+    conv_backward_flop: "details involving ... groups ... I skip"): the depthwise convolution is one group per
+    channel. (twinlm runs no transposed convolution.)"""
+    transposed, output_mask = args[4], args[7]  # (bias sizes, stride, padding, dilation, transposed, ...)
+    assert not transposed
+    return conv_flop_count(x_shape, w_shape, grad_out_shape) * (int(output_mask[0]) + int(output_mask[1]))
+
+
+def flop_counter() -> FlopCounterMode:
+    """FlopCounterMode, with the convolution's gradients counted per group (conv_backward_flop)."""
+    return FlopCounterMode(
+        display=False, custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flop}
+    )
 
 
 def expected(rows, value) -> dict[str, float]:
@@ -233,9 +293,9 @@ def test_training_flops_are_the_counted_flops(name):
     model = build(config).train()
     desc = describe(config, seq_len=SEQ_LEN, mlm_probability=MASKED / SEQ_LEN)
     tokens = BATCH * SEQ_LEN
-    with FlopCounterMode(display=False) as forward:
+    with flop_counter() as forward:
         loss = model(**training_batch(config)).loss
-    with FlopCounterMode(display=False) as backward:
+    with flop_counter() as backward:
         loss.backward()
     assert forward.get_total_flops() == pytest.approx(desc.forward_flops_per_token * tokens, rel=1e-9)
     total = forward.get_total_flops() + backward.get_total_flops()
@@ -269,16 +329,15 @@ def test_windows_cost_less_than_full_attention_and_causal_full_attention_costs_n
 
 
 def cache_bytes(cache) -> int:
-    """Bytes of the tensors a DynamicCache holds: keys and values, or linear layers' states."""
-    total = 0
+    """Bytes of the tensors a DynamicCache holds: keys and values, linear layers' and convolutions' states."""
+    tensors = []
     for layer in cache.layers:
-        states = getattr(layer, "recurrent_states", None)
-        if states is not None:
-            total += sum(t.numel() * t.element_size() for t in states.values() if t is not None)
-            total += sum(t.numel() * t.element_size() for t in layer.conv_states.values() if t is not None)
-        else:
-            total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
-    return total
+        tensors += [getattr(layer, "keys", None), getattr(layer, "values", None)]
+        tensors += [
+            *getattr(layer, "recurrent_states", {}).values(),
+            *getattr(layer, "conv_states", {}).values(),
+        ]
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 DECODERS = [name for name, values in GRID.items() if values.get("is_causal")]

@@ -122,6 +122,8 @@ def test_blocked_window_equals_dense_masked_attention(
         dict(attention_scoring="dot", share_qk=True),
         dict(norm_type="batchnorm"),
         dict(sliding_window=1),  # each token sees only itself
+        dict(conv_kernel_size=3),
+        dict(use_residual=False, norm_position="pre"),
     ],
     ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),
 )
@@ -342,6 +344,8 @@ MIXES = [
     dict(sliding_window=3, position_embedding_type="alibi", num_key_value_heads=2),
     dict(attention_scoring="linear", position_embedding_type="rope", num_key_value_heads=2),
     dict(attention_scoring="linear", position_embedding_type="learned"),
+    dict(sliding_window=3, conv_kernel_size=4, num_key_value_heads=2),
+    dict(attention_scoring="linear", conv_kernel_size=3, use_residual=False, norm_position="pre"),
 ]
 
 

@@ -42,6 +42,8 @@ SWITCH_VALUES += [
     ("mlp_bias", False),
     ("activation_dropout_prob", 0.1),
     ("sparse_prediction", True),
+    ("use_residual", False),
+    ("conv_kernel_size", 3),
 ]
 POSITIONS = CHOICES["position_embedding_type"]
 
@@ -267,6 +269,11 @@ GENERATION_CASES = [dict(position_embedding_type=p) for p in POSITIONS] + [
     dict(share_qk=True),
     dict(attention_scoring="additive"),
     dict(norm_type="batchnorm"),
+    dict(use_residual=False),
+    dict(use_residual=False, norm_position="post"),
+    dict(conv_kernel_size=4),
+    dict(conv_kernel_size=3, norm_position="post", use_residual=False, norm_type="batchnorm"),
+    dict(conv_kernel_size=1, sliding_window=3),
 ]
 
 
@@ -503,6 +510,9 @@ SPARSE_CASES = [
     {"position_embedding_type": "sinusoidal", "sliding_window": 3},
     {"attention_scoring": "additive", "share_qk": True},
     {"norm_type": "rmsnorm", "hidden_act": "swiglu", "attn_implementation": "eager"},
+    {"use_residual": False},
+    {"use_residual": False, "norm_position": "pre", "position_embedding_type": "rope"},
+    {"use_residual": False, "sliding_window": 3, "position_embedding_type": "alibi"},
 ]
 
 

@@ -215,6 +215,9 @@ STATIC_CASES = [dict(position_embedding_type=p) for p in POSITIONS] + [
     dict(attention_scoring="linear"),
     dict(num_key_value_heads=2),
     dict(attention_scoring="additive"),
+    dict(conv_kernel_size=4),
+    dict(conv_kernel_size=3, sliding_window=3, global_attention_every_n_layers=2),
+    dict(conv_kernel_size=2, attention_scoring="linear"),
 ]
 
 

@@ -1,10 +1,11 @@
 """`twinlm describe CONFIG_OR_PRESET`: parameters and FLOPs of a model config, per component, without training.
 
-Parameters per component (embeddings, Q/K/V/O, FFN, norms, heads; tied weights once), FLOPs per token of one
-training step at a sequence length (forward + backward) and of one generated token with a KV cache at a context
-length, and the KV cache's size. The numbers are computed from the config by following what the model code
-runs (dense, blocked-window and linear attention, sparse prediction, GQA, GLU, shared Q/K): tests/test_describe.py
-checks them against the parameters of the built model and against torch's FlopCounterMode.
+Parameters per component (embeddings, Q/K/V/O, convolution, FFN, norms, heads; tied weights once), FLOPs per
+token of one training step at a sequence length (forward + backward) and of one generated token with a KV cache
+at a context length, and the KV cache's size. The numbers are computed from the config by following what the
+model code runs (dense, blocked-window and linear attention, the convolution module, sparse prediction, GQA, GLU,
+shared Q/K): tests/test_describe.py checks them against the parameters of the built model and against torch's
+FlopCounterMode.
 
 FLOPs here are 2 x the multiply-adds of the matrix products, as FlopCounterMode counts them; elementwise work
 (norms, activations, softmax, RoPE, the loss) is left out.
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Linear attention's recurrent state is float32 whatever the model's dtype (linear_attention.py).
 LINEAR_STATE_BYTES = 4
+# The convolution module's pointwise layers: in to 2 x width (the GLU halves it), out from width.
+CONV_IN_WIDTH = 2
 # The masked share of tokens when nothing else says (BERT's, and DataConfig.mlm_probability's default).
 DEFAULT_MLM_PROBABILITY = 0.15
 # A training step is the forward pass and a backward pass that computes, for every product, the gradient of
@@ -76,7 +79,7 @@ class KVCacheSize:
     dtype: str
     bytes_per_token: int  # growth per token once every window is full (full-attention layers)
     bytes_at_context: int  # held with `context` tokens cached
-    constant_bytes: int  # linear layers' recurrent state (float32, independent of the context)
+    constant_bytes: int  # fixed-size states: linear layers' (float32), the convolution's last k - 1 inputs
 
 
 @dataclass(frozen=True)
@@ -169,11 +172,20 @@ def parameter_groups(config: TwinLMConfig) -> tuple[ParameterGroup, ...]:
     block("O", q_width * d, d * attention_bias, ("attention.o_proj.*",))
     if config.attention_scoring == "additive":
         block("additive scoring vectors", q_width, 0, ("attention.scoring.score_vector",))
+    if config.conv_kernel_size is not None:
+        k, conv_in = config.conv_kernel_size, CONV_IN_WIDTH * d
+        block("conv pointwise in", d * conv_in, conv_in * mlp_bias, ("conv.pointwise_in.*",), "then GLU")
+        block("conv depthwise", d * k, d * mlp_bias, ("conv.depthwise.*",), f"kernel {k}, one per channel")
+        block("conv pointwise out", d * d, d * mlp_bias, ("conv.pointwise_out.*",))
     block("FFN up", d * inner, inner * mlp_bias, ("mlp.up_proj.*",))
     if _gated(config):
         block("FFN gate", d * inner, inner * mlp_bias, ("mlp.gate_proj.*",))
     block("FFN down", inner * d, d * mlp_bias, ("mlp.down_proj.*",))
-    block("norms", 2 * norm_weight, 2 * norm_bias, ("attention_norm.*", "mlp_norm.*"))
+    norms, note = ("attention_norm.*", "mlp_norm.*"), ""
+    if config.conv_kernel_size is not None:
+        norms, note = (*norms, "conv.norm.*", "conv.depthwise_norm.*"), "with the convolution's two"
+    count = len(norms)
+    block("norms", count * norm_weight, count * norm_bias, norms, note)
     if config.norm_position == "pre":
         single("blocks", "final norm", norm_weight, norm_bias, ("model.final_norm.*",))
 
@@ -220,11 +232,13 @@ def forward_flops(
 
 def _last_block_selects_queries(config: TwinLMConfig) -> bool:
     """Whether sparse prediction also computes only the masked tokens' queries in the last block (see
-    TwinLMModel._can_skip_queries: not for linear attention, whose mask has no rows, nor batch norm)."""
+    TwinLMModel._can_skip_queries: not for linear attention, whose mask has no rows, nor batch norm, nor with a
+    convolution, which reads the neighbours)."""
     return (
         not config.is_causal
         and config.norm_type != "batchnorm"
         and config.layer_types[-1] != "linear_attention"
+        and config.conv_kernel_size is None
     )
 
 
@@ -243,6 +257,10 @@ def _block_flops(
         "O": 2.0 * queries * q_width * d,
     }
     flops.update(_attention_flops(config, layer_type, tokens, past, queries))
+    if config.conv_kernel_size is not None:  # (on every token: the last block then computes every query)
+        flops["conv pointwise in"] = 2.0 * tokens * d * CONV_IN_WIDTH * d
+        flops["conv depthwise"] = 2.0 * tokens * d * config.conv_kernel_size
+        flops["conv pointwise out"] = 2.0 * tokens * d * d
     flops["FFN up"] = 2.0 * queries * d * inner
     if _gated(config):
         flops["FFN gate"] = 2.0 * queries * d * inner
@@ -324,9 +342,13 @@ def generation_flops(config: TwinLMConfig, context: int) -> tuple[GenerationFlop
 
 def kv_cache_size(config: TwinLMConfig, context: int, dtype: str = "float32") -> KVCacheSize:
     """Bytes a decoder's cache holds per sequence with `context` tokens cached: keys and values of every
-    softmax layer (a sliding layer keeps window - 1 tokens), a float32 state per linear layer."""
+    softmax layer (a sliding layer keeps window - 1 tokens), a float32 state per linear layer, and with a
+    convolution each layer's last k - 1 inputs (at least one)."""
     per_token = 2 * config.num_key_value_heads * config.head_dim * DTYPE_BYTES[dtype]
     growth = held = constant = 0
+    if config.conv_kernel_size is not None and context:
+        inputs = max(config.conv_kernel_size - 1, 1)
+        constant += config.num_hidden_layers * inputs * config.hidden_size * DTYPE_BYTES[dtype]
     for layer_type in config.layer_types:
         if layer_type == "linear_attention":
             state = config.num_attention_heads * config.head_dim * (config.head_dim + 1)
@@ -439,6 +461,10 @@ def architecture_line(config: TwinLMConfig) -> str:
     ]
     if config.sliding_window is not None:
         parts.append(f"window {config.sliding_window}")
+    if config.conv_kernel_size is not None:
+        parts.append(f"convolution module (kernel {config.conv_kernel_size})")
+    if not config.use_residual:
+        parts.append("no residual connections")
     for switch in ("share_qk", "sparse_prediction"):
         if getattr(config, switch):
             parts.append(switch)
@@ -491,11 +517,21 @@ def assumptions(config: TwinLMConfig, seq_len: int, context: int, mlm_probabilit
             else "bidirectional: one phi(K)^T V and one phi(Q) S per head, 4 d (d + 1) per token (d = head_dim)"
         )
         notes.append(f"linear attention (elu + 1 features, keys and values repeated to every head): {how}")
+    if config.conv_kernel_size is not None:
+        k = config.conv_kernel_size
+        notes.append(
+            f"convolution module (kernel {k}): per token 2 x d x 2d (pointwise in), 2 x d x {k} (depthwise) and "
+            "2 x d x d (pointwise out) (d = hidden_size); GLU, norm and SiLU are elementwise; one document per "
+            "row (packed documents are spread apart by zeros: a little more work)"
+        )
+    if not config.use_residual:
+        notes.append("no residual connections: the same products (a residual add is elementwise)")
     if config.sparse_prediction and not config.is_causal:
         where = (
             "and the last block's queries, O and FFN too (its K and V on every token)"
             if _last_block_selects_queries(config)
-            else "(the last block runs on every token: linear attention / batch norm need all of them)"
+            else "(the last block runs on every token: linear attention / batch norm / a convolution need all "
+            "of them)"
         )
         notes.append(
             f"sparse prediction: the MLM transform and decoder run on the masked tokens only ({mlm_probability:g} "
@@ -510,10 +546,14 @@ def assumptions(config: TwinLMConfig, seq_len: int, context: int, mlm_probabilit
             "keeps window - 1)",
             "linear_attention": "a constant state in linear layers",
         }
+        read, ran = [text for kind, text in reads.items() if kind in types], "projections, FFN"
+        if config.conv_kernel_size is not None:
+            read.append(f"the last {config.conv_kernel_size - 1} inputs of each layer's convolution")
+            ran = "projections, convolution, FFN"
         notes.append(
             f"generation: one new token after {context} cached tokens reads "
-            + ", ".join(text for kind, text in reads.items() if kind in types)
-            + "; projections, FFN and LM head run on that token only"
+            + ", ".join(read)
+            + f"; {ran} and LM head run on that token only"
         )
     return tuple(notes)
 
@@ -601,7 +641,7 @@ def format_description(desc: Description) -> str:
         assert cache is not None
         line = f"KV cache ({cache.dtype}): {cache.bytes_per_token:,} bytes per token"
         if cache.constant_bytes:
-            line += f" + {cache.constant_bytes:,} bytes of linear-attention state"
+            line += f" + {cache.constant_bytes:,} bytes of fixed-size state (linear attention, convolution)"
         out.append(f"{line}; {human(cache.bytes_at_context)}B per sequence at context {desc.context}")
 
     out += ["", "Assumptions", *(f"  - {note}" for note in desc.assumptions)]

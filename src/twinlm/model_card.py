@@ -46,6 +46,8 @@ SWITCHES = (
     "global_attention_every_n_layers",
     "share_qk",
     "scale_embeddings",
+    "use_residual",
+    "conv_kernel_size",
     "embedding_norm",
     "rope_theta",
     "local_rope_theta",

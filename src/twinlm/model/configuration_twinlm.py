@@ -58,6 +58,9 @@ SIZE_LIMITS = {
     "type_vocab_size": 1024,
 }
 
+# The widest convolution kernel (conv_kernel_size): a local module; a wider reach is attention's job.
+MAX_CONV_KERNEL = 1025
+
 # Written into every saved config so that any head loads with trust_remote_code=True from any checkpoint.
 AUTO_MAP = {
     "AutoConfig": "configuration_twinlm.TwinLMConfig",
@@ -131,10 +134,22 @@ class TwinLMConfig(PreTrainedConfig):
         160k global)
       share_qk: one projection for queries and keys
       scale_embeddings: multiply token embeddings by sqrt(hidden_size) (2017 paper)
+      use_residual: the skip connection around every sub-layer (He et al. 2016; Vaswani et al. 2017: x +
+        sublayer(x)). False removes all of them, to measure why they are there: post-norm x = norm(sublayer(x)),
+        pre-norm x = sublayer(norm(x)). Named as transformers names its on/off switches (use_cache,
+        use_sliding_window); a bool, since no third kind of connection is offered
+      conv_kernel_size: None (no convolution) or k: every block gets Conformer's convolution module (Gulati et
+        al. 2020; local mixing as in ConvBERT, Jiang et al. 2020) between attention and the feed-forward
+        network, with its own norm (in the block's norm position) and residual: pointwise conv to 2 x width,
+        GLU, depthwise conv over k tokens (causal: itself and the k - 1 before; bidirectional: k // 2 on each
+        side, k odd), the model's norm (Conformer's batch norm), SiLU, pointwise conv back. It never reaches
+        across padding or packed documents; a generating decoder's cache keeps each layer's last k - 1 inputs
       sparse_prediction: masked-LM training runs the LM head, and the last block's queries, on masked
-        positions only (exact: everything after the last attention is per token)
-      scale_residual_init: GPT-2's init: the residual output projections (attention o_proj, MLP down_proj)
-        get std initializer_range / sqrt(2 * num_hidden_layers)
+        positions only (exact: everything after the last attention is per token; with a convolution the last
+        block computes every token, since a kept token's convolution reads its neighbours)
+      scale_residual_init: GPT-2's init: the residual output projections (attention o_proj, MLP down_proj, the
+        convolution's pointwise_out) get std initializer_range / sqrt(writes * num_hidden_layers), writes = 2 per
+        layer (3 with a convolution)
     Sizes as in transformers; `embedding_size` (ALBERT, ELECTRA: None = hidden_size) is the width of the
     token, segment and absolute-position embeddings, projected to hidden_size when it differs (encoders
     only): it lets a small ELECTRA generator share the discriminator's embeddings.
@@ -170,6 +185,8 @@ class TwinLMConfig(PreTrainedConfig):
     local_rope_theta: float | int | None = None
     share_qk: bool = False
     scale_embeddings: bool = False
+    use_residual: bool = True
+    conv_kernel_size: int | None = None
     # dropout
     hidden_dropout_prob: float | int = 0.1
     attention_probs_dropout_prob: float | int = 0.1
@@ -333,6 +350,7 @@ class TwinLMConfig(PreTrainedConfig):
             raise ValueError(f"sliding_window={self.sliding_window} must be None (full attention) or >= 1")
         if self.attention_scoring == "linear":
             self._check_linear_attention()
+        self._check_convolution()
         for field in (
             "hidden_dropout_prob",
             "attention_probs_dropout_prob",
@@ -375,6 +393,17 @@ class TwinLMConfig(PreTrainedConfig):
             raise ValueError(
                 "attention_scoring='linear' has no attention weights to drop: set attention_probs_dropout_prob=0 "
                 f"(got {self.attention_probs_dropout_prob})"
+            )
+
+    def _check_convolution(self) -> None:
+        """A kernel of at least one tap; a bidirectional kernel is centred on its token, so its width is odd."""
+        k = self.conv_kernel_size
+        odd = not self.is_causal
+        if k is not None and not (1 <= k <= MAX_CONV_KERNEL and (k % 2 or not odd)):
+            allowed = "an odd integer" if odd else "an integer"
+            why = " (a bidirectional model's kernel is centred on the token)" if odd else ""
+            raise ValueError(
+                f"conv_kernel_size={k!r} must be None (no convolution) or {allowed} in [1, {MAX_CONV_KERNEL}]{why}"
             )
 
     # ----------------------------------------------------------------------------------------------

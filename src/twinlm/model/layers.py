@@ -1,4 +1,5 @@
-"""Normalisation layers and feed-forward networks, each picked from a table by a config string.
+"""Normalisation layers, residual connections and feed-forward networks, each picked from a table by a config
+switch.
 
 Every norm takes `(hidden_states, token_mask)` so that the layer code is the same for all of them;
 only batch norm uses the mask (its statistics must not count padding).
@@ -99,6 +100,23 @@ NORMS: dict[str, type[nn.Module]] = {
 def build_norm(config: TwinLMConfig, enabled: bool = True, size: int | None = None) -> nn.Module:
     """The configured norm over `size` features (default hidden_size), or the identity when not enabled."""
     return NORMS[config.norm_type](config, size) if enabled else NoNorm()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Residual connections: how a sub-layer's output meets the stream it read (use_residual)
+
+
+def add_residual(hidden: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """x + sublayer(x): the skip connection (He et al. 2016), around every sub-layer since Vaswani et al. 2017."""
+    return hidden + update
+
+
+def no_residual(hidden: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """sublayer(x) alone: a plain deep network, which the skip connections were introduced to fix."""
+    return update
+
+
+RESIDUALS = {True: add_residual, False: no_residual}
 
 
 # ---------------------------------------------------------------------------------------------------

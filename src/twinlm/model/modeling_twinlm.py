@@ -44,8 +44,10 @@ from .attention import (
     window_reach,
 )
 from .configuration_twinlm import ABSOLUTE_POSITIONS, TwinLMConfig
+from .convolution import PLAIN_ROWS, ConvLayout, build_convolution, with_conv_states
 from .layers import (
     FEED_FORWARDS,
+    RESIDUALS,
     ResidualProjection,
     TwinLMBatchNorm,
     TwinLMDropout,
@@ -97,8 +99,9 @@ class TwinLMEmbeddings(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Blocks: attention and feed-forward sub-layers, each wrapped in a residual connection and a norm.
+# Blocks: attention, (a convolution,) feed-forward sub-layers, each wrapped in a residual connection and a norm.
 # Post-norm (2017, BERT): x = norm(x + sublayer(x)).  Pre-norm (GPT-2 on): x = x + sublayer(norm(x)).
+# Without residuals (use_residual=False) the `x +` goes: x = norm(sublayer(x)), x = sublayer(norm(x)).
 
 
 class TwinLMLayer(GradientCheckpointingLayer):
@@ -107,48 +110,74 @@ class TwinLMLayer(GradientCheckpointingLayer):
         # full_attention, sliding_attention or linear_attention: picks the mask (and RoPE base) the stack passes
         self.attention_type = config.layer_types[layer_idx]
         self.attention = TwinLMAttention(config, layer_idx)
+        self.conv = build_convolution(config, layer_idx)  # with its own norm and residual; or nothing
         self.mlp = build_feed_forward(config)
         self.attention_norm = build_norm(config)
         self.mlp_norm = build_norm(config)
         self.dropout = TwinLMDropout(config.hidden_dropout_prob)
+        self.residual = RESIDUALS[config.use_residual]
 
 
 class TwinLMPostNormLayer(TwinLMLayer):
-    def forward(self, hidden, token_mask, mask, rotary, cache=None, output_attentions=False, queries=None):
+    def forward(
+        self,
+        hidden,
+        token_mask,
+        mask,
+        rotary,
+        cache=None,
+        output_attentions=False,
+        queries=None,
+        conv_layout=PLAIN_ROWS,
+    ):
         if queries is not None:
             return self.forward_queries(hidden, queries, mask, rotary), None
         attended, weights = self.attention(hidden, mask, rotary, cache, output_attentions)
-        hidden = self.attention_norm(hidden + self.dropout(attended), token_mask)
-        hidden = self.mlp_norm(hidden + self.dropout(self.mlp(hidden)), token_mask)
+        hidden = self.attention_norm(self.residual(hidden, self.dropout(attended)), token_mask)
+        hidden = self.conv(hidden, conv_layout, cache)
+        hidden = self.mlp_norm(self.residual(hidden, self.dropout(self.mlp(hidden))), token_mask)
         return hidden, weights
 
     def forward_queries(self, hidden, queries: "QuerySubset", mask, rotary):
-        """The block's output at `queries.index` only (keys and values from every token); per-token norms."""
+        """The block's output at `queries.index` only (keys and values from every token); per-token norms.
+        (Never with a convolution, which needs every token: see TwinLMModel._can_skip_queries.)"""
         selected = queries.gather(hidden)
         attended, _ = self.attention(hidden, mask, rotary, queries=selected, query_rotary=queries.rotary)
-        selected = self.attention_norm(selected + self.dropout(attended))
-        return self.mlp_norm(selected + self.dropout(self.mlp(selected)))
+        selected = self.attention_norm(self.residual(selected, self.dropout(attended)))
+        return self.mlp_norm(self.residual(selected, self.dropout(self.mlp(selected))))
 
 
 class TwinLMPreNormLayer(TwinLMLayer):
-    def forward(self, hidden, token_mask, mask, rotary, cache=None, output_attentions=False, queries=None):
+    def forward(
+        self,
+        hidden,
+        token_mask,
+        mask,
+        rotary,
+        cache=None,
+        output_attentions=False,
+        queries=None,
+        conv_layout=PLAIN_ROWS,
+    ):
         if queries is not None:
             return self.forward_queries(hidden, queries, mask, rotary), None
         attended, weights = self.attention(
             self.attention_norm(hidden, token_mask), mask, rotary, cache, output_attentions
         )
-        hidden = hidden + self.dropout(attended)
-        hidden = hidden + self.dropout(self.mlp(self.mlp_norm(hidden, token_mask)))
+        hidden = self.residual(hidden, self.dropout(attended))
+        hidden = self.conv(hidden, conv_layout, cache)
+        hidden = self.residual(hidden, self.dropout(self.mlp(self.mlp_norm(hidden, token_mask))))
         return hidden, weights
 
     def forward_queries(self, hidden, queries: "QuerySubset", mask, rotary):
-        """The block's output at `queries.index` only (keys and values from every token); per-token norms."""
+        """The block's output at `queries.index` only (keys and values from every token); per-token norms.
+        (Never with a convolution, which needs every token: see TwinLMModel._can_skip_queries.)"""
         normed = self.attention_norm(hidden)
         attended, _ = self.attention(
             normed, mask, rotary, queries=queries.gather(normed), query_rotary=queries.rotary
         )
-        selected = queries.gather(hidden) + self.dropout(attended)
-        return selected + self.dropout(self.mlp(self.mlp_norm(selected)))
+        selected = self.residual(queries.gather(hidden), self.dropout(attended))
+        return self.residual(selected, self.dropout(self.mlp(self.mlp_norm(selected))))
 
 
 LAYERS = {"post": TwinLMPostNormLayer, "pre": TwinLMPreNormLayer}
@@ -172,12 +201,14 @@ class TwinLMPreTrainedModel(PreTrainedModel):
     _can_record_outputs = {"hidden_states": TwinLMLayer, "attentions": TwinLMAttention}
 
     def _init_weights(self, module: nn.Module) -> None:
-        """Normal(0, initializer_range) for matrices and embeddings, the identity for norms; with
-        scale_residual_init (GPT-2), std / sqrt(2 * layers) for the projections that write the residual."""
+        """Normal(0, initializer_range) for matrices, convolution kernels and embeddings, the identity for norms;
+        with scale_residual_init (GPT-2), std / sqrt(writes) for the projections that write the residual (writes:
+        2 per layer, 3 with a convolution)."""
         std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, nn.Conv1d)):
             if isinstance(module, ResidualProjection) and self.config.scale_residual_init:
-                std = std / math.sqrt(2 * self.config.num_hidden_layers)
+                writes = 2 + (self.config.conv_kernel_size is not None)
+                std = std / math.sqrt(writes * self.config.num_hidden_layers)
             init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
@@ -239,8 +270,8 @@ class TwinLMModel(TwinLMPreTrainedModel):
     ) -> BaseModelOutputWithPast:
         """`tokens_to_keep` (batch, seq) bool: last_hidden_state is then only those tokens' states, (n, hidden)
         in row-major order, and where nothing else needs every state (no cache, no recorded hidden states or
-        attentions, no flash kernel, per-token norms) the last block computes only their queries: exact,
-        since everything after the last attention is per token (masked LM computes 15% of its last block).
+        attentions, no flash kernel, per-token norms, no convolution) the last block computes only their queries:
+        exact, since everything after the last attention is per token (masked LM computes 15% of its last block).
         (With output_hidden_states, transformers makes the last recorded state last_hidden_state: kept rows.)"""
         config = self.config
         if (input_ids is None) == (inputs_embeds is None):
@@ -287,8 +318,9 @@ class TwinLMModel(TwinLMPreTrainedModel):
             input_ids, inputs_embeds, token_type_ids, self.positions.absolute(position_ids), token_mask
         )
         hidden = self.embeddings_project(hidden)
+        conv_layout = ConvLayout.of(config, token_mask, document_ids(document_positions))
         hidden = self._blocks(
-            hidden, token_mask, masks, rotary, cache, output_attentions, tokens_to_keep, kwargs
+            hidden, token_mask, masks, rotary, cache, output_attentions, tokens_to_keep, kwargs, conv_layout
         )
         return BaseModelOutputWithPast(last_hidden_state=hidden, cache=cache)
 
@@ -301,7 +333,9 @@ class TwinLMModel(TwinLMPreTrainedModel):
         kv_len, kv_offset = cache.get_mask_sizes(q_len, self.config.layer_types.index(layer_type))
         return MaskGeometry(q_len, past, kv_len, kv_offset, exact=not cache.is_compileable, batch=batch)
 
-    def _blocks(self, hidden, token_mask, masks, rotary, cache, output_attentions, tokens_to_keep, kwargs):
+    def _blocks(
+        self, hidden, token_mask, masks, rotary, cache, output_attentions, tokens_to_keep, kwargs, conv_layout
+    ):
         """The blocks and the final norm; with `tokens_to_keep`, only those tokens' states (row-major), the last
         block computing only their queries where `_can_skip_queries` allows."""
         queries, last = None, self.layers[-1].attention_type
@@ -323,6 +357,7 @@ class TwinLMModel(TwinLMPreTrainedModel):
                 rotary[kind],
                 cache=cache,
                 output_attentions=output_attentions,
+                conv_layout=conv_layout,
             )
         if queries is not None:
             # through the block's __call__: its hooks (FSDP, Accelerate's offload, user hooks) and checkpointing
@@ -343,6 +378,7 @@ class TwinLMModel(TwinLMPreTrainedModel):
             and not hidden_states
             and mask.can_select_queries  # not flash, flex, linear or plain is_causal (a causal bias has rows)
             and self.config.norm_type != "batchnorm"  # its training statistics take every token
+            and self.layers[-1].conv.can_select_queries  # a convolution reads the neighbours' states
         )
 
     def _cache(self, cache: Cache | None, use_cache: bool) -> Cache | None:
@@ -352,14 +388,14 @@ class TwinLMModel(TwinLMPreTrainedModel):
         # With the config, each layer's cache follows its layer type (as in transformers' own models): a
         # sliding-window layer keeps only the window, a linear-attention layer a constant-size state.
         if cache is None:
-            return DynamicCache(config=self.config)
+            return with_conv_states(DynamicCache(config=self.config), self.config)
         linear = "linear_attention" in self.config.layer_types
         if linear and not (len(cache.layers) == self.config.num_hidden_layers and all(cache.is_linear)):
             raise ValueError(
                 "attention_scoring='linear' keeps a recurrent state, not keys and values: pass "
                 "DynamicCache(config=model.config) (or no cache) instead of a cache built without the config"
             )
-        return cache
+        return with_conv_states(cache, self.config)  # a convolution keeps its last inputs there too
 
     def _check_inputs(
         self, attention_mask: torch.Tensor | None, position_ids: torch.Tensor, seen: int
