@@ -280,6 +280,19 @@ def measure_cost(run_dir: Path, summary: dict, params: dict) -> dict[str, Any]:
     return out
 
 
+def _tensors(values: Any) -> list[Any]:
+    """The tensors among `values` (and in lists or tuples of them)."""
+    import torch
+
+    found = []
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif isinstance(value, (list, tuple)):
+            found += _tensors(value)
+    return found
+
+
 GENERATION_PROMPT = 8  # tokens of the random prompt the generation measure starts from
 
 
@@ -295,11 +308,11 @@ def measure_generation(run_dir: Path, summary: dict, params: dict) -> dict[str, 
     out = model.generate(prompt, max_new_tokens=new, do_sample=False, return_dict_in_generate=True)
     seconds = time.perf_counter() - start
     cache = out.past_key_values
+    # every tensor a cache layer holds: keys and values, a window's, linear attention's state, conv states
     cache_bytes = sum(
         t.numel() * t.element_size()
         for layer in cache.layers
-        for t in (layer.keys, layer.values)
-        if t is not None
+        for t in _tensors(vars(layer).values())
     )
     return {"kv_cache_MB": cache_bytes / 2**20, "generate_tokens_per_s": prompt.shape[0] * new / seconds}
 
