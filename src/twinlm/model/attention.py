@@ -98,26 +98,45 @@ class _DroppedWeightsTimesValue(torch.autograd.Function):
     """dropout(weights) @ value = (weights * keep) @ value * scale, without keeping the dropped weights for
     the backward pass (autograd would save them beside the softmax output: one more (b, h, q, k) tensor per
     layer); they are recomputed there from the softmax output and the 0/1 mask. The scale multiplies the
-    (b, h, q, d) output instead of the (b, h, q, k) weights."""
+    (b, h, q, d) output instead of the (b, h, q, k) weights. The backward pass runs under the forward's autocast
+    state (what torch.amp.custom_bwd does); setup_context, jvp and a generated vmap rule serve torch.func and
+    forward-mode AD."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cpu")  # the backward runs under the forward's autocast state
-    def forward(ctx, weights: torch.Tensor, value: torch.Tensor, keep: torch.Tensor, scale: float):
-        ctx.scale = scale
-        ctx.save_for_backward(weights, value, keep)
+    def forward(weights: torch.Tensor, value: torch.Tensor, keep: torch.Tensor, scale: float):
         return torch.matmul(weights * keep, value).mul_(scale)
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cpu")
+    def setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:
+        weights, value, keep, ctx.scale = inputs
+        ctx.autocast = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
+        ctx.save_for_backward(weights, value, keep)
+        ctx.save_for_forward(weights, value, keep)
+
+    @staticmethod
     def backward(ctx, grad: torch.Tensor):
         weights, value, keep = ctx.saved_tensors
-        grad = grad * ctx.scale
-        grad_weights = grad_value = None
-        if ctx.needs_input_grad[0]:
-            grad_weights = torch.matmul(grad, value.transpose(-1, -2)).mul_(keep)
-        if ctx.needs_input_grad[1]:
-            grad_value = torch.matmul((weights * keep).transpose(-1, -2), grad)
+        enabled, dtype = ctx.autocast
+        with torch.autocast("cpu", enabled=enabled, dtype=dtype):
+            grad = grad * ctx.scale
+            grad_weights = grad_value = None
+            if ctx.needs_input_grad[0]:
+                grad_weights = torch.matmul(grad, value.transpose(-1, -2)).mul_(keep)
+            if ctx.needs_input_grad[1]:
+                grad_value = torch.matmul((weights * keep).transpose(-1, -2), grad)
         return grad_weights, grad_value, None, None
+
+    @staticmethod
+    def jvp(ctx, weights_tangent, value_tangent, keep_tangent, scale_tangent):
+        weights, value, keep = ctx.saved_tensors
+        out = torch.zeros((), dtype=value.dtype, device=value.device)
+        if weights_tangent is not None:
+            out = out + torch.matmul(weights_tangent * keep, value)
+        if value_tangent is not None:
+            out = out + torch.matmul(weights * keep, value_tangent)
+        return out * ctx.scale
 
 
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:

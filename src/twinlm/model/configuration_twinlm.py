@@ -1,12 +1,14 @@
 """TwinLMConfig: one architecture, every classic Transformer design choice as a validated switch.
 
-This file ships to the Hub as remote code: it imports only transformers, huggingface_hub and the
-standard library.
+This file ships to the Hub as remote code: it imports only transformers, huggingface_hub, the standard library
+and its sibling positions.py (whose table of position encodings is the list of valid position_embedding_type
+values, and whose classes say what each scheme needs of a config).
 """
 
 import difflib
 import math
 import os
+from collections.abc import Collection
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -16,12 +18,14 @@ from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDa
 from transformers import PreTrainedConfig
 from transformers.utils import logging
 
+from .positions import POSITION_ENCODINGS
+
 logger = logging.get_logger(__name__)
 
 # The switches, as typed fields (validated by huggingface_hub's @strict). The model builds one component per
 # switch from a table keyed by these strings, so adding a variant means one new class, one table entry and
-# one value here.
-PositionEmbeddingType = Literal["learned", "sinusoidal", "relative", "rope", "alibi", "none"]
+# one value here. position_embedding_type takes any key of positions.POSITION_ENCODINGS (a new scheme is a class
+# and an entry there, nothing here).
 NormType = Literal["layernorm", "rmsnorm", "batchnorm"]
 NormPosition = Literal["post", "pre"]
 HiddenAct = Literal["relu", "gelu", "gelu_new", "swiglu", "geglu"]
@@ -29,8 +33,8 @@ AttentionScoring = Literal["scaled_dot", "dot", "additive", "linear"]
 ClassifierPooling = Literal["cls", "mean", "last"]
 
 # field -> allowed values, read off the Literal types above (one source of truth).
-CHOICES: dict[str, tuple[str, ...]] = {
-    "position_embedding_type": get_args(PositionEmbeddingType),
+CHOICES: dict[str, Collection[str]] = {
+    "position_embedding_type": POSITION_ENCODINGS.keys(),  # a live view: schemes registered later count
     "norm_type": get_args(NormType),
     "norm_position": get_args(NormPosition),
     "hidden_act": get_args(HiddenAct),
@@ -41,10 +45,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
 # Per-layer attention, with transformers v5's names (config.layer_types; its caches build one layer per entry:
 # a growing KV cache, one that keeps only the window, or a constant-size recurrent state).
 LAYER_TYPES = ("full_attention", "sliding_attention", "linear_attention")
-
-# Absolute position encodings: positions past the table (or past what the model was trained on) are
-# an error rather than a silent wrap-around or extrapolation.
-ABSOLUTE_POSITIONS = ("learned", "sinusoidal")
 
 # Upper bounds for sizes no machine can train (a typo such as hidden_size=100000 or a vocabulary of 10**9 ends
 # here in one line instead of in an allocator's traceback): each several times the largest published model.
@@ -150,7 +150,7 @@ class TwinLMConfig(PreTrainedConfig):
     # variant
     is_causal: bool = False
     # switches
-    position_embedding_type: PositionEmbeddingType = "learned"
+    position_embedding_type: str = "learned"  # a key of positions.POSITION_ENCODINGS (CHOICES)
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
     rope_theta: float | int = 10000.0
@@ -218,6 +218,12 @@ class TwinLMConfig(PreTrainedConfig):
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def position_encoding(self) -> type:
+        """The class of this config's position scheme (positions.POSITION_ENCODINGS): ask it what the scheme
+        needs (biases_attention, max_positions, check_config) instead of testing its name."""
+        return POSITION_ENCODINGS[self.position_embedding_type]
 
     def _derived_layer_types(self) -> list[str]:
         """layer_types from the shortcuts: linear scoring, sliding_window, global_attention_every_n_layers."""
@@ -312,10 +318,7 @@ class TwinLMConfig(PreTrainedConfig):
                 f"share_qk=True needs num_key_value_heads == num_attention_heads "
                 f"(got {self.num_key_value_heads} and {self.num_attention_heads}): keys are the queries"
             )
-        if self.position_embedding_type == "rope" and self.head_dim % 2:
-            raise ValueError(
-                f"position_embedding_type='rope' needs an even head dimension, got {self.head_dim}"
-            )
+        self.position_encoding.check_config(self)
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window={self.sliding_window} must be None (full attention) or >= 1")
         if self.attention_scoring == "linear":
@@ -353,10 +356,11 @@ class TwinLMConfig(PreTrainedConfig):
                 f"attention_scoring='linear' attends to every token (O(n) already); sliding_window="
                 f"{self.sliding_window} must be None"
             )
-        if self.position_embedding_type in ("relative", "alibi"):
+        if self.position_encoding.biases_attention:
+            unbiased = [name for name, scheme in POSITION_ENCODINGS.items() if not scheme.biases_attention]
             raise ValueError(
                 f"attention_scoring='linear' cannot add position_embedding_type={self.position_embedding_type!r}'s "
-                "bias to weights it never forms; choose one of learned, sinusoidal, rope, none"
+                f"bias to weights it never forms; choose one of {', '.join(unbiased)}"
             )
         if self.attention_probs_dropout_prob:
             raise ValueError(
@@ -495,7 +499,6 @@ def _preset_dir() -> Path | None:
 __all__ = [
     "TwinLMConfig",
     "CHOICES",
-    "ABSOLUTE_POSITIONS",
     "LAYER_TYPES",
     "SIZE_LIMITS",
     "check_config_keys",

@@ -42,7 +42,7 @@ from .attention import (
     WindowRecipe,
     window_reach,
 )
-from .configuration_twinlm import ABSOLUTE_POSITIONS, TwinLMConfig
+from .configuration_twinlm import TwinLMConfig
 from .layers import (
     FEED_FORWARDS,
     ResidualProjection,
@@ -51,6 +51,7 @@ from .layers import (
     TwinLMRMSNorm,
     build_feed_forward,
     build_norm,
+    checkpoint_once,
 )
 from .linear_attention import LinearMask
 from .loss import causal_lm_loss, masked_lm_loss
@@ -110,6 +111,16 @@ class TwinLMLayer(GradientCheckpointingLayer):
         self.attention_norm = build_norm(config)
         self.mlp_norm = build_norm(config)
         self.dropout = TwinLMDropout(config.hidden_dropout_prob)
+
+    # transformers' activation checkpointing hands each block its checkpoint function: wrapped so that the block
+    # knows when a forward is the backward pass's recomputation (batch norm then leaves its statistics alone).
+    @property
+    def _gradient_checkpointing_func(self):
+        return self.__dict__.get("_checkpoint_once")
+
+    @_gradient_checkpointing_func.setter
+    def _gradient_checkpointing_func(self, checkpoint) -> None:
+        self.__dict__["_checkpoint_once"] = checkpoint_once(checkpoint)
 
 
 class TwinLMPostNormLayer(TwinLMLayer):
@@ -365,14 +376,18 @@ class TwinLMModel(TwinLMPreTrainedModel):
             )
         # The largest position id counts, not the row length: a padding-free packed row (documents whose
         # position ids restart at 0) may be longer than the table.
-        if config.position_embedding_type not in ABSOLUTE_POSITIONS:
+        limit = self.positions.max_positions(config)
+        if limit is None:
             return
         largest = int(position_ids.max())
-        if largest >= config.max_position_embeddings:
+        if largest >= limit:
+            unbounded = [
+                name for name, scheme in POSITION_ENCODINGS.items() if scheme.max_positions(config) is None
+            ]
             raise ValueError(
-                f"position id {largest} is past max_position_embeddings={config.max_position_embeddings} of this "
-                f"model's {config.position_embedding_type} positions; use shorter inputs or documents (packed "
-                "documents restart their position ids at 0), or a model with rope/alibi/relative positions"
+                f"position id {largest} is past max_position_embeddings={limit} of this model's "
+                f"{config.position_embedding_type} positions; use shorter inputs or documents (packed documents "
+                f"restart their position ids at 0), or a model with {'/'.join(unbounded)} positions"
             )
 
 
@@ -650,7 +665,7 @@ def check_flash_attention(config: TwinLMConfig, output_attentions: bool) -> None
     needs = []
     if config.attention_scoring == "additive":
         needs.append("attention_scoring='additive' (not a dot product)")
-    if config.position_embedding_type in ("relative", "alibi"):
+    if config.position_encoding.biases_attention:
         needs.append(f"position_embedding_type={config.position_embedding_type!r} (an attention bias)")
     if output_attentions:
         needs.append("output_attentions=True (these kernels return no weights)")

@@ -6,6 +6,14 @@ no-ops, so the model calls all three and never branches on the config:
   rotary(position_ids, layer_type)  -> (cos, sin) applied to queries and keys (rope; per layer type, for
                                        local layers' own base)
   attention_bias(distance)          -> added to the attention scores (relative, alibi)
+and declares what it needs from the rest of the model as class attributes, which the model, the config's
+validation and the training loop ask instead of testing the scheme's name:
+  biases_attention   its bias needs every (query, key) score: no flash or flex kernel, no linear attention,
+                     and a bias the width of the attention heads (no tensor-parallel split of the heads)
+  bounded            positions past max_position_embeddings are an error (a table, or fixed vectors the model
+                     never saw past its training length); the others take any position
+and `check_config` refuses, when the config is built, a config the scheme cannot serve. A new scheme is one
+class here plus one entry in POSITION_ENCODINGS (the config accepts every key of that table).
 
 Attention biases are computed from token *indices* (the model passes key index - query index, with the
 indices a cache's keys really have), not position ids: within one document of a packed batch and among the
@@ -13,25 +21,44 @@ real tokens of a left-padded batch the two differ by a constant, so distances ar
 distances stay valid when a sliding-window cache drops old keys or a static cache has unfilled slots.
 No buffers are registered: frequencies and slopes are recomputed on the fly (cheap), which keeps
 `from_pretrained` (meta-device init) and device moves trivially correct.
+
+This file is imported by configuration_twinlm (to validate position_embedding_type against the table), so it
+imports the config class only for type hints.
 """
 
+from __future__ import annotations
+
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from .configuration_twinlm import TwinLMConfig
+if TYPE_CHECKING:
+    from .configuration_twinlm import TwinLMConfig
 
 
 class PositionEncoding(nn.Module):
     """No positional information (position_embedding_type='none'); also the base of the others."""
 
-    # whether attention_bias uses the (query, key) distances: without, the model never builds that q x k matrix
+    # attention_bias uses the (query, key) distances: without, the model never builds that q x k matrix, and
+    # the kernels that take no bias (flash, flex, linear attention) can serve the scheme
     biases_attention = False
+    # positions past max_position_embeddings are an error (see max_positions)
+    bounded = False
 
     def __init__(self, config: TwinLMConfig):
         super().__init__()
         self.config = config
+
+    @classmethod
+    def check_config(cls, config: TwinLMConfig) -> None:
+        """Raise ValueError (naming the field and value) for a config this scheme cannot serve."""
+
+    @classmethod
+    def max_positions(cls, config: TwinLMConfig) -> int | None:
+        """The number of positions the scheme encodes (position ids 0 .. n - 1), or None for any position."""
+        return config.max_position_embeddings if cls.bounded else None
 
     def absolute(self, position_ids: torch.Tensor) -> torch.Tensor | None:
         return None
@@ -50,6 +77,8 @@ class PositionEncoding(nn.Module):
 class LearnedPositions(PositionEncoding):
     """A trained vector per position (BERT, GPT-2)."""
 
+    bounded = True
+
     def __init__(self, config: TwinLMConfig):
         super().__init__(config)
         self.embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
@@ -61,6 +90,8 @@ class LearnedPositions(PositionEncoding):
 class SinusoidalPositions(PositionEncoding):
     """The 2017 paper's fixed sines and cosines, interleaved: PE[p, 2i] = sin(p / 10000^(2i/d))."""
 
+    bounded = True  # defined for any position, but the model never saw those past its training length
+
     def absolute(self, position_ids: torch.Tensor) -> torch.Tensor:
         dim = self.config.hidden_size
         inv_freq = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, device=position_ids.device).float() / dim))
@@ -71,6 +102,15 @@ class SinusoidalPositions(PositionEncoding):
 
 class RotaryPositions(PositionEncoding):
     """RoPE (Su et al. 2021), in the rotate-half layout of GPT-NeoX and Llama."""
+
+    @classmethod
+    def check_config(cls, config: TwinLMConfig) -> None:
+        if config.head_dim % 2:
+            raise ValueError(
+                f"position_embedding_type={config.position_embedding_type!r} rotates pairs of dimensions: it needs "
+                f"an even head dimension, got {config.head_dim} (hidden_size={config.hidden_size} / "
+                f"num_attention_heads={config.num_attention_heads})"
+            )
 
     def rotary(
         self, position_ids: torch.Tensor, layer_type: str = "full_attention"
