@@ -1,8 +1,9 @@
 """TwinLMConfig: one architecture, every classic Transformer design choice as a validated switch.
 
 This file ships to the Hub as remote code: it imports only transformers, huggingface_hub, the standard library
-and its sibling positions.py (whose table of position encodings is the list of valid position_embedding_type
-values, and whose classes say what each scheme needs of a config).
+and its siblings positions.py (whose table of position encodings is the list of valid position_embedding_type
+values, and whose classes say what each scheme needs of a config) and layers.py (the feed-forward classes
+declare their tensor-parallel plan).
 """
 
 import difflib
@@ -18,6 +19,7 @@ from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDa
 from transformers import PreTrainedConfig
 from transformers.utils import logging
 
+from .layers import FEED_FORWARDS
 from .positions import POSITION_ENCODINGS
 
 logger = logging.get_logger(__name__)
@@ -218,6 +220,22 @@ class TwinLMConfig(PreTrainedConfig):
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def base_model_tp_plan(self) -> dict[str, str]:
+        """Tensor parallelism (`from_pretrained(..., tp_plan="auto")` under torchrun), Megatron-style: the attention
+        heads and the feed-forward's hidden units are split across the ranks (column-parallel projections in,
+        row-parallel projections out: one all-reduce per sub-layer), the vocabulary of the token embeddings too;
+        norms, position tables and the rest are replicated. Only the modules this config has (a gated MLP's
+        gate_proj, a k_proj unless share_qk). What cannot be split is refused when the plan is applied
+        (modeling_twinlm.check_tensor_parallel)."""
+        plan = {"embeddings.word_embeddings": "embedding_rowwise"}
+        projections = {"q_proj": "colwise", "k_proj": "colwise", "v_proj": "colwise", "o_proj": "rowwise"}
+        if self.share_qk:  # keys come from q_proj: there is no k_proj
+            del projections["k_proj"]
+        plan |= {f"layers.*.attention.{name}": style for name, style in projections.items()}
+        mlp = FEED_FORWARDS[self.hidden_act][0].tp_plan
+        return plan | {f"layers.*.mlp.{name}": style for name, style in mlp.items()}
 
     @property
     def position_encoding(self) -> type:

@@ -4,17 +4,22 @@ Every norm takes `(hidden_states, token_mask)` so that the layer code is the sam
 only batch norm uses the mask (its statistics must not count padding).
 
 Like the rest of the model folder (remote code, run on other people's torch releases), public torch APIs only.
+configuration_twinlm imports this file (the feed-forward classes declare their tensor-parallel plan), so it
+imports the config class only for type hints.
 """
+
+from __future__ import annotations
 
 from collections.abc import Callable
 from contextvars import ContextVar
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .configuration_twinlm import TwinLMConfig
+if TYPE_CHECKING:
+    from .configuration_twinlm import TwinLMConfig
 
 # ---------------------------------------------------------------------------------------------------
 # Norms
@@ -219,6 +224,9 @@ class ResidualProjection(nn.Linear):
 class TwinLMMLP(nn.Module):
     """down(act(up(x))): the 2017/BERT/GPT-2 feed-forward block."""
 
+    # tensor parallelism: the hidden units split across ranks (column-parallel in, row-parallel out)
+    tp_plan = {"up_proj": "colwise", "down_proj": "rowwise"}
+
     def __init__(self, config: TwinLMConfig, activation: nn.Module):
         super().__init__()
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
@@ -234,6 +242,8 @@ class TwinLMMLP(nn.Module):
 
 class TwinLMGatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)): the GLU variants of Shazeer 2020 (SwiGLU, GeGLU)."""
+
+    tp_plan = {"gate_proj": "colwise", "up_proj": "colwise", "down_proj": "rowwise"}
 
     def __init__(self, config: TwinLMConfig, activation: nn.Module):
         super().__init__()
