@@ -398,7 +398,8 @@ class WindowRecipe:
     right: int
     key_real: torch.Tensor | None  # (batch, length) bool: False for padding
     documents: torch.Tensor | None  # (batch, length): a document id per token (packed rows)
-    position_bias: Callable[[torch.Tensor], torch.Tensor | None]  # (q, k) distance -> (1, heads, q, k)
+    position_bias: Callable[[torch.Tensor], torch.Tensor | None]  # (r, q, k) distance -> (r, heads, q, k)
+    real_index: torch.Tensor | None = None  # (batch, length) real tokens up to each, where the mask has holes
 
     def bias(
         self, q_tok: torch.Tensor, k_tok: torch.Tensor, distance: torch.Tensor, batch: int
@@ -418,7 +419,12 @@ class WindowRecipe:
             allowed = allowed & (_take(self.documents, q_at) == _take(self.documents, k_at))
         allowed = (allowed | (distance == 0)).expand(batch, *allowed.shape[1:])
         allowed = allowed.reshape(-1, 1, *allowed.shape[-2:])  # (batch * groups, 1, block, keys)
-        position_bias = self.position_bias(distance)
+        if self.real_index is None:
+            position_bias = self.position_bias(distance[None])  # (1, heads, block, keys): every group's
+        else:  # distances in real tokens, per row and group: (batch * groups, heads, block, keys)
+            q_at = q_tok.clamp(0, self.length - 1).expand(batch, -1, -1, -1)
+            real_distance = _take(self.real_index, k_at) - _take(self.real_index, q_at)
+            position_bias = self.position_bias(real_distance.reshape(-1, *real_distance.shape[-2:]))
         if position_bias is None:
             return allowed
         blocked = torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device)

@@ -189,6 +189,10 @@ class TwinLMPreTrainedModel(PreTrainedModel):
     # torch.compile(fullgraph=True) of an inference forward (every switch), and compiled static-cache decoding with
     # one graph for every step (create_masks_for_generate); training steps may break graphs (sparse prediction)
     _can_compile_fullgraph = True
+    # transformers' contract for serving backends (vLLM, TGI): attention through the AttentionInterface (and its
+    # mask forms), the forward's kwargs passed down to the attention function, logits_to_keep as a tensor, a
+    # default tensor-parallel plan; transformers' padding-free tests (packed rows equal padded ones) run with it
+    _supports_attention_backend = True
     # transformers' output recording (capture_outputs): each block's output is a hidden state (the first
     # one is the embeddings, the last the final norm's output), each attention module's weights an attention.
     _can_record_outputs = {"hidden_states": TwinLMLayer, "attentions": TwinLMAttention}
@@ -302,13 +306,15 @@ class TwinLMModel(TwinLMPreTrainedModel):
         # One mask and one set of rotary angles per layer type (full, sliding window, linear), built once.
         layer_types = dict.fromkeys(config.layer_types)
         attention_mask, document_positions = drop_trivial_masks(attention_mask, documents)
+        # (where the mask has holes, ALiBi/T5 biases count the real tokens between two tokens, not the indices)
+        real_index = real_token_index(attention_mask) if self.positions.biases_attention else None
         masks = {
             layer_type: LAYER_MASKS[layer_type](
                 self,
                 layer_type,
                 attention_mask,
                 document_positions,
-                self._geometry(cache, layer_type, batch, q_len, past),
+                self._geometry(cache, layer_type, batch, q_len, past, real_index),
                 output_attentions,
             )
             for layer_type in layer_types
@@ -322,14 +328,17 @@ class TwinLMModel(TwinLMPreTrainedModel):
         )
         return BaseModelOutputWithPast(last_hidden_state=hidden, cache=cache)
 
-    def _geometry(self, cache: Cache | None, layer_type: str, batch: int, q_len: int, past) -> "MaskGeometry":
+    def _geometry(
+        self, cache: Cache | None, layer_type: str, batch: int, q_len: int, past, real_index=None
+    ) -> "MaskGeometry":
         """Where this forward's queries and the keys of `layer_type`'s layers sit in the sequence: a static
         cache's keys are all its slots (unfilled ones masked as the future), a sliding-window cache's only the
         newest (the first such layer's cache tells); linear layers keep no keys."""
         if cache is None or layer_type == "linear_attention":
-            return MaskGeometry(q_len, past, q_len, 0, exact=True, batch=batch)
+            return MaskGeometry(q_len, past, q_len, 0, exact=True, batch=batch, real_index=real_index)
         kv_len, kv_offset = cache.get_mask_sizes(q_len, self.config.layer_types.index(layer_type))
-        return MaskGeometry(q_len, past, kv_len, kv_offset, exact=not cache.is_compileable, batch=batch)
+        exact = not cache.is_compileable
+        return MaskGeometry(q_len, past, kv_len, kv_offset, exact, batch=batch, real_index=real_index)
 
     def _blocks(self, hidden, token_mask, masks, rotary, cache, output_attentions, tokens_to_keep, kwargs):
         """The blocks and the final norm; with `tokens_to_keep`, only those tokens' states (row-major), the last
@@ -461,12 +470,15 @@ def softmax_attention_mask(
                 key_real=attention_mask.bool() if attention_mask is not None else None,
                 documents=document_ids(document_positions),
                 position_bias=model.positions.attention_bias,
+                real_index=geometry.real_index,
             )
             return WindowBlocks.build(recipe, geometry.batch, device)
     q_idx, k_idx = geometry.indices(device)
     # (the q x k distances only where a position bias uses them: at 8k tokens they are 512 MB and a second)
     position_bias = (
-        model.positions.attention_bias(k_idx - q_idx) if model.positions.biases_attention else None
+        model.positions.attention_bias(geometry.distance(device))
+        if model.positions.biases_attention
+        else None
     )
     q_len, kv_len = geometry.q_len, geometry.kv_len
     plain = attention_mask is None and document_positions is None and window is None
@@ -627,6 +639,8 @@ class MaskGeometry:
     kv_offset: int
     exact: bool
     batch: int = 1
+    # (batch, tokens so far) real tokens up to each token, where the padding mask has holes (real_token_index)
+    real_index: torch.Tensor | None = None
 
     @property
     def fresh(self) -> bool:
@@ -638,6 +652,18 @@ class MaskGeometry:
         q_idx = (torch.arange(self.q_len, device=device) + self.past)[:, None]
         k_idx = (torch.arange(self.kv_len, device=device) + self.kv_offset)[None, :]
         return q_idx, k_idx
+
+    def distance(self, device: torch.device) -> torch.Tensor:
+        """Key minus query distance in tokens of text, (1 | batch, q_len, kv_len): token indices, or where the
+        padding mask has holes the real tokens between the two (what ALiBi/T5 biases measure)."""
+        q_idx, k_idx = self.indices(device)
+        if self.real_index is None:
+            return (k_idx - q_idx)[None]
+        # a static cache's slots past the tokens so far: the future (causality hides them), any count will do
+        counts = F.pad(self.real_index, (0, max(self.kv_offset + self.kv_len - self.real_index.shape[-1], 0)))
+        q_real = counts.index_select(1, q_idx[:, 0])
+        k_real = counts.index_select(1, k_idx[0])
+        return k_real[:, None, :] - q_real[:, :, None]
 
     def key_padding(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """The (batch, kv_len) padding mask of the keys. The 2D mask covers the tokens so far; a static
@@ -704,6 +730,20 @@ def cache_is_empty(cache: Cache | None) -> bool:
     return bool(length == 0)
 
 
+def real_token_index(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Each token's count of real tokens up to it, (batch, tokens), where some row's real tokens are not one run
+    (holes in the mask): distances in the text then differ from distances in token indices. None otherwise (no
+    mask, left or right padding), where index distances are the same; a compiled forward always counts."""
+    if attention_mask is None:
+        return None
+    mask = attention_mask.long()
+    if not torch.compiler.is_compiling():
+        runs = (mask[:, 1:] > mask[:, :-1]).sum(-1) + mask[:, 0]  # where real tokens start
+        if bool((runs <= 1).all()):
+            return None
+    return mask.cumsum(-1)
+
+
 def query_columns(per_token: torch.Tensor, past: int | torch.Tensor, q_len: int) -> torch.Tensor:
     """The columns of a (batch, tokens so far) tensor (a 2D mask, or a static cache's mask over all its slots)
     that belong to this forward's q_len tokens: tokens past .. past + q_len - 1 (`past` a tensor with a static
@@ -727,13 +767,15 @@ def check_tensor_parallel(config: TwinLMConfig, size: int) -> None:
         needs.append("attention_scoring='additive' (a score vector per head)")
     if config.position_encoding.biases_attention:
         needs.append(f"position_embedding_type={config.position_embedding_type!r} (a bias over all heads)")
-    for field in ("num_attention_heads", "num_key_value_heads"):
-        if getattr(config, field) % size:
-            needs.append(f"{field}={getattr(config, field)} (not a multiple of the {size} ranks)")
+    uneven = [
+        field for field in ("num_attention_heads", "num_key_value_heads") if getattr(config, field) % size
+    ]
+    needs += [f"{field}={getattr(config, field)} (not a multiple of {size})" for field in uneven]
     if needs:
+        hint = " or a tp_size that divides the head counts" if uneven else ""
         raise ValueError(
-            f"tensor parallelism over {size} ranks cannot split {', '.join(needs)}; load this model without "
-            "tp_plan (or with a tp_size that divides the heads)"
+            f"tensor parallelism over {size} ranks cannot split {', '.join(needs)}; load this model without a "
+            f"tp_plan{hint}"
         )
 
 

@@ -5,7 +5,8 @@ no-ops, so the model calls all three and never branches on the config:
   absolute(position_ids)            -> added to the token embeddings (learned, sinusoidal)
   rotary(position_ids, layer_type)  -> (cos, sin) applied to queries and keys (rope; per layer type, for
                                        local layers' own base)
-  attention_bias(distance)          -> added to the attention scores (relative, alibi)
+  attention_bias(distance)          -> added to the attention scores (relative, alibi), from key - query
+                                       distances (r, q, k) (r: 1, or one per row of the batch)
 and declares what it needs from the rest of the model as class attributes, which the model, the config's
 validation and the training loop ask instead of testing the scheme's name:
   biases_attention   its bias needs every (query, key) score: no flash or flex kernel, no linear attention,
@@ -15,10 +16,11 @@ validation and the training loop ask instead of testing the scheme's name:
 and `check_config` refuses, when the config is built, a config the scheme cannot serve. A new scheme is one
 class here plus one entry in POSITION_ENCODINGS (the config accepts every key of that table).
 
-Attention biases are computed from token *indices* (the model passes key index - query index, with the
-indices a cache's keys really have), not position ids: within one document of a packed batch and among the
-real tokens of a left-padded batch the two differ by a constant, so distances are the same, and index
-distances stay valid when a sliding-window cache drops old keys or a static cache has unfilled slots.
+Attention biases are computed from distances in the text, not from position ids: the model passes key index -
+query index (with the indices a cache's keys really have), or, where a row's padding mask has holes, the number
+of real tokens between the two (padding is no distance). Within one document of a packed batch and among the
+real tokens of a padded batch these are the position ids' distances, and they stay valid when a sliding-window
+cache drops old keys or a static cache has unfilled slots.
 No buffers are registered: frequencies and slopes are recomputed on the fly (cheap), which keeps
 `from_pretrained` (meta-device init) and device moves trivially correct.
 
@@ -70,7 +72,7 @@ class PositionEncoding(nn.Module):
         return None
 
     def attention_bias(self, distance: torch.Tensor) -> torch.Tensor | None:
-        """An additive (1, heads, q, k) bias from `distance` = key index - query index, (q, k)."""
+        """An additive (r, heads, q, k) bias from `distance` (r, q, k) = key - query distance in tokens."""
         return None
 
 
@@ -152,7 +154,7 @@ class RelativePositions(PositionEncoding):
             num_buckets=self.config.relative_attention_num_buckets,
             max_distance=self.config.relative_attention_max_distance,
         )
-        return self.bias(buckets).permute(2, 0, 1)[None]  # (1, heads, q, k)
+        return self.bias(buckets).permute(0, 3, 1, 2)  # (r, heads, q, k)
 
 
 def relative_position_bucket(
@@ -184,7 +186,7 @@ class AlibiPositions(PositionEncoding):
     def attention_bias(self, distance: torch.Tensor) -> torch.Tensor:
         slopes = alibi_slopes(self.config.num_attention_heads, distance.device)
         # |distance|: causal masking hides the future; a bidirectional model penalises both directions.
-        return -(slopes[:, None, None] * distance.abs().float())[None]  # (1, heads, q, k)
+        return -(slopes[:, None, None] * distance[:, None].abs().float())  # (r, heads, q, k)
 
 
 def alibi_slopes(num_heads: int, device: torch.device) -> torch.Tensor:
