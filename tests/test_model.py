@@ -494,6 +494,44 @@ def test_attention_written_out_for_cpu_dropout_matches_sdpa(monkeypatch, causal,
     torch.testing.assert_close(written_out[real], expected[real], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["mlm", "clm"])
+def test_bf16_cpu_training_writes_short_attention_out(monkeypatch, causal):
+    """Training under bfloat16 autocast on a CPU, attention over at most CPU_WRITTEN_OUT_MAX_KEYS keys is the
+    softmax written out (about twice as fast as SDPA's kernel there), with SDPA's outputs and gradients up to
+    bfloat16 rounding; longer rows, float32 and inference keep SDPA."""
+    from twinlm.model import attention
+
+    sdpa_calls = []
+    sdpa = attention.F.scaled_dot_product_attention
+    monkeypatch.setattr(
+        attention.F, "scaled_dot_product_attention", lambda *a, **k: sdpa_calls.append(1) or sdpa(*a, **k)
+    )
+    model = seeded_model(causal, position_embedding_type="rope", num_key_value_heads=2).train()
+    ids = torch.randint(5, 97, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+
+    def step(limit):
+        monkeypatch.setattr(attention, "CPU_WRITTEN_OUT_MAX_KEYS", limit)
+        model.zero_grad()
+        sdpa_calls.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(ids, attention_mask=mask, labels=ids)
+        out.loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        return out.logits.float()[mask.bool()], grads, len(sdpa_calls)
+
+    written, written_grads, written_calls = step(512)
+    kernel, kernel_grads, kernel_calls = step(8)  # 12 keys > 8: SDPA
+    assert written_calls == 0 and kernel_calls == model.config.num_hidden_layers
+    torch.testing.assert_close(written, kernel, atol=2e-2, rtol=2e-2)
+    assert (written_grads - kernel_grads).abs().max() < 0.05 * kernel_grads.abs().max()
+    sdpa_calls.clear()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(ids, attention_mask=mask)
+    assert len(sdpa_calls) == model.config.num_hidden_layers  # inference keeps the kernel
+
+
 # ---------------------------------------------------------------------------------------------------
 # Sparse prediction: the last block computes only the masked tokens' queries (exact).
 
