@@ -524,8 +524,8 @@ def test_tensor_parallel_plan_follows_the_config():
         layer_modules = {n for n in names if n.startswith("layers.*.") and n.endswith("_proj")}
         assert {k for k in model.config.base_model_tp_plan if k.startswith("layers.")} == layer_modules
     with pytest.raises(ValueError, match=r"cannot split num_attention_heads=4 \(not a multiple of 3\)"):
-        check_tensor_parallel(tiny_config(), 3)
-    check_tensor_parallel(tiny_config(num_key_value_heads=2), 2)
+        check_tensor_parallel(TwinLMModel(tiny_config()), 3)
+    check_tensor_parallel(TwinLMModel(tiny_config(num_key_value_heads=2)), 2)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -613,8 +613,8 @@ def test_a_registered_scheme_is_a_config_value_and_is_asked_what_it_needs(toy_sc
         TwinLMModel(rotary)(torch.randint(5, 97, (1, 71)))
     TwinLMModel(bias)(torch.randint(5, 97, (1, 71)))
     with pytest.raises(ValueError, match="cannot split position_embedding_type='toy-bias'"):
-        check_tensor_parallel(bias, 2)
-    check_tensor_parallel(rotary, 2)
+        check_tensor_parallel(TwinLMModel(bias), 2)
+    check_tensor_parallel(TwinLMModel(rotary), 2)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["mlm", "clm"])

@@ -203,7 +203,7 @@ class TwinLMPreTrainedModel(PreTrainedModel):
         """The full tensor-parallel plan (transformers' property), refused in one line for a config whose heads
         cannot be split across `tp_size` ranks (read by transformers when it applies the plan)."""
         if (self.tp_size or 1) > 1:
-            check_tensor_parallel(self.config, self.tp_size)
+            check_tensor_parallel(self, self.tp_size)
         return PreTrainedModel.tp_plan.fget(self)
 
     @tp_plan.setter
@@ -759,12 +759,17 @@ def owns_kernel(config: TwinLMConfig) -> bool:
     return config._attn_implementation in OWN_IMPLEMENTATIONS
 
 
-def check_tensor_parallel(config: TwinLMConfig, size: int) -> None:
+def check_tensor_parallel(model: nn.Module, size: int) -> None:
     """Tensor parallelism splits the attention heads across `size` ranks: refuse, by name, what needs every head
-    on one rank (a per-head parameter or bias the width of all heads) or heads that do not split evenly."""
-    needs = []
-    if config.attention_scoring == "additive":
-        needs.append("attention_scoring='additive' (a score vector per head)")
+    on one rank (a scoring with parameters of its own, per head; a position bias the width of all heads) or heads
+    that do not split evenly."""
+    config, needs = model.config, []
+    if any(
+        any(True for _ in module.scoring.parameters())
+        for module in model.modules()
+        if isinstance(module, TwinLMAttention)
+    ):
+        needs.append(f"attention_scoring={config.attention_scoring!r} (parameters of its own per head)")
     if config.position_encoding.biases_attention:
         needs.append(f"position_embedding_type={config.position_embedding_type!r} (a bias over all heads)")
     uneven = [
