@@ -498,7 +498,7 @@ def test_attention_written_out_for_cpu_dropout_matches_sdpa(monkeypatch, causal,
 def test_bf16_cpu_training_writes_short_attention_out(monkeypatch, causal):
     """Training under bfloat16 autocast on a CPU, attention over at most CPU_WRITTEN_OUT_MAX_KEYS keys is the
     softmax written out (about twice as fast as SDPA's kernel there), with SDPA's outputs and gradients up to
-    bfloat16 rounding; longer rows, float32 and inference keep SDPA."""
+    bfloat16 rounding; longer rows and inference (eval mode) keep SDPA."""
     from twinlm.model import attention
 
     sdpa_calls = []
@@ -522,13 +522,17 @@ def test_bf16_cpu_training_writes_short_attention_out(monkeypatch, causal):
         return out.logits.float()[mask.bool()], grads, len(sdpa_calls)
 
     written, written_grads, written_calls = step(512)
+    model.activation_checkpointing_enable({"use_reentrant": True})  # forward without gradients, then recomputed
+    checkpointed = step(512)[1]  # the same path both times: the gradients up to the order of their sums
+    assert (checkpointed - written_grads).abs().max() < 1e-3 * written_grads.abs().max()
+    model.activation_checkpointing_disable()
     kernel, kernel_grads, kernel_calls = step(8)  # 12 keys > 8: SDPA
     assert written_calls == 0 and kernel_calls == model.config.num_hidden_layers
     torch.testing.assert_close(written, kernel, atol=2e-2, rtol=2e-2)
     assert (written_grads - kernel_grads).abs().max() < 0.05 * kernel_grads.abs().max()
     sdpa_calls.clear()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        model(ids, attention_mask=mask)
+        model.eval()(ids, attention_mask=mask)
     assert len(sdpa_calls) == model.config.num_hidden_layers  # inference keeps the kernel
 
 

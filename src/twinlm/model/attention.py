@@ -152,13 +152,14 @@ def eager_attention(
 CPU_WRITTEN_OUT_MAX_KEYS = 512
 
 
-def cpu_low_precision_training(query: torch.Tensor, key: torch.Tensor) -> bool:
-    """Whether attention over `key` runs faster written out than in SDPA: CPU, bfloat16/float16, gradients
-    needed, at most CPU_WRITTEN_OUT_MAX_KEYS keys."""
+def cpu_low_precision_training(query: torch.Tensor, key: torch.Tensor, training: bool) -> bool:
+    """Whether attention over `key` runs faster written out than in SDPA: CPU, bfloat16/float16, a model in
+    training mode (the mode, not whether gradients are on: a checkpointed block's forward and its recomputation
+    take the same path), at most CPU_WRITTEN_OUT_MAX_KEYS keys."""
     return (
-        query.device.type == "cpu"
+        training
+        and query.device.type == "cpu"
         and query.dtype in (torch.bfloat16, torch.float16)
-        and query.requires_grad
         and key.shape[-2] <= CPU_WRITTEN_OUT_MAX_KEYS
         and not torch.compiler.is_compiling()
     )
@@ -237,7 +238,7 @@ class DotProductScoring(nn.Module):
         # slow dropout mask: the same softmax written out here, with layers.dropout_mask, is faster; so it is in
         # bfloat16 training over short rows (cpu_low_precision_training).
         cpu_dropout = fast_dropout_applies(query, dropout)
-        written_out = cpu_dropout or cpu_low_precision_training(query, key)
+        written_out = cpu_dropout or cpu_low_precision_training(query, key, self.training)
         if output_attentions or written_out or implementation == "eager":
             key, value = repeat_kv(key, groups), repeat_kv(value, groups)
             query = query * self.scale if self.scale != 1.0 else query  # (.., q, d): smaller than the scores
