@@ -522,7 +522,9 @@ def test_bf16_cpu_training_writes_short_attention_out(monkeypatch, causal):
         return out.logits.float()[mask.bool()], grads, len(sdpa_calls)
 
     written, written_grads, written_calls = step(512)
-    model.activation_checkpointing_enable({"use_reentrant": True})  # forward without gradients, then recomputed
+    model.activation_checkpointing_enable(
+        {"use_reentrant": True}
+    )  # forward without gradients, then recomputed
     checkpointed = step(512)[1]  # the same path both times: the gradients up to the order of their sums
     assert (checkpointed - written_grads).abs().max() < 1e-3 * written_grads.abs().max()
     model.activation_checkpointing_disable()
