@@ -54,8 +54,9 @@ def test_run_all_quick_writes_every_section(tmp_path: Path) -> None:
     assert set(sections) == SECTIONS
 
     training = sections["training"]["rows"]
+    references = ("BertForMaskedLM", "GPT2LMHeadModel", "ModernBertForMaskedLM", "LlamaForCausalLM")
     assert {(r["reference"], r["precision"]) for r in training} == {
-        (ref, prec) for ref in ("BertForMaskedLM", "GPT2LMHeadModel") for prec in ("fp32", "bf16 autocast")
+        (ref, prec) for ref in references for prec in ("fp32", "bf16 autocast")
     }
     for row in training:
         for key in ("reference tok/s", "twinlm tok/s", "speed-up", "twinlm % of matmul peak", "memory ratio"):

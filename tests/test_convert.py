@@ -1,4 +1,4 @@
-"""twinlm.convert: transformers BERT / GPT-2 -> twinlm with the same logits, the presets, the CLI."""
+"""twinlm.convert: transformers BERT / GPT-2 / Llama -> twinlm with the same logits, the presets, the CLI."""
 
 from __future__ import annotations
 
@@ -21,6 +21,9 @@ from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
     GPT2Model,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaModel,
     PreTrainedTokenizerFast,
 )
 
@@ -143,6 +146,53 @@ def test_gpt2_lm_logits_match(overrides):
     # No mask at all: the plain causal path.
     plain = {"input_ids": left["input_ids"], "attention_mask": torch.ones_like(mask)}
     assert real_logits_difference(hf_model, twin, {"input_ids": plain["input_ids"]}, plain) < TOLERANCE
+
+
+def tiny_llama_config(**overrides) -> LlamaConfig:
+    values = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rope_theta=500000.0,
+    )
+    return LlamaConfig(**{**values, **overrides})
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"tie_word_embeddings": True, "attention_bias": True, "mlp_bias": True, "num_key_value_heads": 4}],
+    ids=["default-untied-gqa", "tied-biases-mha"],
+)
+def test_llama_lm_logits_and_generation_match(overrides):
+    """Llama is twinlm's modern decoder (pre-norm RMSNorm, RoPE, SwiGLU, grouped-query attention)."""
+    hf_model = seeded(LlamaForCausalLM, tiny_llama_config(**overrides))
+    twin = from_hf(hf_model)
+    assert isinstance(twin, TwinLMForCausalLM) and twin.config.rope_theta == 500000.0
+    assert twin.num_parameters() == hf_model.num_parameters()
+    assert (twin.lm_head.weight is twin.model.embeddings.word_embeddings.weight) == bool(overrides)
+    for seed in range(2):
+        assert max_logit_difference(hf_model, twin, batch_size=4, seq_len=24, seed=seed) < TOLERANCE
+    batch = random_padded_batch(twin.config, batch_size=3, seq_len=10, seed=3)
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        assert torch.equal(twin.generate(**batch, **kwargs), hf_model.generate(**batch, **kwargs))
+    bare = seeded(LlamaModel, tiny_llama_config(**overrides))
+    assert max_logit_difference(bare, from_hf(bare)) < TOLERANCE
+
+
+def test_llama_variants_twinlm_cannot_reproduce_are_refused():
+    with pytest.raises(TwinLMError, match="rope_type='linear'"):
+        from_hf(
+            LlamaForCausalLM(
+                tiny_llama_config(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4})
+            )
+        )
+    with pytest.raises(TwinLMError, match="head_dim=16"):
+        from_hf(LlamaForCausalLM(tiny_llama_config(head_dim=16)))
 
 
 def test_difference_measure_detects_wrong_weights():
@@ -274,12 +324,12 @@ def test_cli_bad_inputs(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert "no config.json" in error(str(empty), str(tmp_path / "out"))
-    llama = tmp_path / "llama"
-    llama.mkdir()
-    (llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    message = error(str(llama), str(tmp_path / "out"))
-    assert "'llama'" in message and "bert, gpt2" in message
-    assert "source directory" in error(str(llama), str(llama))
+    mistral = tmp_path / "mistral"
+    mistral.mkdir()
+    (mistral / "config.json").write_text(json.dumps({"model_type": "mistral"}))
+    message = error(str(mistral), str(tmp_path / "out"))
+    assert "'mistral'" in message and "bert, gpt2, llama" in message
+    assert "source directory" in error(str(mistral), str(mistral))
     assert not (tmp_path / "out").exists()
 
 
@@ -288,7 +338,9 @@ def test_cli_bad_inputs(tmp_path, capsys):
 
 
 def test_from_hf_rejects_what_it_cannot_reproduce():
-    with pytest.raises(TwinLMError, match="BertForMaskedLM, BertModel, GPT2LMHeadModel, GPT2Model"):
+    with pytest.raises(
+        TwinLMError, match="BertForMaskedLM, BertModel, GPT2LMHeadModel, GPT2Model, LlamaForCausalLM"
+    ):
         from_hf(BertForSequenceClassification(tiny_bert_config()))
     with pytest.raises(TwinLMError, match="supported classes"):
         from_hf(TwinLMForCausalLM(config_from_hf(tiny_gpt2_config())))

@@ -364,16 +364,19 @@ def test_weight_tying(causal):
     assert untied.lm_head.weight is not untied.model.embeddings.word_embeddings.weight
 
 
-def test_batchnorm_statistics_update_once_per_step_under_checkpointing():
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_batchnorm_statistics_update_once_per_step_under_checkpointing(reentrant):
     ids = torch.randint(5, 97, (2, 8))
     stats = []
     for checkpointing in (False, True):
         model = seeded_model(True, norm_type="batchnorm").train()
         if checkpointing:
-            model.activation_checkpointing_enable()
+            model.activation_checkpointing_enable({"use_reentrant": reentrant})
         model(ids, labels=ids).loss.backward()
-        stats.append(model.model.layers[0].attention_norm.running_mean.clone())
-    torch.testing.assert_close(stats[1], stats[0])
+        stats.append([layer.attention_norm.running_mean.clone() for layer in model.model.layers])
+    assert not torch.equal(stats[0][0], torch.zeros_like(stats[0][0]))  # the statistics did move
+    for checkpointed, plain in zip(stats[1], stats[0], strict=True):
+        torch.testing.assert_close(checkpointed, plain)
 
 
 def test_config_takes_whole_numbers_for_float_fields():
@@ -498,6 +501,50 @@ def test_attention_written_out_for_cpu_dropout_matches_sdpa(monkeypatch, causal,
     torch.testing.assert_close(written_out[real], expected[real], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["mlm", "clm"])
+def test_bf16_cpu_training_writes_short_attention_out(monkeypatch, causal):
+    """Training under bfloat16 autocast on a CPU, attention over at most CPU_WRITTEN_OUT_MAX_KEYS keys is the
+    softmax written out (about twice as fast as SDPA's kernel there), with SDPA's outputs and gradients up to
+    bfloat16 rounding; longer rows and inference (eval mode) keep SDPA."""
+    from twinlm.model import attention
+
+    sdpa_calls = []
+    sdpa = attention.F.scaled_dot_product_attention
+    monkeypatch.setattr(
+        attention.F, "scaled_dot_product_attention", lambda *a, **k: sdpa_calls.append(1) or sdpa(*a, **k)
+    )
+    model = seeded_model(causal, position_embedding_type="rope", num_key_value_heads=2).train()
+    ids = torch.randint(5, 97, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+
+    def step(limit):
+        monkeypatch.setattr(attention, "CPU_WRITTEN_OUT_MAX_KEYS", limit)
+        model.zero_grad()
+        sdpa_calls.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(ids, attention_mask=mask, labels=ids)
+        out.loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        return out.logits.float()[mask.bool()], grads, len(sdpa_calls)
+
+    written, written_grads, written_calls = step(512)
+    model.activation_checkpointing_enable(
+        {"use_reentrant": True}
+    )  # forward without gradients, then recomputed
+    checkpointed = step(512)[1]  # the same path both times: the gradients up to the order of their sums
+    assert (checkpointed - written_grads).abs().max() < 1e-3 * written_grads.abs().max()
+    model.activation_checkpointing_disable()
+    kernel, kernel_grads, kernel_calls = step(8)  # 12 keys > 8: SDPA
+    assert written_calls == 0 and kernel_calls == model.config.num_hidden_layers
+    torch.testing.assert_close(written, kernel, atol=2e-2, rtol=2e-2)
+    assert (written_grads - kernel_grads).abs().max() < 0.05 * kernel_grads.abs().max()
+    sdpa_calls.clear()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model.eval()(ids, attention_mask=mask)
+    assert len(sdpa_calls) == model.config.num_hidden_layers  # inference keeps the kernel
+
+
 # ---------------------------------------------------------------------------------------------------
 # Sparse prediction: the last block computes only the masked tokens' queries (exact).
 
@@ -606,22 +653,43 @@ def test_tokens_to_keep_must_be_boolean():
         )
 
 
-def test_cpu_dropout_leaves_torch_func_and_forward_ad_to_torch():
-    """torch.func transforms and forward-mode AD have no rule for the custom autograd functions: F.dropout."""
+def test_cpu_dropout_under_torch_func_and_forward_ad():
+    """The fast CPU dropout's autograd functions (public APIs only: setup_context, jvp, a generated vmap rule)
+    serve torch.func.vjp/jvp/vmap and forward-mode AD: derivatives are the forward's own mask times the scale,
+    vmap's randomness modes behave as with F.dropout."""
     import torch.autograd.forward_ad as fwAD
-    from torch.func import grad, vmap
+    from torch.func import jvp, vjp, vmap
 
+    from twinlm.model.attention import _DroppedWeightsTimesValue
     from twinlm.model.layers import dropout
 
-    x = torch.randn(4, 6)
-    g = grad(lambda t: dropout(t, 0.5).sum())(x)
-    assert set(g.unique().tolist()) <= {0.0, 2.0}
-    rows = vmap(lambda t: dropout(t, 0.5), randomness="different")(x)
-    assert rows.shape == x.shape
+    x = torch.randn(64, 32) + 5  # no element is 0: kept elements are exactly the nonzero outputs
+    out, pullback = vjp(lambda t: dropout(t, 0.5), x)
+    (gradient,) = pullback(torch.ones_like(x))
+    assert torch.equal(gradient, (out != 0).float() * 2)
+    assert 0.4 < (out == 0).float().mean() < 0.6
+    out, tangent = jvp(lambda t: dropout(t, 0.5), (x,), (torch.ones_like(x),))
+    assert torch.equal(tangent, (out != 0).float() * 2)
     with fwAD.dual_level():
-        out = dropout(fwAD.make_dual(x, torch.ones_like(x)), 0.5)
-        tangent = fwAD.unpack_dual(out).tangent
-    assert set(tangent.unique().tolist()) <= {0.0, 2.0}
+        dual = dropout(fwAD.make_dual(x, torch.ones_like(x)), 0.5)
+        out, tangent = fwAD.unpack_dual(dual)
+    assert torch.equal(tangent, (out != 0).float() * 2)
+    rows = vmap(lambda t: dropout(t, 0.5), randomness="different")(x)
+    assert rows.shape == x.shape and not torch.equal(rows[0] != 0, rows[1] != 0)  # a mask per example
+    same = vmap(lambda t: dropout(t, 0.5), randomness="same")(x)
+    assert torch.equal(same[0] != 0, same[1] != 0)
+    with pytest.raises(RuntimeError, match="randomness"):  # as torch's own dropout under vmap
+        vmap(lambda t: dropout(t, 0.5))(x)
+    # dropout(weights) @ value: forward-mode AD equals the reverse-mode derivative
+    torch.manual_seed(0)
+    weights, value = torch.rand(2, 3, 5, 5, dtype=torch.float64), torch.randn(2, 3, 5, 4, dtype=torch.float64)
+    keep = (torch.rand(2, 3, 5, 5) > 0.3).double()
+    torch.autograd.gradcheck(
+        lambda w, v: _DroppedWeightsTimesValue.apply(w, v, keep, 1 / 0.7),
+        (weights.requires_grad_(), value.requires_grad_()),
+        check_forward_ad=True,
+        check_backward_ad=True,
+    )
 
 
 def test_model_outputs_and_class_names():

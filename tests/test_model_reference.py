@@ -58,7 +58,7 @@ def test_alibi_matches_bloom(heads):
         is_causal=True, position_embedding_type="alibi", num_attention_heads=heads, hidden_size=96
     )
     distance = torch.arange(seq)[None, :] - torch.arange(seq)[:, None]
-    ours = AlibiPositions(config).attention_bias(distance)[0]  # (h, q, k)
+    ours = AlibiPositions(config).attention_bias(distance[None])[0]  # (h, q, k)
     causal = distance <= 0
     difference = (ours - bloom_rows)[:, causal].abs().max().item()
     slopes = (alibi_slopes(heads, torch.device("cpu")) - bloom[:, 0, 1]).abs().max().item()

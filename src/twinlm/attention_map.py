@@ -14,14 +14,14 @@ def attention_weights(checkpoint: str, text: str, max_tokens: int = 64) -> tuple
     """(tokens, weights of shape (layers, heads, tokens, tokens), tokens of the whole text) for `text`
     under the checkpoint; the map covers the first `max_tokens` tokens."""
     import torch
-    from transformers import AutoTokenizer
 
     import twinlm
     from twinlm.model_folder import check_model_folder, load_error
+    from twinlm.tokenization import auto_tokenizer
 
     check_model_folder(checkpoint, "checkpoint")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        tokenizer = auto_tokenizer(checkpoint)
     except (OSError, ValueError) as err:
         raise TwinLMError(
             f"{checkpoint!r} has no loadable tokenizer ({err.__class__.__name__}); save the tokenizer next to the "

@@ -1,4 +1,4 @@
-"""Convert transformers BERT and GPT-2 models into the equivalent twinlm models.
+"""Convert transformers BERT, GPT-2 and Llama models into the equivalent twinlm models.
 
 `from_hf(model)` maps the config and copies every weight, so that the converted model's eval-mode logits
 equal the original's (to float rounding). That proves the `bert-base` and `gpt2-small` presets describe
@@ -17,6 +17,8 @@ Notes on what "equivalent" means:
   frozen as padding; a pad token for generate() stays in the copied generation config.
 - GPT-2 passes token_type_ids through its token embeddings; twinlm's GPT-2 (type_vocab_size=0)
   ignores them. Nobody uses that path for GPT-2, but it is the one input on which the two differ.
+- Llama is twinlm's modern decoder: pre-norm RMSNorm, RoPE (rotate-half, default scaling), SwiGLU, grouped-query
+  attention; a Llama with rope scaling or a head_dim other than hidden_size / heads is refused.
 """
 
 from __future__ import annotations
@@ -44,9 +46,15 @@ SUPPORTED: dict[str, type[nn.Module]] = {
     "BertModel": TwinLMModel,
     "GPT2LMHeadModel": TwinLMForCausalLM,
     "GPT2Model": TwinLMModel,
+    "LlamaForCausalLM": TwinLMForCausalLM,
+    "LlamaModel": TwinLMModel,
 }
 # model_type in config.json -> the Auto class that loads a checkpoint of that type for conversion
-AUTO_CLASS_FOR_TYPE = {"bert": "AutoModelForMaskedLM", "gpt2": "AutoModelForCausalLM"}
+AUTO_CLASS_FOR_TYPE = {
+    "bert": "AutoModelForMaskedLM",
+    "gpt2": "AutoModelForCausalLM",
+    "llama": "AutoModelForCausalLM",
+}
 
 # transformers activation name -> twinlm hidden_act. The tanh approximations of GELU are the same
 # function written three ways (differences ~1e-7).
@@ -170,15 +178,64 @@ def _gpt2_config(hf: Any) -> dict[str, Any]:
     )
 
 
+def _llama_config(hf: Any) -> dict[str, Any]:
+    rope = getattr(hf, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise TwinLMError(
+            f"Llama rope_type={rope.get('rope_type')!r} (rope scaling) has no twinlm equivalent; only 'default'"
+        )
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    if head_dim * hf.num_attention_heads != hf.hidden_size:
+        raise TwinLMError(
+            f"Llama head_dim={head_dim} x num_attention_heads={hf.num_attention_heads} != hidden_size="
+            f"{hf.hidden_size}: twinlm's heads split the hidden size"
+        )
+    if hf.hidden_act != "silu":
+        raise TwinLMError(
+            f"Llama hidden_act={hf.hidden_act!r} has no twinlm equivalent; only 'silu' (SwiGLU)"
+        )
+    return dict(
+        vocab_size=hf.vocab_size,
+        hidden_size=hf.hidden_size,
+        num_hidden_layers=hf.num_hidden_layers,
+        num_attention_heads=hf.num_attention_heads,
+        num_key_value_heads=hf.num_key_value_heads,
+        intermediate_size=hf.intermediate_size,
+        max_position_embeddings=hf.max_position_embeddings,
+        type_vocab_size=0,
+        is_causal=True,
+        position_embedding_type="rope",
+        rope_theta=float(rope.get("rope_theta", 10000.0)),
+        norm_type="rmsnorm",
+        norm_position="pre",
+        embedding_norm=False,
+        hidden_act="swiglu",
+        attention_scoring="scaled_dot",
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=float(hf.attention_dropout),
+        embedding_dropout_prob=0.0,
+        layer_norm_eps=hf.rms_norm_eps,
+        initializer_range=hf.initializer_range,
+        attention_bias=hf.attention_bias,
+        mlp_bias=hf.mlp_bias,
+        tie_word_embeddings=hf.tie_word_embeddings,
+        pad_token_id=hf.pad_token_id,
+        bos_token_id=hf.bos_token_id,
+        eos_token_id=hf.eos_token_id,
+    )
+
+
 def config_from_hf(hf_config: Any, with_mlm_head: bool = True) -> TwinLMConfig:
-    """The TwinLMConfig equivalent to a transformers BertConfig or GPT2Config."""
+    """The TwinLMConfig equivalent to a transformers BertConfig, GPT2Config or LlamaConfig."""
     model_type = getattr(hf_config, "model_type", None)
     if model_type == "bert":
         values = _bert_config(hf_config, with_mlm_head)
     elif model_type == "gpt2":
         values = _gpt2_config(hf_config)
+    elif model_type == "llama":
+        values = _llama_config(hf_config)
     else:
-        raise TwinLMError(f"model_type={model_type!r} cannot be converted; supported: bert, gpt2")
+        raise TwinLMError(f"model_type={model_type!r} cannot be converted; supported: bert, gpt2, llama")
     try:
         return TwinLMConfig(**values)
     except ValueError as err:  # e.g. hidden size not divisible by the head count
@@ -251,6 +308,26 @@ def _gpt2_weights(config: TwinLMConfig, prefix: str, lm_head: bool) -> Iterator[
         yield "lm_head.weight", "lm_head.weight", None
 
 
+def _llama_weights(config: TwinLMConfig, prefix: str, lm_head: bool) -> Iterator[tuple[str, str, Transform]]:
+    p = prefix
+    yield "model.embeddings.word_embeddings.weight", f"{p}embed_tokens.weight", None
+    kinds = {"attention": ("weight", "bias") if config.attention_bias else ("weight",)}
+    kinds["mlp"] = ("weight", "bias") if config.mlp_bias else ("weight",)
+    for i in range(config.num_hidden_layers):
+        src, dst = f"{p}layers.{i}.", f"model.layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            for kind in kinds["attention"]:
+                yield f"{dst}attention.{proj}.{kind}", f"{src}self_attn.{proj}.{kind}", None
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            for kind in kinds["mlp"]:
+                yield f"{dst}mlp.{proj}.{kind}", f"{src}mlp.{proj}.{kind}", None
+        yield f"{dst}attention_norm.weight", f"{src}input_layernorm.weight", None
+        yield f"{dst}mlp_norm.weight", f"{src}post_attention_layernorm.weight", None
+    yield "model.final_norm.weight", f"{p}norm.weight", None
+    if lm_head:
+        yield "lm_head.weight", "lm_head.weight", None
+
+
 def _weight_plan(
     class_name: str, config: TwinLMConfig
 ) -> tuple[list[tuple[str, str, Transform]], tuple[str, ...]]:
@@ -261,11 +338,16 @@ def _weight_plan(
         return list(_bert_weights(config, "", mlm_head=False)), ("pooler.",)
     if class_name == "GPT2LMHeadModel":
         return list(_gpt2_weights(config, "transformer.", lm_head=True)), ()
+    if class_name == "LlamaForCausalLM":
+        return list(_llama_weights(config, "model.", lm_head=True)), ()
+    if class_name == "LlamaModel":
+        return list(_llama_weights(config, "", lm_head=False)), ()
     return list(_gpt2_weights(config, "", lm_head=False)), ()
 
 
 def from_hf(model: nn.Module) -> TwinLMForMaskedLM | TwinLMForCausalLM | TwinLMModel:
-    """The twinlm model equivalent to a transformers BertForMaskedLM, GPT2LMHeadModel, BertModel or GPT2Model.
+    """The twinlm model equivalent to a transformers BertForMaskedLM, GPT2LMHeadModel, LlamaForCausalLM or their
+    bare models (BertModel, GPT2Model, LlamaModel).
 
     The config is mapped field by field and every weight is copied (shape-checked; GPT-2's Conv1D
     weights transposed and its fused q|k|v split). Any HF weight the mapping would not use is an

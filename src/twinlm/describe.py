@@ -417,8 +417,6 @@ def _check_lengths(
     config: TwinLMConfig, seq_len: int, context: int, mlm_probability: float, dtype: str
 ) -> None:
     """Lengths the model can run (absolute positions end at max_position_embeddings), a masked share in (0, 1]."""
-    from twinlm.model.configuration_twinlm import ABSOLUTE_POSITIONS
-
     if seq_len < 1:
         raise TwinLMError(f"--seq-len {seq_len} must be at least 1")
     if context < 0:
@@ -427,9 +425,9 @@ def _check_lengths(
         raise TwinLMError(f"--mlm-probability {mlm_probability} must be in (0, 1]")
     if dtype not in DTYPE_BYTES:
         raise TwinLMError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(DTYPE_BYTES)}")
-    if config.position_embedding_type not in ABSOLUTE_POSITIONS:
+    limit = config.position_encoding.max_positions(config)  # None: the scheme has no end
+    if limit is None:
         return
-    limit = config.max_position_embeddings
     if seq_len > limit:
         raise TwinLMError(
             f"--seq-len {seq_len} is past max_position_embeddings={limit} of {config.position_embedding_type} "

@@ -225,16 +225,16 @@ def make_control(checkpoint: str, out: Path, seed: int, label: str | None = None
     if target.exists():
         print(f"making the control {target} again: the checkpoint's architecture or tokenizer changed")
     import torch
-    from transformers import AutoTokenizer
 
     import twinlm
+    from twinlm.tokenization import auto_tokenizer
 
     model_config = twinlm.TwinLMConfig.from_pretrained(checkpoint)
     cls = twinlm.TwinLMForCausalLM if model_config.is_causal else twinlm.TwinLMForMaskedLM
     torch.manual_seed(seed)
     with atomic_folder(target, f"the control of {checkpoint}") as tmp:
         cls(model_config).save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(checkpoint).save_pretrained(tmp)
+        auto_tokenizer(checkpoint).save_pretrained(tmp)
         write_json_atomic(tmp / CONTROL_FILE, {"fingerprint": wanted, "of": str(checkpoint), "seed": seed})
     return target
 

@@ -491,17 +491,35 @@ class _TextCounter:
             yield batch
 
 
-def load_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerFast:
-    """Load a tokenizer directory (as written by `train_tokenizer`) through `AutoTokenizer`."""
+def auto_tokenizer(source: str | os.PathLike[str], **kwargs: Any) -> PreTrainedTokenizerFast:
+    """`AutoTokenizer.from_pretrained(source)`, with twinlm registered with transformers' Auto classes first.
+
+    AutoTokenizer reads a folder's config.json before its tokenizer files. A twinlm checkpoint's config names
+    model_type 'twinlm' and ships its code (auto_map): in a process where twinlm is not registered (`import twinlm`
+    alone loads nothing), transformers asks whether to run that code (a 15-second prompt in a terminal, an error
+    elsewhere), falls back to a blank config and warns 'You are using a model of type `twinlm` to instantiate a
+    model of type ``'. Registered, the config is a known type and nothing is asked or warned. (Outside twinlm,
+    `AutoTokenizer.from_pretrained(folder, trust_remote_code=True)` does the same, as the model card says.)"""
     from transformers import AutoTokenizer
 
+    if (
+        not Path(source).is_dir() or (Path(source) / "config.json").is_file()
+    ):  # a tokenizer folder needs nothing
+        import twinlm.model  # noqa: F401  (registers TwinLMConfig with AutoConfig)
+
+    return AutoTokenizer.from_pretrained(str(source), **kwargs)
+
+
+def load_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerFast:
+    """Load a tokenizer directory (as written by `train_tokenizer`, or a checkpoint folder) through
+    `AutoTokenizer` (see auto_tokenizer)."""
     path = Path(path)
     if not path.is_dir():
         raise TwinLMError(f"tokenizer directory not found: {path}")
     if not (path / "tokenizer.json").is_file():
         raise TwinLMError(f"{path} is not a tokenizer directory (no tokenizer.json): train one first")
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        return auto_tokenizer(path)
     except Exception as err:  # corrupt JSON, unknown class, ...
         raise TwinLMError(f"cannot load tokenizer from {path}: {str(err).splitlines()[0]}") from None
 

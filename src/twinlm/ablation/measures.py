@@ -310,9 +310,7 @@ def measure_generation(run_dir: Path, summary: dict, params: dict) -> dict[str, 
     cache = out.past_key_values
     # every tensor a cache layer holds: keys and values, a window's, linear attention's state, conv states
     cache_bytes = sum(
-        t.numel() * t.element_size()
-        for layer in cache.layers
-        for t in _tensors(vars(layer).values())
+        t.numel() * t.element_size() for layer in cache.layers for t in _tensors(vars(layer).values())
     )
     return {"kv_cache_MB": cache_bytes / 2**20, "generate_tokens_per_s": prompt.shape[0] * new / seconds}
 

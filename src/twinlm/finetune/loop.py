@@ -89,13 +89,11 @@ def check_checkpoint(path: str, revision: str | None = None) -> dict[str, Any]:
 
 def load_tokenizer_for(cfg: FinetuneConfig) -> Any:
     """The checkpoint's tokenizer (or `model.tokenizer`), with a padding token."""
-    from transformers import AutoTokenizer
+    from twinlm.tokenization import auto_tokenizer
 
     source = cfg.model.tokenizer or cfg.model.path
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            source, revision=cfg.model.revision if not cfg.model.tokenizer else None
-        )
+        tokenizer = auto_tokenizer(source, revision=cfg.model.revision if not cfg.model.tokenizer else None)
     except (OSError, ValueError) as err:
         raise TwinLMError(
             f"cannot load a tokenizer from {source!r} ({err.__class__.__name__}); the checkpoint has no "

@@ -2,9 +2,12 @@
 
 The scoring function is picked once from `SCORINGS`; how attention runs in one forward pass is decided once
 per layer type by the model and arrives as a mask object whose `attend` runs it:
-  AttentionMask   dense eager/SDPA: a boolean mask of the pairs that may attend (padding, causality, window,
-                  document boundaries folded together), an additive float bias only where ALiBi/T5 position
-                  biases need one, or None with `is_causal` for the fast unmasked path
+  AttentionMask   dense: a boolean mask of the pairs that may attend (padding, causality, window, document
+                  boundaries folded together), an additive float bias only where ALiBi/T5 position biases need
+                  one, or None with `is_causal` for the fast unmasked path. The dot-product scorings run it with
+                  twinlm's eager or SDPA code, or any function registered in transformers' AttentionInterface
+                  (attn_implementation="<its name>"), which gets this mask in SDPA's form (transformers'
+                  eager form where its mask interface says so) and the forward's keyword arguments
   WindowBlocks    a sliding window in blocks: each block of queries against the keys its window reaches, so
                   that time and memory grow as n * window instead of n^2 (the same scoring on a blocked layout)
   FlashMask       transformers' flash-attention integration: padding mask and packed position ids, the window
@@ -23,6 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 from torch.nn import functional as F
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_twinlm import TwinLMConfig
@@ -64,10 +68,54 @@ class AttentionMask:
         """The mask's rows of the kept queries (a modeling_twinlm.QuerySubset)."""
         return AttentionMask(bias=None if self.bias is None else queries.gather(self.bias, dim=2))
 
-    def attend(self, attention, query, key, value, cache, dropout, output_attentions):
+    def attend(self, attention, query, key, value, cache, dropout, output_attentions, **kwargs):
         key, value = cached(cache, key, value, attention.layer_idx)
-        output, weights = attention.scoring(query, key, value, self, dropout, output_attentions)
+        output, weights = attention.scoring(
+            query, key, value, self, dropout, output_attentions, module=attention, **kwargs
+        )
         return merge_heads(output), weights
+
+
+# twinlm's own implementations of these names (the rest of ALL_ATTENTION_FUNCTIONS is called as registered)
+OWN_IMPLEMENTATIONS = ("eager", "sdpa")
+# arguments twinlm passes to an attention function itself: the same keys in the forward's kwargs are not passed on
+EXPLICIT_ARGUMENTS = frozenset(
+    {"dropout", "scaling", "is_causal", "sliding_window", "position_ids", "output_attentions"}
+)
+
+
+def passed_on(kwargs: dict) -> dict:
+    """The forward's keyword arguments an attention function gets (transformers passes them all the way down:
+    flash kernels read cu_seq_lens_*, serving backends their own), less those twinlm sets itself."""
+    return {key: value for key, value in kwargs.items() if key not in EXPLICIT_ARGUMENTS}
+
+
+def registered_attention(module, query, key, value, bias, is_causal, dropout, scaling, kwargs):
+    """A function registered in transformers' AttentionInterface, called as transformers' models call it:
+    (b, h, s, d) in, (b, s, h, d) out (returned here as (b, h, s, d) again). The mask is SDPA's form (bool, True
+    = attend, or None with is_causal; additive float with position biases), or, when the name is registered in
+    AttentionMaskInterface with transformers' eager mask, that form: additive, causality included."""
+    function = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, None)
+    if ALL_MASK_ATTENTION_FUNCTIONS.get(module.config._attn_implementation) is eager_mask:
+        if bias is None and is_causal:
+            q_len, k_len = query.shape[-2], key.shape[-2]
+            bias = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
+        if bias is not None and bias.dtype == torch.bool:
+            blocked = torch.zeros(bias.shape, dtype=query.dtype, device=query.device)
+            bias = blocked.masked_fill_(~bias, torch.finfo(query.dtype).min)
+        is_causal = False
+    output, weights = function(
+        module,
+        query,
+        key,
+        value,
+        bias,
+        dropout=dropout,
+        scaling=scaling,
+        is_causal=is_causal,
+        **passed_on(kwargs),
+    )
+    return output.transpose(1, 2), weights
 
 
 def eager_attention(
@@ -90,34 +138,76 @@ def eager_attention(
     if mask is not None:  # CPU training: the softmax kernel accumulates in float32 and writes value's dtype
         weights = torch.softmax(scores.to(value.dtype), dim=-1)
         return _DroppedWeightsTimesValue.apply(weights, value, *mask), weights
-    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+    if scores.device.type == "cpu" and scores.dtype == value.dtype:
+        weights = torch.softmax(scores, dim=-1)  # likewise: one (b, h, q, k) tensor of value's dtype, not two
+    else:
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
     return torch.matmul(F.dropout(weights, p=dropout, training=dropout > 0), value), weights
+
+
+# Training on a CPU in bfloat16/float16 (autocast), SDPA's kernel takes about twice the forward + backward time of
+# the softmax written out (eager_attention) at up to 128 keys, and about 1.3x at 256-512; past that it wins, and in
+# float32 it is as fast or faster (measured: b*h*t = 16k, head_dim 64, one thread, torch 2.13). The written-out
+# form saves the (b, h, q, k) weights for the backward pass: at most 512 keys keeps that small.
+CPU_WRITTEN_OUT_MAX_KEYS = 512
+
+
+def cpu_low_precision_training(query: torch.Tensor, key: torch.Tensor, training: bool) -> bool:
+    """Whether attention over `key` runs faster written out than in SDPA: CPU, bfloat16/float16, a model in
+    training mode (the mode, not whether gradients are on: a checkpointed block's forward and its recomputation
+    take the same path), at most CPU_WRITTEN_OUT_MAX_KEYS keys."""
+    return (
+        training
+        and query.device.type == "cpu"
+        and query.dtype in (torch.bfloat16, torch.float16)
+        and key.shape[-2] <= CPU_WRITTEN_OUT_MAX_KEYS
+        and not torch.compiler.is_compiling()
+    )
 
 
 class _DroppedWeightsTimesValue(torch.autograd.Function):
     """dropout(weights) @ value = (weights * keep) @ value * scale, without keeping the dropped weights for
     the backward pass (autograd would save them beside the softmax output: one more (b, h, q, k) tensor per
     layer); they are recomputed there from the softmax output and the 0/1 mask. The scale multiplies the
-    (b, h, q, d) output instead of the (b, h, q, k) weights."""
+    (b, h, q, d) output instead of the (b, h, q, k) weights. The backward pass runs under the forward's autocast
+    state (what torch.amp.custom_bwd does); setup_context, jvp and a generated vmap rule serve torch.func and
+    forward-mode AD."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cpu")  # the backward runs under the forward's autocast state
-    def forward(ctx, weights: torch.Tensor, value: torch.Tensor, keep: torch.Tensor, scale: float):
-        ctx.scale = scale
-        ctx.save_for_backward(weights, value, keep)
+    def forward(weights: torch.Tensor, value: torch.Tensor, keep: torch.Tensor, scale: float):
         return torch.matmul(weights * keep, value).mul_(scale)
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cpu")
+    def setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:
+        weights, value, keep, ctx.scale = inputs
+        ctx.autocast = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
+        ctx.save_for_backward(weights, value, keep)
+        ctx.save_for_forward(weights, value, keep)
+
+    @staticmethod
     def backward(ctx, grad: torch.Tensor):
         weights, value, keep = ctx.saved_tensors
-        grad = grad * ctx.scale
-        grad_weights = grad_value = None
-        if ctx.needs_input_grad[0]:
-            grad_weights = torch.matmul(grad, value.transpose(-1, -2)).mul_(keep)
-        if ctx.needs_input_grad[1]:
-            grad_value = torch.matmul((weights * keep).transpose(-1, -2), grad)
+        enabled, dtype = ctx.autocast
+        with torch.autocast("cpu", enabled=enabled, dtype=dtype):
+            grad = grad * ctx.scale
+            grad_weights = grad_value = None
+            if ctx.needs_input_grad[0]:
+                grad_weights = torch.matmul(grad, value.transpose(-1, -2)).mul_(keep)
+            if ctx.needs_input_grad[1]:
+                grad_value = torch.matmul((weights * keep).transpose(-1, -2), grad)
         return grad_weights, grad_value, None, None
+
+    @staticmethod
+    def jvp(ctx, weights_tangent, value_tangent, keep_tangent, scale_tangent):
+        weights, value, keep = ctx.saved_tensors
+        out = torch.zeros((), dtype=value.dtype, device=value.device)
+        if weights_tangent is not None:
+            out = out + torch.matmul(weights_tangent * keep, value)
+        if value_tangent is not None:
+            out = out + torch.matmul(weights * keep, value_tangent)
+        return out * ctx.scale
 
 
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -136,13 +226,20 @@ class DotProductScoring(nn.Module):
         self.config = config
         self.scale = 1.0 / math.sqrt(config.head_dim) if scaled else 1.0
 
-    def forward(self, query, key, value, mask, dropout, output_attentions):
+    def forward(self, query, key, value, mask, dropout, output_attentions, module=None, **kwargs):
         bias, is_causal = mask.bias, mask.is_causal
         groups = query.shape[1] // key.shape[1]
+        implementation = self.config._attn_implementation
+        if implementation not in OWN_IMPLEMENTATIONS and not output_attentions:
+            return registered_attention(
+                module, query, key, value, bias, is_causal, dropout, self.scale, kwargs
+            )
         # With dropout, SDPA on CPU takes its math path (in float32 even under bf16 autocast) with torch's
-        # slow dropout mask: the same softmax written out here, with layers.dropout_mask, is faster.
+        # slow dropout mask: the same softmax written out here, with layers.dropout_mask, is faster; so it is in
+        # bfloat16 training over short rows (cpu_low_precision_training).
         cpu_dropout = fast_dropout_applies(query, dropout)
-        if output_attentions or cpu_dropout or self.config._attn_implementation == "eager":
+        written_out = cpu_dropout or cpu_low_precision_training(query, key, self.training)
+        if output_attentions or written_out or implementation == "eager":
             key, value = repeat_kv(key, groups), repeat_kv(value, groups)
             query = query * self.scale if self.scale != 1.0 else query  # (.., q, d): smaller than the scores
             scores = torch.matmul(query, key.transpose(-1, -2))
@@ -180,7 +277,7 @@ class AdditiveScoring(nn.Module):
         self.score_vector = nn.Parameter(torch.empty(config.num_attention_heads, config.head_dim))
         nn.init.normal_(self.score_vector, std=config.initializer_range)
 
-    def forward(self, query, key, value, mask, dropout, output_attentions):
+    def forward(self, query, key, value, mask, dropout, output_attentions, module=None, **kwargs):
         groups = query.shape[1] // key.shape[1]
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
         hidden = torch.tanh(query.unsqueeze(-2) + key.unsqueeze(-3))  # (b, h, q, k, d)
@@ -216,6 +313,10 @@ class TwinLMAttention(nn.Module):
         self.o_proj = ResidualProjection(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
         self.scoring = SCORINGS[config.attention_scoring](config)
         self.dropout = config.attention_probs_dropout_prob
+        # what transformers' attention functions read off the module they are given
+        self.is_causal = config.is_causal
+        self.num_key_value_groups = self.num_heads // self.num_kv_heads
+        self.scaling = getattr(self.scoring, "scale", None)
 
     def forward(
         self,
@@ -226,9 +327,12 @@ class TwinLMAttention(nn.Module):
         output_attentions: bool = False,
         queries: torch.Tensor | None = None,
         query_rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`queries` (batch, m, hidden): other query inputs than `hidden_states` (some of its tokens, with
-        their angles in `query_rotary`); keys and values always come from every token of hidden_states."""
+        their angles in `query_rotary`); keys and values always come from every token of hidden_states.
+        `kwargs`: the model's forward keyword arguments, passed on to the attention function (as transformers'
+        models pass them)."""
         b, s, _ = hidden_states.shape
         q_in = hidden_states if queries is None else queries
         query = self.q_proj(q_in).view(b, q_in.shape[1], -1, self.head_dim).transpose(1, 2)
@@ -238,7 +342,7 @@ class TwinLMAttention(nn.Module):
             query = apply_rotary(query, *(rotary if queries is None else query_rotary))
             key = apply_rotary(key, *rotary)
         dropout = self.dropout if self.training else 0.0
-        output, weights = mask.attend(self, query, key, value, cache, dropout, output_attentions)
+        output, weights = mask.attend(self, query, key, value, cache, dropout, output_attentions, **kwargs)
         return self.o_proj(output), weights
 
 
@@ -257,7 +361,7 @@ class FlashMask:
     window: int | None = None  # the layer's sliding_window (None: full attention)
     can_select_queries = False
 
-    def attend(self, attention, query, key, value, cache, dropout, output_attentions):
+    def attend(self, attention, query, key, value, cache, dropout, output_attentions, **kwargs):
         """transformers' flash-attention integration: padding by un-padding, packed documents by its
         variable-length path (which splits one row where position ids restart), the window as a band."""
         key, value = cached(cache, key, value, attention.layer_idx)
@@ -284,6 +388,7 @@ class FlashMask:
             sliding_window=window,
             is_causal=self.is_causal,
             position_ids=position_ids,
+            **passed_on(kwargs),
         )
         return output.reshape(b, s, -1), None
 
@@ -318,7 +423,8 @@ class WindowRecipe:
     right: int
     key_real: torch.Tensor | None  # (batch, length) bool: False for padding
     documents: torch.Tensor | None  # (batch, length): a document id per token (packed rows)
-    position_bias: Callable[[torch.Tensor], torch.Tensor | None]  # (q, k) distance -> (1, heads, q, k)
+    position_bias: Callable[[torch.Tensor], torch.Tensor | None]  # (r, q, k) distance -> (r, heads, q, k)
+    real_index: torch.Tensor | None = None  # (batch, length) real tokens up to each, where the mask has holes
 
     def bias(
         self, q_tok: torch.Tensor, k_tok: torch.Tensor, distance: torch.Tensor, batch: int
@@ -338,7 +444,12 @@ class WindowRecipe:
             allowed = allowed & (_take(self.documents, q_at) == _take(self.documents, k_at))
         allowed = (allowed | (distance == 0)).expand(batch, *allowed.shape[1:])
         allowed = allowed.reshape(-1, 1, *allowed.shape[-2:])  # (batch * groups, 1, block, keys)
-        position_bias = self.position_bias(distance)
+        if self.real_index is None:
+            position_bias = self.position_bias(distance[None])  # (1, heads, block, keys): every group's
+        else:  # distances in real tokens, per row and group: (batch * groups, heads, block, keys)
+            q_at = q_tok.clamp(0, self.length - 1).expand(batch, -1, -1, -1)
+            real_distance = _take(self.real_index, k_at) - _take(self.real_index, q_at)
+            position_bias = self.position_bias(real_distance.reshape(-1, *real_distance.shape[-2:]))
         if position_bias is None:
             return allowed
         blocked = torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device)
@@ -383,7 +494,7 @@ class WindowBlocks:
         block = block_size(left, right)
         return (length + left + right) * (block + left + right) < length * length
 
-    def attend(self, attention, query, key, value, cache, dropout, output_attentions):
+    def attend(self, attention, query, key, value, cache, dropout, output_attentions, **kwargs):
         key, value = cached(cache, key, value, attention.layer_idx)
         b, h, n, d = query.shape
         block, groups, left = self.block, self.groups, self.recipe.left
@@ -425,7 +536,7 @@ class WindowQueries:
     bias: torch.Tensor  # (batch * m, 1 | heads, 1, keys)
     can_select_queries = False
 
-    def attend(self, attention, query, key, value, cache, dropout, output_attentions):
+    def attend(self, attention, query, key, value, cache, dropout, output_attentions, **kwargs):
         b, h, m, d = query.shape
         index = self.key_index.reshape(b, -1, 1, 1)
 
@@ -453,10 +564,17 @@ class FlexMask:
     block_mask: "BlockMask"
     can_select_queries = False
 
-    def attend(self, attention, query, key, value, cache, dropout, output_attentions):
+    def attend(self, attention, query, key, value, cache, dropout, output_attentions, **kwargs):
         key, value = cached(cache, key, value, attention.layer_idx)
         function = ALL_ATTENTION_FUNCTIONS["flex_attention"]
         output, _ = function(
-            attention, query, key, value, self.block_mask, scaling=attention.scoring.scale, dropout=dropout
+            attention,
+            query,
+            key,
+            value,
+            self.block_mask,
+            scaling=attention.scoring.scale,
+            dropout=dropout,
+            **passed_on(kwargs),
         )
         return output.reshape(query.shape[0], query.shape[2], -1), None

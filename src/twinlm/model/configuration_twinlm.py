@@ -1,12 +1,15 @@
 """TwinLMConfig: one architecture, every classic Transformer design choice as a validated switch.
 
-This file ships to the Hub as remote code: it imports only transformers, huggingface_hub and the
-standard library.
+This file ships to the Hub as remote code: it imports only transformers, huggingface_hub, the standard library
+and its siblings positions.py (whose table of position encodings is the list of valid position_embedding_type
+values, and whose classes say what each scheme needs of a config) and layers.py (the feed-forward classes
+declare their tensor-parallel plan).
 """
 
 import difflib
 import math
 import os
+from collections.abc import Collection
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -16,12 +19,15 @@ from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDa
 from transformers import PreTrainedConfig
 from transformers.utils import logging
 
+from .layers import FEED_FORWARDS
+from .positions import POSITION_ENCODINGS
+
 logger = logging.get_logger(__name__)
 
 # The switches, as typed fields (validated by huggingface_hub's @strict). The model builds one component per
 # switch from a table keyed by these strings, so adding a variant means one new class, one table entry and
-# one value here.
-PositionEmbeddingType = Literal["learned", "sinusoidal", "relative", "rope", "alibi", "none"]
+# one value here. position_embedding_type takes any key of positions.POSITION_ENCODINGS (a new scheme is a class
+# and an entry there, nothing here).
 NormType = Literal["layernorm", "rmsnorm", "batchnorm"]
 NormPosition = Literal["post", "pre"]
 HiddenAct = Literal["relu", "gelu", "gelu_new", "swiglu", "geglu"]
@@ -29,8 +35,8 @@ AttentionScoring = Literal["scaled_dot", "dot", "additive", "linear"]
 ClassifierPooling = Literal["cls", "mean", "last"]
 
 # field -> allowed values, read off the Literal types above (one source of truth).
-CHOICES: dict[str, tuple[str, ...]] = {
-    "position_embedding_type": get_args(PositionEmbeddingType),
+CHOICES: dict[str, Collection[str]] = {
+    "position_embedding_type": POSITION_ENCODINGS.keys(),  # a live view: schemes registered later count
     "norm_type": get_args(NormType),
     "norm_position": get_args(NormPosition),
     "hidden_act": get_args(HiddenAct),
@@ -41,10 +47,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
 # Per-layer attention, with transformers v5's names (config.layer_types; its caches build one layer per entry:
 # a growing KV cache, one that keeps only the window, or a constant-size recurrent state).
 LAYER_TYPES = ("full_attention", "sliding_attention", "linear_attention")
-
-# Absolute position encodings: positions past the table (or past what the model was trained on) are
-# an error rather than a silent wrap-around or extrapolation.
-ABSOLUTE_POSITIONS = ("learned", "sinusoidal")
 
 # Upper bounds for sizes no machine can train (a typo such as hidden_size=100000 or a vocabulary of 10**9 ends
 # here in one line instead of in an allocator's traceback): each several times the largest published model.
@@ -170,7 +172,7 @@ class TwinLMConfig(PreTrainedConfig):
     # variant
     is_causal: bool = False
     # switches
-    position_embedding_type: PositionEmbeddingType = "learned"
+    position_embedding_type: str = "learned"  # a key of positions.POSITION_ENCODINGS (CHOICES)
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
     rope_theta: float | int = 10000.0
@@ -242,6 +244,28 @@ class TwinLMConfig(PreTrainedConfig):
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def base_model_tp_plan(self) -> dict[str, str]:
+        """Tensor parallelism (`from_pretrained(..., tp_plan="auto")` under torchrun), Megatron-style: the attention
+        heads and the feed-forward's hidden units are split across the ranks (column-parallel projections in,
+        row-parallel projections out: one all-reduce per sub-layer), the vocabulary of the token embeddings too;
+        norms, position tables and the rest are replicated. Only the modules this config has (a gated MLP's
+        gate_proj, a k_proj unless share_qk). What cannot be split is refused when the plan is applied
+        (modeling_twinlm.check_tensor_parallel)."""
+        plan = {"embeddings.word_embeddings": "embedding_rowwise"}
+        projections = {"q_proj": "colwise", "k_proj": "colwise", "v_proj": "colwise", "o_proj": "rowwise"}
+        if self.share_qk:  # keys come from q_proj: there is no k_proj
+            del projections["k_proj"]
+        plan |= {f"layers.*.attention.{name}": style for name, style in projections.items()}
+        mlp = FEED_FORWARDS[self.hidden_act][0].tp_plan
+        return plan | {f"layers.*.mlp.{name}": style for name, style in mlp.items()}
+
+    @property
+    def position_encoding(self) -> type:
+        """The class of this config's position scheme (positions.POSITION_ENCODINGS): ask it what the scheme
+        needs (biases_attention, max_positions, check_config) instead of testing its name."""
+        return POSITION_ENCODINGS[self.position_embedding_type]
 
     def _derived_layer_types(self) -> list[str]:
         """layer_types from the shortcuts: linear scoring, sliding_window, global_attention_every_n_layers."""
@@ -342,10 +366,7 @@ class TwinLMConfig(PreTrainedConfig):
                 f"embedding_size={self.embedding_size} differs from hidden_size={self.hidden_size}: factorised "
                 "embeddings are for encoders (is_causal=False); leave embedding_size unset for a causal model"
             )
-        if self.position_embedding_type == "rope" and self.head_dim % 2:
-            raise ValueError(
-                f"position_embedding_type='rope' needs an even head dimension, got {self.head_dim}"
-            )
+        self.position_encoding.check_config(self)
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window={self.sliding_window} must be None (full attention) or >= 1")
         if self.attention_scoring == "linear":
@@ -384,10 +405,11 @@ class TwinLMConfig(PreTrainedConfig):
                 f"attention_scoring='linear' attends to every token (O(n) already); sliding_window="
                 f"{self.sliding_window} must be None"
             )
-        if self.position_embedding_type in ("relative", "alibi"):
+        if self.position_encoding.biases_attention:
+            unbiased = [name for name, scheme in POSITION_ENCODINGS.items() if not scheme.biases_attention]
             raise ValueError(
                 f"attention_scoring='linear' cannot add position_embedding_type={self.position_embedding_type!r}'s "
-                "bias to weights it never forms; choose one of learned, sinusoidal, rope, none"
+                f"bias to weights it never forms; choose one of {', '.join(unbiased)}"
             )
         if self.attention_probs_dropout_prob:
             raise ValueError(
@@ -537,7 +559,6 @@ def _preset_dir() -> Path | None:
 __all__ = [
     "TwinLMConfig",
     "CHOICES",
-    "ABSOLUTE_POSITIONS",
     "LAYER_TYPES",
     "SIZE_LIMITS",
     "check_config_keys",

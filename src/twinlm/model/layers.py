@@ -3,14 +3,24 @@ switch.
 
 Every norm takes `(hidden_states, token_mask)` so that the layer code is the same for all of them;
 only batch norm uses the mask (its statistics must not count padding).
+
+Like the rest of the model folder (remote code, run on other people's torch releases), public torch APIs only.
+configuration_twinlm imports this file (the feed-forward classes declare their tensor-parallel plan), so it
+imports the config class only for type hints.
 """
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.autograd import forward_ad
 from torch.nn import functional as F
 
-from .configuration_twinlm import TwinLMConfig
+if TYPE_CHECKING:
+    from .configuration_twinlm import TwinLMConfig
 
 # ---------------------------------------------------------------------------------------------------
 # Norms
@@ -66,7 +76,7 @@ class TwinLMBatchNorm(nn.Module):
                 tokens = tokens[token_mask.reshape(-1).bool()]
             mean = tokens.mean(0)
             var = tokens.var(0, unbiased=False)
-            if not _recomputing_for_backward():  # gradient checkpointing runs forward twice per step
+            if not RECOMPUTING.get():  # activation checkpointing runs a block's forward twice per step
                 with torch.no_grad():
                     count = tokens.shape[0]
                     unbiased = var * count / max(count - 1, 1)
@@ -78,9 +88,31 @@ class TwinLMBatchNorm(nn.Module):
         return (x * self.weight + self.bias).to(hidden_states.dtype)
 
 
-def _recomputing_for_backward() -> bool:
-    """True while autograd's backward runs (re-)forwards, i.e. activation checkpointing recomputes."""
-    return torch._C._current_graph_task_id() != -1
+# True while activation checkpointing re-runs a block's forward for the backward pass (see checkpoint_once).
+RECOMPUTING: ContextVar[bool] = ContextVar("twinlm_recomputing", default=False)
+
+
+def checkpoint_once(checkpoint: Callable[..., Any]) -> Callable[..., Any]:
+    """`checkpoint` (torch.utils.checkpoint or any function of the same form, as transformers' activation
+    checkpointing passes it to each block) with RECOMPUTING set while it re-runs the function for the backward
+    pass: the first call of the function is the forward, every later one a recomputation. Batch norm's running
+    statistics then move once per step, in reentrant and non-reentrant checkpointing alike."""
+
+    def run_checkpointed(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        calls = 0
+
+        def counted(*inner_args: Any, **inner_kwargs: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            token = RECOMPUTING.set(calls > 1)
+            try:
+                return function(*inner_args, **inner_kwargs)
+            finally:
+                RECOMPUTING.reset(token)
+
+        return checkpoint(counted, *args, **kwargs)
+
+    return run_checkpointed
 
 
 class NoNorm(nn.Module):
@@ -136,41 +168,52 @@ def dropout_mask(
     The mask comes from 16-bit slices of 64-bit random draws: one draw of the generator per 4 elements
     instead of one Bernoulli sample per element (torch's CPU dropout), ~3.5-4x faster for the same
     distribution. Each element is kept with probability 1 - levels / 2^16 and `scale` is its inverse, so the
-    expectation is exact; torch's default generator supplies the bits (seeds and saved RNG states hold)."""
+    expectation is exact; torch's default generator supplies the bits (seeds and saved RNG states hold). The
+    draw is an out-of-place torch.randint, so that torch.func.vmap's randomness modes treat it as they treat
+    F.dropout ('different': a mask per example; 'error': an error)."""
     if not fast_dropout_applies(x, p):
         return None
     levels = round(p * DROP_LEVELS)
     n = x.numel()
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(1 << 63), None)  # full 64-bit range
+    bits = torch.randint(-(1 << 63), (1 << 63) - 1, ((n + 3) // 4,), dtype=torch.int64)
     keep = bits.view(torch.int16)[:n].view(x.shape) >= levels - (1 << 15)
     return keep.to(dtype or x.dtype), DROP_LEVELS / (DROP_LEVELS - levels)
 
 
 def fast_dropout_applies(x: torch.Tensor, p: float) -> bool:
-    """Whether dropout_mask serves x: on CPU, p not rounding to 0 or 1, and plain autograd (not under
-    torch.compile, torch.func transforms or forward-mode AD, for which the autograd Functions here have no
-    rule: F.dropout serves those)."""
+    """Whether dropout_mask serves x: on CPU, p not rounding to 0 or 1, and not under torch.compile (its
+    generated code fuses its own dropout). torch.func transforms and forward-mode AD need no exception: the
+    autograd Functions here define setup_context, jvp and a generated vmap rule."""
     if x.device.type != "cpu" or not 0 < round(p * DROP_LEVELS) < DROP_LEVELS:
         return False
-    if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(x):
-        return False
-    return forward_ad._current_level < 0 or forward_ad.unpack_dual(x).tangent is None
+    return not torch.compiler.is_compiling()
 
 
 class _MaskedScale(torch.autograd.Function):
     """x * keep * scale, saving only the mask (bool: 1 byte an element) for the backward pass; hidden states
     are small beside attention weights, so converting it twice costs little."""
 
+    generate_vmap_rule = True  # torch.func.vmap: the forward is plain tensor operations
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.scale = scale
-        ctx.save_for_backward(keep)
+    def forward(x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
         return x.mul(keep).mul_(scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:
+        _, keep, ctx.scale = inputs
+        ctx.save_for_backward(keep)
+        ctx.save_for_forward(keep)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (keep,) = ctx.saved_tensors
         return grad.mul(keep).mul_(ctx.scale), None, None
+
+    @staticmethod
+    def jvp(ctx, x_tangent: torch.Tensor, keep_tangent: None, scale_tangent: None) -> torch.Tensor:
+        (keep,) = ctx.saved_tensors
+        return x_tangent.mul(keep).mul_(ctx.scale)
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
@@ -200,6 +243,9 @@ class ResidualProjection(nn.Linear):
 class TwinLMMLP(nn.Module):
     """down(act(up(x))): the 2017/BERT/GPT-2 feed-forward block."""
 
+    # tensor parallelism: the hidden units split across ranks (column-parallel in, row-parallel out)
+    tp_plan = {"up_proj": "colwise", "down_proj": "rowwise"}
+
     def __init__(self, config: TwinLMConfig, activation: nn.Module):
         super().__init__()
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
@@ -215,6 +261,8 @@ class TwinLMMLP(nn.Module):
 
 class TwinLMGatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)): the GLU variants of Shazeer 2020 (SwiGLU, GeGLU)."""
+
+    tp_plan = {"gate_proj": "colwise", "up_proj": "colwise", "down_proj": "rowwise"}
 
     def __init__(self, config: TwinLMConfig, activation: nn.Module):
         super().__init__()

@@ -48,7 +48,7 @@ class LinearMask:
     chunk: int = LINEAR_CHUNK
     can_select_queries = False
 
-    def attend(self, attention, query, key, value, cache, dropout, output_attentions):
+    def attend(self, attention, query, key, value, cache, dropout, output_attentions, **kwargs):
         """Linear attention of this forward's tokens, after the cache's recurrent state (which then holds the
         sums over every token so far). `dropout` is always 0 (the config refuses attention dropout)."""
         groups = query.shape[1] // key.shape[1]

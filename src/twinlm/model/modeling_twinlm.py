@@ -28,12 +28,14 @@ from transformers.modeling_outputs import (
     TokenClassifierOutput,
 )
 from transformers.modeling_utils import slice_logits_to_keep
-from transformers.utils import ModelOutput
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple, is_flash_attention_requested
 from transformers.utils.output_capturing import capture_outputs
 
 from .attention import (
+    OWN_IMPLEMENTATIONS,
     AdditiveScoring,
     AttentionMask,
     FlashMask,
@@ -43,7 +45,7 @@ from .attention import (
     WindowRecipe,
     window_reach,
 )
-from .configuration_twinlm import ABSOLUTE_POSITIONS, TwinLMConfig
+from .configuration_twinlm import TwinLMConfig
 from .convolution import PLAIN_ROWS, ConvLayout, build_convolution, with_conv_states
 from .layers import (
     FEED_FORWARDS,
@@ -54,6 +56,7 @@ from .layers import (
     TwinLMRMSNorm,
     build_feed_forward,
     build_norm,
+    checkpoint_once,
 )
 from .linear_attention import LinearMask
 from .loss import causal_lm_loss, masked_lm_loss, replaced_token_loss
@@ -117,6 +120,16 @@ class TwinLMLayer(GradientCheckpointingLayer):
         self.dropout = TwinLMDropout(config.hidden_dropout_prob)
         self.residual = RESIDUALS[config.use_residual]
 
+    # transformers' activation checkpointing hands each block its checkpoint function: wrapped so that the block
+    # knows when a forward is the backward pass's recomputation (batch norm then leaves its statistics alone).
+    @property
+    def _gradient_checkpointing_func(self):
+        return self.__dict__.get("_checkpoint_once")
+
+    @_gradient_checkpointing_func.setter
+    def _gradient_checkpointing_func(self, checkpoint) -> None:
+        self.__dict__["_checkpoint_once"] = checkpoint_once(checkpoint)
+
 
 class TwinLMPostNormLayer(TwinLMLayer):
     def forward(
@@ -129,20 +142,23 @@ class TwinLMPostNormLayer(TwinLMLayer):
         output_attentions=False,
         queries=None,
         conv_layout=PLAIN_ROWS,
+        **kwargs,
     ):
         if queries is not None:
-            return self.forward_queries(hidden, queries, mask, rotary), None
-        attended, weights = self.attention(hidden, mask, rotary, cache, output_attentions)
+            return self.forward_queries(hidden, queries, mask, rotary, **kwargs), None
+        attended, weights = self.attention(hidden, mask, rotary, cache, output_attentions, **kwargs)
         hidden = self.attention_norm(self.residual(hidden, self.dropout(attended)), token_mask)
         hidden = self.conv(hidden, conv_layout, cache)
         hidden = self.mlp_norm(self.residual(hidden, self.dropout(self.mlp(hidden))), token_mask)
         return hidden, weights
 
-    def forward_queries(self, hidden, queries: "QuerySubset", mask, rotary):
+    def forward_queries(self, hidden, queries: "QuerySubset", mask, rotary, **kwargs):
         """The block's output at `queries.index` only (keys and values from every token); per-token norms.
         (Never with a convolution, which needs every token: see TwinLMModel._can_skip_queries.)"""
         selected = queries.gather(hidden)
-        attended, _ = self.attention(hidden, mask, rotary, queries=selected, query_rotary=queries.rotary)
+        attended, _ = self.attention(
+            hidden, mask, rotary, queries=selected, query_rotary=queries.rotary, **kwargs
+        )
         selected = self.attention_norm(self.residual(selected, self.dropout(attended)))
         return self.mlp_norm(self.residual(selected, self.dropout(self.mlp(selected))))
 
@@ -158,23 +174,24 @@ class TwinLMPreNormLayer(TwinLMLayer):
         output_attentions=False,
         queries=None,
         conv_layout=PLAIN_ROWS,
+        **kwargs,
     ):
         if queries is not None:
-            return self.forward_queries(hidden, queries, mask, rotary), None
+            return self.forward_queries(hidden, queries, mask, rotary, **kwargs), None
         attended, weights = self.attention(
-            self.attention_norm(hidden, token_mask), mask, rotary, cache, output_attentions
+            self.attention_norm(hidden, token_mask), mask, rotary, cache, output_attentions, **kwargs
         )
         hidden = self.residual(hidden, self.dropout(attended))
         hidden = self.conv(hidden, conv_layout, cache)
         hidden = self.residual(hidden, self.dropout(self.mlp(self.mlp_norm(hidden, token_mask))))
         return hidden, weights
 
-    def forward_queries(self, hidden, queries: "QuerySubset", mask, rotary):
+    def forward_queries(self, hidden, queries: "QuerySubset", mask, rotary, **kwargs):
         """The block's output at `queries.index` only (keys and values from every token); per-token norms.
         (Never with a convolution, which needs every token: see TwinLMModel._can_skip_queries.)"""
         normed = self.attention_norm(hidden)
         attended, _ = self.attention(
-            normed, mask, rotary, queries=queries.gather(normed), query_rotary=queries.rotary
+            normed, mask, rotary, queries=queries.gather(normed), query_rotary=queries.rotary, **kwargs
         )
         selected = self.residual(queries.gather(hidden), self.dropout(attended))
         return self.residual(selected, self.dropout(self.mlp(self.mlp_norm(selected))))
@@ -196,9 +213,29 @@ class TwinLMPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True  # where a variant allows it: see check_flash_attention
     _supports_flex_attn = True  # the variants flash computes (no attention dropout); static caches too
+    # torch.compile(fullgraph=True) of an inference forward (every switch), and compiled static-cache decoding with
+    # one graph for every step (create_masks_for_generate); training steps may break graphs (sparse prediction)
+    _can_compile_fullgraph = True
+    # transformers' contract for serving backends (vLLM, TGI): attention through the AttentionInterface (and its
+    # mask forms), the forward's kwargs passed down to the attention function, logits_to_keep as a tensor, a
+    # default tensor-parallel plan; transformers' padding-free tests (packed rows equal padded ones) run with it
+    _supports_attention_backend = True
     # transformers' output recording (capture_outputs): each block's output is a hidden state (the first
     # one is the embeddings, the last the final norm's output), each attention module's weights an attention.
     _can_record_outputs = {"hidden_states": TwinLMLayer, "attentions": TwinLMAttention}
+
+    # tensor parallelism: the base model's plan is the config's base_model_tp_plan; heads add their own
+    @property
+    def tp_plan(self) -> dict[str, str]:
+        """The full tensor-parallel plan (transformers' property), refused in one line for a config whose heads
+        cannot be split across `tp_size` ranks (read by transformers when it applies the plan)."""
+        if (self.tp_size or 1) > 1:
+            check_tensor_parallel(self, self.tp_size)
+        return PreTrainedModel.tp_plan.fget(self)
+
+    @tp_plan.setter
+    def tp_plan(self, plan: dict[str, str] | None) -> None:
+        PreTrainedModel.tp_plan.fset(self, plan)
 
     def _init_weights(self, module: nn.Module) -> None:
         """Normal(0, initializer_range) for matrices, convolution kernels and embeddings, the identity for norms;
@@ -266,7 +303,7 @@ class TwinLMModel(TwinLMPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         tokens_to_keep: torch.Tensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPast:
         """`tokens_to_keep` (batch, seq) bool: last_hidden_state is then only those tokens' states, (n, hidden)
         in row-major order, and where nothing else needs every state (no cache, no recorded hidden states or
@@ -280,35 +317,39 @@ class TwinLMModel(TwinLMPreTrainedModel):
         device = (input_ids if input_ids is not None else inputs_embeds).device
         if q_len == 0:
             raise ValueError(f"the input has no tokens (shape ({batch}, 0)); give at least one token per row")
-        output_attentions = kwargs.get("output_attentions")
+        output_attentions = kwargs.pop("output_attentions", None)  # the rest of kwargs goes on to attention
         output_attentions = config.output_attentions if output_attentions is None else output_attentions
         use_cache = config.use_cache if use_cache is None else use_cache
         cache = self._cache(cache, use_cache)
         past = cache.get_query_offset(0) if cache is not None else 0  # tokens before this forward's
 
-        # Packed batches: explicit position_ids that restart at 0 start a new document.
-        documents = q_len > 1 and position_ids is not None and cache_is_empty(cache)
+        # this forward's columns of the 2D mask (which covers the cache's tokens too, or a static cache's slots)
+        token_mask = query_columns(attention_mask, past, q_len).bool() if attention_mask is not None else None
+        # Packed batches: explicit position_ids that restart at 0 start a new document, at real tokens only: a
+        # padding token's position id says nothing (a hole in the mask must not cut its row in two).
+        documents = None
+        if q_len > 1 and position_ids is not None and cache_is_empty(cache):
+            documents = position_ids if token_mask is None else position_ids.masked_fill(~token_mask, -1)
         if position_ids is None:
             if attention_mask is not None:  # left padding: real tokens count from 0
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q_len:]
+                position_ids = query_columns((attention_mask.long().cumsum(-1) - 1).clamp(min=0), past, q_len)
             else:
                 position_ids = (torch.arange(q_len, device=device) + past).expand(batch, -1)
         if not torch.compiler.is_compiling():  # data-dependent checks; a compiled decode step skips them
-            self._check_inputs(attention_mask, position_ids, past + q_len)
-        token_mask = attention_mask[:, -q_len:].bool() if attention_mask is not None else None
+            self._check_inputs(attention_mask, position_ids, past + q_len, cache)
 
         # One mask and one set of rotary angles per layer type (full, sliding window, linear), built once.
         layer_types = dict.fromkeys(config.layer_types)
-        attention_mask, document_positions = drop_trivial_masks(
-            attention_mask, position_ids if documents else None
-        )
+        attention_mask, document_positions = drop_trivial_masks(attention_mask, documents)
+        # (where the mask has holes, ALiBi/T5 biases count the real tokens between two tokens, not the indices)
+        real_index = real_token_index(attention_mask) if self.positions.biases_attention else None
         masks = {
             layer_type: LAYER_MASKS[layer_type](
                 self,
                 layer_type,
                 attention_mask,
                 document_positions,
-                self._geometry(cache, layer_type, batch, q_len, past),
+                self._geometry(cache, layer_type, batch, q_len, past, real_index),
                 output_attentions,
             )
             for layer_type in layer_types
@@ -324,14 +365,17 @@ class TwinLMModel(TwinLMPreTrainedModel):
         )
         return BaseModelOutputWithPast(last_hidden_state=hidden, cache=cache)
 
-    def _geometry(self, cache: Cache | None, layer_type: str, batch: int, q_len: int, past) -> "MaskGeometry":
+    def _geometry(
+        self, cache: Cache | None, layer_type: str, batch: int, q_len: int, past, real_index=None
+    ) -> "MaskGeometry":
         """Where this forward's queries and the keys of `layer_type`'s layers sit in the sequence: a static
         cache's keys are all its slots (unfilled ones masked as the future), a sliding-window cache's only the
         newest (the first such layer's cache tells); linear layers keep no keys."""
         if cache is None or layer_type == "linear_attention":
-            return MaskGeometry(q_len, past, q_len, 0, exact=True, batch=batch)
+            return MaskGeometry(q_len, past, q_len, 0, exact=True, batch=batch, real_index=real_index)
         kv_len, kv_offset = cache.get_mask_sizes(q_len, self.config.layer_types.index(layer_type))
-        return MaskGeometry(q_len, past, kv_len, kv_offset, exact=not cache.is_compileable, batch=batch)
+        exact = not cache.is_compileable
+        return MaskGeometry(q_len, past, kv_len, kv_offset, exact, batch=batch, real_index=real_index)
 
     def _blocks(
         self, hidden, token_mask, masks, rotary, cache, output_attentions, tokens_to_keep, kwargs, conv_layout
@@ -358,11 +402,12 @@ class TwinLMModel(TwinLMPreTrainedModel):
                 cache=cache,
                 output_attentions=output_attentions,
                 conv_layout=conv_layout,
+                **kwargs,
             )
         if queries is not None:
             # through the block's __call__: its hooks (FSDP, Accelerate's offload, user hooks) and checkpointing
             hidden, _ = self.layers[-1](
-                hidden, token_mask, masks[last].for_queries(queries), rotary[last], queries=queries
+                hidden, token_mask, masks[last].for_queries(queries), rotary[last], queries=queries, **kwargs
             )
             return self.final_norm(hidden)[queries.real]
         hidden = self.final_norm(hidden, token_mask)
@@ -398,25 +443,35 @@ class TwinLMModel(TwinLMPreTrainedModel):
         return with_conv_states(cache, self.config)  # a convolution keeps its last inputs there too
 
     def _check_inputs(
-        self, attention_mask: torch.Tensor | None, position_ids: torch.Tensor, seen: int
+        self, attention_mask: torch.Tensor | None, position_ids: torch.Tensor, seen: int, cache: Cache | None
     ) -> None:
         """Clear errors for a mask of the wrong size and positions past an absolute position table."""
         config = self.config
-        if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[-1] != seen):
+        # With a static cache the mask may cover all its slots (create_masks_for_generate: one shape every step).
+        static = cache is not None and cache.is_compileable
+        if attention_mask is not None and (
+            attention_mask.dim() != 2
+            or attention_mask.shape[-1] < seen
+            or (attention_mask.shape[-1] > seen and not static)
+        ):
             raise ValueError(
                 f"attention_mask has shape {tuple(attention_mask.shape)}; it must be 2D (batch, {int(seen)}): one "
                 "entry per token of the input and the cache, 1 = real token, 0 = padding"
             )
         # The largest position id counts, not the row length: a padding-free packed row (documents whose
         # position ids restart at 0) may be longer than the table.
-        if config.position_embedding_type not in ABSOLUTE_POSITIONS:
+        limit = self.positions.max_positions(config)
+        if limit is None:
             return
         largest = int(position_ids.max())
-        if largest >= config.max_position_embeddings:
+        if largest >= limit:
+            unbounded = [
+                name for name, scheme in POSITION_ENCODINGS.items() if scheme.max_positions(config) is None
+            ]
             raise ValueError(
-                f"position id {largest} is past max_position_embeddings={config.max_position_embeddings} of this "
-                f"model's {config.position_embedding_type} positions; use shorter inputs or documents (packed "
-                "documents restart their position ids at 0), or a model with rope/alibi/relative positions"
+                f"position id {largest} is past max_position_embeddings={limit} of this model's "
+                f"{config.position_embedding_type} positions; use shorter inputs or documents (packed documents "
+                f"restart their position ids at 0), or a model with {'/'.join(unbounded)} positions"
             )
 
 
@@ -445,7 +500,8 @@ def softmax_attention_mask(
         return flex_attention_mask(
             model, attention_mask, document_positions, geometry, output_attentions, window
         )
-    if window is not None and not output_attentions and geometry.fresh:
+    # (blocks are twinlm's own eager/SDPA code on a blocked layout; a registered function gets the dense mask)
+    if window is not None and not output_attentions and geometry.fresh and owns_kernel(config):
         left, right = window_reach(window, config.is_causal)
         if WindowBlocks.applies(geometry.q_len, left, right):
             recipe = WindowRecipe(
@@ -455,12 +511,15 @@ def softmax_attention_mask(
                 key_real=attention_mask.bool() if attention_mask is not None else None,
                 documents=document_ids(document_positions),
                 position_bias=model.positions.attention_bias,
+                real_index=geometry.real_index,
             )
             return WindowBlocks.build(recipe, geometry.batch, device)
     q_idx, k_idx = geometry.indices(device)
     # (the q x k distances only where a position bias uses them: at 8k tokens they are 512 MB and a second)
     position_bias = (
-        model.positions.attention_bias(k_idx - q_idx) if model.positions.biases_attention else None
+        model.positions.attention_bias(geometry.distance(device))
+        if model.positions.biases_attention
+        else None
     )
     q_len, kv_len = geometry.q_len, geometry.kv_len
     plain = attention_mask is None and document_positions is None and window is None
@@ -490,7 +549,11 @@ def linear_attention_mask(
 ) -> LinearMask:
     """Linear attention forms no weights: it needs the direction, the padding of this forward's tokens (their
     keys count for nothing) and the documents of a packed batch. Any attn_implementation: no kernel applies."""
-    key_real = attention_mask[:, -geometry.q_len :].bool() if attention_mask is not None else None
+    key_real = (
+        query_columns(attention_mask, geometry.past, geometry.q_len).bool()
+        if attention_mask is not None
+        else None
+    )
     return LinearMask(model.config.is_causal, key_real, document_ids(document_positions))
 
 
@@ -617,6 +680,8 @@ class MaskGeometry:
     kv_offset: int
     exact: bool
     batch: int = 1
+    # (batch, tokens so far) real tokens up to each token, where the padding mask has holes (real_token_index)
+    real_index: torch.Tensor | None = None
 
     @property
     def fresh(self) -> bool:
@@ -628,6 +693,18 @@ class MaskGeometry:
         q_idx = (torch.arange(self.q_len, device=device) + self.past)[:, None]
         k_idx = (torch.arange(self.kv_len, device=device) + self.kv_offset)[None, :]
         return q_idx, k_idx
+
+    def distance(self, device: torch.device) -> torch.Tensor:
+        """Key minus query distance in tokens of text, (1 | batch, q_len, kv_len): token indices, or where the
+        padding mask has holes the real tokens between the two (what ALiBi/T5 biases measure)."""
+        q_idx, k_idx = self.indices(device)
+        if self.real_index is None:
+            return (k_idx - q_idx)[None]
+        # a static cache's slots past the tokens so far: the future (causality hides them), any count will do
+        counts = F.pad(self.real_index, (0, max(self.kv_offset + self.kv_len - self.real_index.shape[-1], 0)))
+        q_real = counts.index_select(1, q_idx[:, 0])
+        k_real = counts.index_select(1, k_idx[0])
+        return k_real[:, None, :] - q_real[:, :, None]
 
     def key_padding(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """The (batch, kv_len) padding mask of the keys. The 2D mask covers the tokens so far; a static
@@ -684,8 +761,68 @@ def drop_trivial_masks(
 
 
 def cache_is_empty(cache: Cache | None) -> bool:
-    """No tokens cached yet (the first forward of a generation, or no cache)."""
-    return cache is None or cache.get_seq_length() == 0
+    """No tokens cached yet (the first forward of a generation, or no cache). A filled static cache counts in a
+    tensor: a compiled forward does not read it (no graph break) and takes the cache as not empty."""
+    if cache is None:
+        return True
+    length = cache.get_seq_length()
+    if isinstance(length, torch.Tensor) and torch.compiler.is_compiling():
+        return False
+    return bool(length == 0)
+
+
+def real_token_index(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Each token's count of real tokens up to it, (batch, tokens), where some row's real tokens are not one run
+    (holes in the mask): distances in the text then differ from distances in token indices. None otherwise (no
+    mask, left or right padding), where index distances are the same; a compiled forward always counts."""
+    if attention_mask is None:
+        return None
+    mask = attention_mask.long()
+    if not torch.compiler.is_compiling():
+        runs = (mask[:, 1:] > mask[:, :-1]).sum(-1) + mask[:, 0]  # where real tokens start
+        if bool((runs <= 1).all()):
+            return None
+    return mask.cumsum(-1)
+
+
+def query_columns(per_token: torch.Tensor, past: int | torch.Tensor, q_len: int) -> torch.Tensor:
+    """The columns of a (batch, tokens so far) tensor (a 2D mask, or a static cache's mask over all its slots)
+    that belong to this forward's q_len tokens: tokens past .. past + q_len - 1 (`past` a tensor with a static
+    cache, so that a compiled decoding step is one graph)."""
+    if isinstance(past, int) and per_token.shape[-1] == past + q_len:
+        return per_token[:, past:]
+    return per_token.index_select(1, torch.arange(q_len, device=per_token.device) + past)
+
+
+def owns_kernel(config: TwinLMConfig) -> bool:
+    """Whether attention runs twinlm's own eager/SDPA code (not a function registered in transformers'
+    AttentionInterface, e.g. flash, flex or a user's)."""
+    return config._attn_implementation in OWN_IMPLEMENTATIONS
+
+
+def check_tensor_parallel(model: nn.Module, size: int) -> None:
+    """Tensor parallelism splits the attention heads across `size` ranks: refuse, by name, what needs every head
+    on one rank (a scoring with parameters of its own, per head; a position bias the width of all heads) or heads
+    that do not split evenly."""
+    config, needs = model.config, []
+    if any(
+        any(True for _ in module.scoring.parameters())
+        for module in model.modules()
+        if isinstance(module, TwinLMAttention)
+    ):
+        needs.append(f"attention_scoring={config.attention_scoring!r} (parameters of its own per head)")
+    if config.position_encoding.biases_attention:
+        needs.append(f"position_embedding_type={config.position_embedding_type!r} (a bias over all heads)")
+    uneven = [
+        field for field in ("num_attention_heads", "num_key_value_heads") if getattr(config, field) % size
+    ]
+    needs += [f"{field}={getattr(config, field)} (not a multiple of {size})" for field in uneven]
+    if needs:
+        hint = " or a tp_size that divides the head counts" if uneven else ""
+        raise ValueError(
+            f"tensor parallelism over {size} ranks cannot split {', '.join(needs)}; load this model without a "
+            f"tp_plan{hint}"
+        )
 
 
 def check_flash_attention(config: TwinLMConfig, output_attentions: bool) -> None:
@@ -694,7 +831,7 @@ def check_flash_attention(config: TwinLMConfig, output_attentions: bool) -> None
     needs = []
     if config.attention_scoring == "additive":
         needs.append("attention_scoring='additive' (not a dot product)")
-    if config.position_embedding_type in ("relative", "alibi"):
+    if config.position_encoding.biases_attention:
         needs.append(f"position_embedding_type={config.position_embedding_type!r} (an attention bias)")
     if output_attentions:
         needs.append("output_attentions=True (these kernels return no weights)")
@@ -714,6 +851,7 @@ class TwinLMForMaskedLM(TwinLMPreTrainedModel):
     With factorised embeddings the transform maps hidden_size to embedding_size (ELECTRA's generator)."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embeddings.word_embeddings.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}  # the vocabulary split across ranks, the logits gathered
 
     def __init__(self, config: TwinLMConfig):
         super().__init__(config)
@@ -745,7 +883,7 @@ class TwinLMForMaskedLM(TwinLMPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MaskedLMOutput:
         """Loss as transformers' ForMaskedLMLoss (loss.py): honours num_items_in_batch (Trainer's gradient
         accumulation) and ignore_index (default -100)."""
@@ -856,6 +994,7 @@ class TwinLMForCausalLM(TwinLMPreTrainedModel, GenerationMixin):
     """GPT-style language model: next-token prediction, KV-cached generation."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embeddings.word_embeddings.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: TwinLMConfig):
         super().__init__(config)
@@ -888,7 +1027,7 @@ class TwinLMForCausalLM(TwinLMPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> CausalLMOutputWithPast:
         """Position t predicts token t+1. Loss as transformers' ForCausalLMLoss (loss.py): it shifts `labels`
         (or takes `shift_labels` as given, as context parallelism sends them) and honours
@@ -917,11 +1056,17 @@ class TwinLMForCausalLM(TwinLMPreTrainedModel, GenerationMixin):
         )
 
     def create_masks_for_generate(
-        self, attention_mask: torch.Tensor | None = None, **kwargs
+        self, attention_mask: torch.Tensor | None = None, cache: Cache | None = None, **kwargs
     ) -> torch.Tensor | None:
         """generate() turns the 2D padding mask into transformers' 4D mask for compilable (static) caches;
-        twinlm builds its own (windows, documents, position biases) from the 2D mask and the cache's sizes."""
-        return attention_mask
+        twinlm builds its own (windows, documents, position biases) from the 2D mask and the cache's sizes, and
+        takes the 2D mask padded to the static cache's length (its slots past the tokens so far count as real:
+        causality hides them), so that every compiled decoding step sees the same shapes instead of a mask one
+        column longer each step (a recompilation per token)."""
+        if attention_mask is None or cache is None or not cache.is_compileable:
+            return attention_mask
+        missing = cache.get_max_length() - attention_mask.shape[-1]
+        return F.pad(attention_mask, (0, missing), value=1) if missing > 0 else attention_mask
 
 
 # transformers' generate() inspects a remote-code model's forward signature at every decoding step; through
@@ -985,7 +1130,7 @@ class TwinLMClassifier(TwinLMPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> SequenceClassifierOutput | TokenClassifierOutput:
         outputs = self.model(
             input_ids,

@@ -5,33 +5,62 @@ no-ops, so the model calls all three and never branches on the config:
   absolute(position_ids)            -> added to the token embeddings (learned, sinusoidal)
   rotary(position_ids, layer_type)  -> (cos, sin) applied to queries and keys (rope; per layer type, for
                                        local layers' own base)
-  attention_bias(distance)          -> added to the attention scores (relative, alibi)
+  attention_bias(distance)          -> added to the attention scores (relative, alibi), from key - query
+                                       distances (r, q, k) (r: 1, or one per row of the batch)
+and declares what it needs from the rest of the model as class attributes, which the model, the config's
+validation and the training loop ask instead of testing the scheme's name:
+  biases_attention   its bias needs every (query, key) score: no flash or flex kernel, no linear attention,
+                     and a bias the width of the attention heads (no tensor-parallel split of the heads)
+  bounded            positions past max_position_embeddings are an error (a table, or fixed vectors the model
+                     never saw past its training length); the others take any position
+and `check_config` refuses, when the config is built, a config the scheme cannot serve. A new scheme is one
+class here plus one entry in POSITION_ENCODINGS (the config accepts every key of that table).
 
-Attention biases are computed from token *indices* (the model passes key index - query index, with the
-indices a cache's keys really have), not position ids: within one document of a packed batch and among the
-real tokens of a left-padded batch the two differ by a constant, so distances are the same, and index
-distances stay valid when a sliding-window cache drops old keys or a static cache has unfilled slots.
+Attention biases are computed from distances in the text, not from position ids: the model passes key index -
+query index (with the indices a cache's keys really have), or, where a row's padding mask has holes, the number
+of real tokens between the two (padding is no distance). Within one document of a packed batch and among the
+real tokens of a padded batch these are the position ids' distances, and they stay valid when a sliding-window
+cache drops old keys or a static cache has unfilled slots.
 No buffers are registered: frequencies and slopes are recomputed on the fly (cheap), which keeps
 `from_pretrained` (meta-device init) and device moves trivially correct.
+
+This file is imported by configuration_twinlm (to validate position_embedding_type against the table), so it
+imports the config class only for type hints.
 """
 
+from __future__ import annotations
+
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from .configuration_twinlm import TwinLMConfig
+if TYPE_CHECKING:
+    from .configuration_twinlm import TwinLMConfig
 
 
 class PositionEncoding(nn.Module):
     """No positional information (position_embedding_type='none'); also the base of the others."""
 
-    # whether attention_bias uses the (query, key) distances: without, the model never builds that q x k matrix
+    # attention_bias uses the (query, key) distances: without, the model never builds that q x k matrix, and
+    # the kernels that take no bias (flash, flex, linear attention) can serve the scheme
     biases_attention = False
+    # positions past max_position_embeddings are an error (see max_positions)
+    bounded = False
 
     def __init__(self, config: TwinLMConfig):
         super().__init__()
         self.config = config
+
+    @classmethod
+    def check_config(cls, config: TwinLMConfig) -> None:
+        """Raise ValueError (naming the field and value) for a config this scheme cannot serve."""
+
+    @classmethod
+    def max_positions(cls, config: TwinLMConfig) -> int | None:
+        """The number of positions the scheme encodes (position ids 0 .. n - 1), or None for any position."""
+        return config.max_position_embeddings if cls.bounded else None
 
     def absolute(self, position_ids: torch.Tensor) -> torch.Tensor | None:
         return None
@@ -43,12 +72,14 @@ class PositionEncoding(nn.Module):
         return None
 
     def attention_bias(self, distance: torch.Tensor) -> torch.Tensor | None:
-        """An additive (1, heads, q, k) bias from `distance` = key index - query index, (q, k)."""
+        """An additive (r, heads, q, k) bias from `distance` (r, q, k) = key - query distance in tokens."""
         return None
 
 
 class LearnedPositions(PositionEncoding):
     """A trained vector per position (BERT, GPT-2)."""
+
+    bounded = True
 
     def __init__(self, config: TwinLMConfig):
         super().__init__(config)
@@ -61,6 +92,8 @@ class LearnedPositions(PositionEncoding):
 class SinusoidalPositions(PositionEncoding):
     """The 2017 paper's fixed sines and cosines, interleaved: PE[p, 2i] = sin(p / 10000^(2i/d))."""
 
+    bounded = True  # defined for any position, but the model never saw those past its training length
+
     def absolute(self, position_ids: torch.Tensor) -> torch.Tensor:
         dim = self.config.embedding_size
         inv_freq = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, device=position_ids.device).float() / dim))
@@ -71,6 +104,15 @@ class SinusoidalPositions(PositionEncoding):
 
 class RotaryPositions(PositionEncoding):
     """RoPE (Su et al. 2021), in the rotate-half layout of GPT-NeoX and Llama."""
+
+    @classmethod
+    def check_config(cls, config: TwinLMConfig) -> None:
+        if config.head_dim % 2:
+            raise ValueError(
+                f"position_embedding_type={config.position_embedding_type!r} rotates pairs of dimensions: it needs "
+                f"an even head dimension, got {config.head_dim} (hidden_size={config.hidden_size} / "
+                f"num_attention_heads={config.num_attention_heads})"
+            )
 
     def rotary(
         self, position_ids: torch.Tensor, layer_type: str = "full_attention"
@@ -112,7 +154,7 @@ class RelativePositions(PositionEncoding):
             num_buckets=self.config.relative_attention_num_buckets,
             max_distance=self.config.relative_attention_max_distance,
         )
-        return self.bias(buckets).permute(2, 0, 1)[None]  # (1, heads, q, k)
+        return self.bias(buckets).permute(0, 3, 1, 2)  # (r, heads, q, k)
 
 
 def relative_position_bucket(
@@ -144,7 +186,7 @@ class AlibiPositions(PositionEncoding):
     def attention_bias(self, distance: torch.Tensor) -> torch.Tensor:
         slopes = alibi_slopes(self.config.num_attention_heads, distance.device)
         # |distance|: causal masking hides the future; a bidirectional model penalises both directions.
-        return -(slopes[:, None, None] * distance.abs().float())[None]  # (1, heads, q, k)
+        return -(slopes[:, None, None] * distance[:, None].abs().float())  # (r, heads, q, k)
 
 
 def alibi_slopes(num_heads: int, device: torch.device) -> torch.Tensor:

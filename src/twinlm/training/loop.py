@@ -267,16 +267,13 @@ def check_model_memory(model_config: Any) -> int:
 
 
 def check_sequence_length(cfg: RunConfig, model_config: Any) -> None:
-    """Learned and sinusoidal positions stop at max_position_embeddings: refuse a longer seq_len."""
-    from twinlm.model.configuration_twinlm import ABSOLUTE_POSITIONS
-
-    if (
-        model_config.position_embedding_type in ABSOLUTE_POSITIONS
-        and cfg.data.seq_len > model_config.max_position_embeddings
-    ):
+    """A position scheme with a bound (learned and sinusoidal positions stop at max_position_embeddings: the
+    scheme says so, see positions.py) refuses a longer seq_len."""
+    limit = model_config.position_encoding.max_positions(model_config)
+    if limit is not None and cfg.data.seq_len > limit:
         raise TwinLMError(
             f"data.seq_len={cfg.data.seq_len} is beyond the model's max_position_embeddings="
-            f"{model_config.max_position_embeddings} ({model_config.position_embedding_type} positions); "
+            f"{limit} ({model_config.position_embedding_type} positions); "
             f"lower data.seq_len or set model.overrides.max_position_embeddings >= {cfg.data.seq_len}"
         )
 

@@ -79,15 +79,13 @@ def generator_config(config: Any, size: float, layers: float = 1.0) -> Any:
 def share_embeddings(generator: nn.Module, discriminator: nn.Module) -> None:
     """ELECTRA's tied embeddings: the generator uses the discriminator's embedding module (token and segment
     tables, embedding norm) and absolute-position table, and its LM head is re-tied to them."""
-    from twinlm.model.configuration_twinlm import ABSOLUTE_POSITIONS
-
     if generator.config.embedding_size != discriminator.config.embedding_size:
         raise ValueError(
             f"the generator's embedding_size={generator.config.embedding_size} differs from the discriminator's "
             f"({discriminator.config.embedding_size}): the embeddings cannot be shared"
         )
     generator.model.embeddings = discriminator.model.embeddings
-    if discriminator.config.position_embedding_type in ABSOLUTE_POSITIONS:
+    if discriminator.config.position_encoding.bounded:  # an absolute table (learned, sinusoidal)
         generator.model.positions = discriminator.model.positions
     generator.tie_weights()
 
