@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from twinlm.errors import TwinLMError, is_out_of_memory
-from twinlm.fileio import atomic_folder, write_json_atomic
+from twinlm.fileio import write_json_atomic
 from twinlm.finetune.baselines import run_baseline
 from twinlm.finetune.config import (
     FinetuneConfig,
@@ -50,13 +50,11 @@ from twinlm.training.engine import (
     Batch,
     Engine,
     EngineSettings,
-    NonFiniteError,
     TrainState,
     count_label_targets,
-    model_is_finite,
 )
-from twinlm.training.loop import build_accelerator
 from twinlm.training.optim import build_optimizer, build_scheduler
+from twinlm.training.runtime import build_accelerator, gather_state_dict, save_model_folder
 from twinlm.training.tracking import init_tracking, prepare_wandb_mode
 
 METRICS_FILE = "metrics.json"
@@ -532,18 +530,13 @@ class Finetuner:
     def _save_best(self, record: dict[str, Any]) -> Path:
         """save_pretrained (+ tokenizer, + eval_results.json) into OUTPUT_DIR/best, atomically; never a
         model holding NaN/inf values."""
-        acc = self.accelerator
-        if not model_is_finite(self.model):
-            raise NonFiniteError(f"the model holds NaN/inf values at step {record['step']}: not saved")
-        best = self.output_dir / "best"
-        state_dict = acc.get_state_dict(self.model)
-        if acc.is_main_process:
-            model = acc.unwrap_model(self.model)
-            state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
-            with atomic_folder(best, "the best model") as tmp:
-                model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-                self.tokenizer.save_pretrained(tmp)
-                (tmp / "eval_results.json").write_text(json.dumps(record, indent=2))
+        acc, best = self.accelerator, self.output_dir / "best"
+        state_dict = gather_state_dict(acc, self.model, best)
+        if state_dict is not None:
+            extra = {"eval_results.json": json.dumps(record, indent=2)}
+            save_model_folder(
+                acc.unwrap_model(self.model), state_dict, self.tokenizer, best, "the best model", extra
+            )
         acc.wait_for_everyone()
         return best
 

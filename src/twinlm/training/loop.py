@@ -21,19 +21,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.state import AcceleratorState, GradientState
+from accelerate import Accelerator
 from accelerate.utils import (
     DistributedType,
-    GradientAccumulationPlugin,
-    InitProcessGroupKwargs,
     set_seed,
 )
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Sampler
 
-from twinlm.config import OptimizerSection
 from twinlm.errors import TwinLMError, is_out_of_memory
-from twinlm.fileio import atomic_folder, write_json_atomic
+from twinlm.fileio import write_json_atomic
 from twinlm.session import run_folder
 from twinlm.stopping import check_stop
 from twinlm.training.checkpoint import (
@@ -47,6 +43,14 @@ from twinlm.training.config import RunConfig, dump_run_config, load_run_config
 from twinlm.training.engine import Engine, EngineSettings, NonFiniteError, TrainState, model_is_finite
 from twinlm.training.objectives import objective_for
 from twinlm.training.optim import build_optimizer, build_scheduler
+from twinlm.training.runtime import (
+    _on_cpu,
+    _reset_accelerate_state,
+    _single_process,
+    build_accelerator,
+    gather_state_dict,
+    save_model_folder,
+)
 from twinlm.training.tracking import (
     MetricsLog,
     init_tracking,
@@ -61,59 +65,6 @@ from twinlm.training.tracking import (
 # ------------------------------------------------------------------------------------------------
 # Setup
 # ------------------------------------------------------------------------------------------------
-def _on_cpu() -> bool:
-    return not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
-
-
-def _single_process() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) <= 1 and os.environ.get(
-        "ACCELERATE_USE_DEEPSPEED", ""
-    ).lower() not in ("1", "true")
-
-
-def _reset_accelerate_state() -> None:
-    """Forget Accelerate's process-wide singletons (mixed precision, accumulation) of an earlier run."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-def build_accelerator(train: OptimizerSection, report_to: str, output_dir: Path) -> Accelerator:
-    """Accelerator from a run's training section (pretraining's or fine-tuning's), tracker and output
-    folder; the launch config (accelerate launch) picks the distribution."""
-    handlers = []
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
-    if _on_cpu() and (distributed or deepspeed):
-        # Several CPU processes (DeepSpeed in particular) need the process group created by
-        # Accelerate, with gloo.
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
-    log_with = None if report_to == "none" else report_to
-    if not distributed and not deepspeed:
-        _reset_accelerate_state()  # pretrain() may run several times in one process (a demo, tests)
-    if train.mixed_precision == "fp16" and _on_cpu():
-        raise TwinLMError("training.mixed_precision: fp16 needs a GPU; use bf16 or no on the CPU")
-    accelerator = Accelerator(
-        mixed_precision=train.mixed_precision,
-        gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=train.grad_accum, sync_with_dataloader=False
-        ),
-        log_with=log_with,
-        project_dir=str(output_dir),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=False),
-        step_scheduler_with_optimizer=False,
-        kwargs_handlers=handlers,
-    )
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        ds = accelerator.state.deepspeed_plugin.deepspeed_config
-        # The run config is the one source of truth for these (DeepSpeed JSON files say "auto").
-        ds["train_micro_batch_size_per_gpu"] = train.batch_size
-        ds["gradient_accumulation_steps"] = train.grad_accum
-        ds["train_batch_size"] = train.batch_size * train.grad_accum * accelerator.num_processes
-        ds["gradient_clipping"] = train.max_grad_norm or 0.0
-        accelerator.state.deepspeed_plugin.gradient_accumulation_steps = train.grad_accum
-    return accelerator
-
-
 def build_tokenizer(cfg: RunConfig, accelerator: Accelerator, causal: bool) -> Any:
     """Load the configured tokenizer, or train one on the run's data (main process first, then reuse)."""
     from twinlm.tokenization import load_tokenizer
@@ -619,24 +570,17 @@ class PretrainingRun:
         model code, tokenizer; with `everything`, its other exports too (replaced-token detection's
         generator), each into a folder of its name beside `target`, before `target`."""
         acc = self.accelerator
-        if not model_is_finite(self.model):
-            raise NonFiniteError(f"the model holds NaN/inf values: not exported to {target}")
-        state_dict = acc.get_state_dict(self.model)  # gathers ZeRO-3 shards: every process takes part
-        if acc.is_main_process:
-            state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
+        state_dict = gather_state_dict(acc, self.model, target)
+        if state_dict is not None:
             exports = self.objective.exports(acc.unwrap_model(self.model), state_dict)
             for name, (model, own) in exports.items():
                 if name == "final" or everything:
-                    self._save_pretrained(model, own, target if name == "final" else target.with_name(name))
+                    folder = target if name == "final" else target.with_name(name)
+                    save_model_folder(
+                        model, own, self.tokenizer, folder, "the exported model (the checkpoints are intact)"
+                    )
         acc.wait_for_everyone()
         return target
-
-    def _save_pretrained(self, model: Any, state_dict: dict[str, torch.Tensor], target: Path) -> None:
-        """model.save_pretrained and the tokenizer into `target` atomically (twinlm.fileio): a failure leaves
-        no half-written folder and says what ran out."""
-        with atomic_folder(target, "the exported model (the checkpoints are intact)") as tmp:
-            model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp)
 
     def _finish(self, engine: Engine) -> dict[str, Any]:
         """Export (unless stopped), summary.json, model-card info, Hub verdict; returns the summary."""
