@@ -362,10 +362,10 @@ def _mean_std(values: list[float]) -> dict[str, float]:
 
 def check_tokenizer(checkpoint: str) -> None:
     """The checkpoint's tokenizer loads (a damaged tokenizer.json is found before anything trains)."""
-    from transformers import AutoTokenizer
+    from twinlm.tokenization import auto_tokenizer
 
     try:
-        AutoTokenizer.from_pretrained(checkpoint)
+        auto_tokenizer(checkpoint)
     except Exception as err:  # tokenizers raises its own Exception types for damaged files
         detail = " ".join(str(err).split())[:200] or err.__class__.__name__
         raise TwinLMError(

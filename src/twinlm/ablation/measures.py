@@ -25,17 +25,16 @@ MEASURES_FILE = "measures.json"
 # Measurements on a trained run: each takes (run folder, its summary, params) and returns numbers.
 # ------------------------------------------------------------------------------------------------
 def _load_final(run_dir: Path, **kwargs: Any) -> tuple[Any, Any]:
-    from transformers import AutoTokenizer
-
     import twinlm
     from twinlm.model_folder import check_model_folder, load_error
+    from twinlm.tokenization import auto_tokenizer
 
     final = run_dir / "final"
     check_model_folder(final, "the run's final model", tokenizer=True)
     try:
         config = twinlm.TwinLMConfig.from_pretrained(final, **kwargs)
         cls = twinlm.TwinLMForCausalLM if config.is_causal else twinlm.TwinLMForMaskedLM
-        return cls.from_pretrained(final, config=config).eval(), AutoTokenizer.from_pretrained(final)
+        return cls.from_pretrained(final, config=config).eval(), auto_tokenizer(final)
     except (OSError, ValueError, RuntimeError) as err:
         raise load_error(err, final) from None
 

@@ -284,9 +284,8 @@ def evaluate(
 def score_saved_model(folder: Path, cfg: FinetuneConfig, split: Split) -> dict[str, float]:
     """The scores of a fine-tuned model saved in `folder` (a run's best/) on `split`, in this process (e.g.
     the test split with its inputs perturbed, for `twinlm evaluate`'s noise curves)."""
-    from transformers import AutoTokenizer
-
     from twinlm.model import TwinLMForSequenceClassification, TwinLMForTokenClassification
+    from twinlm.tokenization import auto_tokenizer
 
     cls = (
         TwinLMForSequenceClassification
@@ -294,7 +293,7 @@ def score_saved_model(folder: Path, cfg: FinetuneConfig, split: Split) -> dict[s
         else TwinLMForTokenClassification
     )
     model = cls.from_pretrained(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = auto_tokenizer(folder)
     id2label = {int(k): v for k, v in model.config.id2label.items()}
     label2id = {v: k for k, v in id2label.items()}
     max_length = min(cfg.training.max_length, model.config.max_position_embeddings)
