@@ -130,7 +130,7 @@ def test_ablation_runs_measures_and_answers(base_run, monkeypatch):
 
 def test_learned_positions_past_their_table_are_reported_not_a_crash(base_run):
     from twinlm.ablation import load_ablation, plan_runs, run_variant
-    from twinlm.ablation.measures import measure_length
+    from twinlm.ablation.measures import measure_init_gradients, measure_length
     from twinlm.ablation.runs import prepare_tokenizers
 
     question = {
@@ -152,6 +152,11 @@ def test_learned_positions_past_their_table_are_reported_not_a_crash(base_run):
     assert (
         values["ppl@1L"] > 1 and values["ppl@4L"] is None and "max_position_embeddings" in values["note@4L"]
     )
+    # gradients at initialisation: one norm per layer, finite and positive, the same for the same seed
+    grads = measure_init_gradients(planned[0].run_dir, {}, {})
+    layers = [k for k in grads if k.startswith("init_grad_L")]
+    assert len(layers) == 2 and all(0 < grads[k] < float("inf") for k in layers)
+    assert measure_init_gradients(planned[0].run_dir, {}, {}) == grads
 
 
 def test_bad_ablation_configs(tmp_path, base_run):

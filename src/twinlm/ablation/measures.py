@@ -56,8 +56,9 @@ def _validation_stream(run_dir: Path, tokenizer: Any, max_tokens: int) -> tuple[
     return ids, n_bytes
 
 
-def _stream_loss(model: Any, tokenizer: Any, ids: list[int], seq_len: int, max_blocks: int) -> float | None:
-    """Mean loss over contiguous blocks of `seq_len` (positions 0..seq_len-1: no per-document restart)."""
+def _stream_batch(model: Any, tokenizer: Any, ids: list[int], seq_len: int, max_blocks: int) -> dict | None:
+    """One batch of contiguous blocks of `seq_len` (positions 0..seq_len-1: no per-document restart); MLM
+    masks drawn from a fixed generator. None when `ids` hold less than one block."""
     import torch
 
     from twinlm.data import CausalLMCollator, MaskedLMCollator
@@ -65,14 +66,23 @@ def _stream_loss(model: Any, tokenizer: Any, ids: list[int], seq_len: int, max_b
     blocks = [ids[i : i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)][:max_blocks]
     if not blocks:
         return None
-    causal = model.config.is_causal
     collate = (
         CausalLMCollator(tokenizer)
-        if causal
+        if model.config.is_causal
         else MaskedLMCollator(tokenizer, generator=torch.Generator().manual_seed(0))
     )
     batch = collate([{"input_ids": b} for b in blocks])
     batch.pop("position_ids", None)
+    return batch
+
+
+def _stream_loss(model: Any, tokenizer: Any, ids: list[int], seq_len: int, max_blocks: int) -> float | None:
+    """Mean loss over contiguous blocks of `seq_len` (see _stream_batch); None without one block."""
+    import torch
+
+    batch = _stream_batch(model, tokenizer, ids, seq_len, max_blocks)
+    if batch is None:
+        return None
     with torch.no_grad():
         return float(model(**batch).loss)
 
@@ -136,7 +146,7 @@ def measure_init_gradients(run_dir: Path, summary: dict, params: dict) -> dict[s
     ids, _ = _validation_stream(run_dir, tokenizer, 8 * seq)
     torch.manual_seed(seed)  # the same dropout and masking for every variant
     with torch.random.fork_rng(devices=[]):
-        _stream_backward(model, tokenizer, ids, seq, 8)
+        model(**_stream_batch(model, tokenizer, ids, seq, 8)).loss.backward()
     norms = []
     for layer in model.model.layers:
         grads = [p.grad.float().pow(2).sum() for p in layer.parameters() if p.grad is not None]
@@ -145,24 +155,6 @@ def measure_init_gradients(run_dir: Path, summary: dict, params: dict) -> dict[s
     out["init_grad_first"], out["init_grad_last"] = norms[0], norms[-1]
     out["init_grad_last_over_first"] = norms[-1] / max(norms[0], 1e-12)
     return out
-
-
-def _stream_backward(model: Any, tokenizer: Any, ids: list[int], seq_len: int, max_blocks: int) -> None:
-    """Forward and backward of the loss over contiguous blocks (see _stream_loss)."""
-    import torch
-
-    from twinlm.data import CausalLMCollator, MaskedLMCollator
-
-    blocks = [ids[i : i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)][:max_blocks]
-    causal = model.config.is_causal
-    collate = (
-        CausalLMCollator(tokenizer)
-        if causal
-        else MaskedLMCollator(tokenizer, generator=torch.Generator().manual_seed(0))
-    )
-    batch = collate([{"input_ids": b} for b in blocks])
-    batch.pop("position_ids", None)
-    model(**batch).loss.backward()
 
 
 def measure_attention(run_dir: Path, summary: dict, params: dict) -> dict[str, Any]:
