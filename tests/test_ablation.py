@@ -271,6 +271,29 @@ def test_shipped_questions_validate_at_every_scale():
         assert len(small.seeds) >= 3 and small.base.config == scales["small"].config
 
 
+def test_shipped_questions_pass_the_checks_before_the_first_run_at_every_scale(tmp_path, monkeypatch):
+    """What `twinlm ablate` checks before anything trains (every variant's run and model config, every
+    measure against each model: a cost sweep's widths, a head count against the KV heads, a position table
+    against the sequence), for every shipped question at every scale: a mistake here would stop `make ablate`
+    or `make ablate-small` at its first question."""
+    from conftest import SHARED_DATA
+
+    from twinlm.ablation import prepare_ablation
+    from twinlm.ablation.config import DEFAULT_SCALES, load_scales
+
+    monkeypatch.chdir(ROOT)  # the questions name their configs and data relative to the repository root
+    scales = [
+        name
+        for name, scale in load_scales(ROOT / DEFAULT_SCALES).items()
+        if name == "tiny" or SHARED_DATA.is_dir()  # the other scales read ../shared/data/corpus-modern
+    ]
+    for path in sorted((ROOT / "configs" / "ablations").glob("*.yaml")):
+        for scale in scales:
+            folder = tmp_path / scale / path.stem
+            question = prepare_ablation(path, folder / "out", folder / "runs", scale=scale)
+            assert len(question.planned) >= 2 * len(question.config.seeds), (path.name, scale)
+
+
 def test_index_of_several_questions(tmp_path):
     from twinlm.ablation import write_index
 

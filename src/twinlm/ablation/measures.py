@@ -249,6 +249,8 @@ def sweep_config(base: Any, field: str, value: int, seq_len: int) -> Any:
     changes = {} if field == "seq_len" else {field: value}
     if field == "hidden_size":
         changes["intermediate_size"] = 4 * value
+        if base.embedding_size == base.hidden_size:  # unfactorised embeddings follow the width
+            changes["embedding_size"] = value
     values = {**base.to_dict(), "max_position_embeddings": max(seq, base.max_position_embeddings), **changes}
     if "num_hidden_layers" in changes:  # a layout derived from the depth follows it
         values.pop("layer_types", None)
