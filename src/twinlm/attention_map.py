@@ -47,7 +47,7 @@ def attention_weights(checkpoint: str, text: str, max_tokens: int = 64) -> tuple
         )
     model.eval()
     limit = min(max_tokens, config.max_position_embeddings)
-    whole = len(tokenizer(text)["input_ids"])
+    whole = len(tokenizer(text, verbose=False)["input_ids"])
     ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=limit)["input_ids"]
     if ids.shape[1] == 0:
         raise TwinLMError("the sentence has no tokens; give some text")

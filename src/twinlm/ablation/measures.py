@@ -49,7 +49,7 @@ def _validation_stream(run_dir: Path, tokenizer: Any, max_tokens: int) -> tuple[
     ids: list[int] = []
     n_bytes = 0
     for text in val_docs["text"]:
-        ids += tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
         n_bytes += len(text.encode("utf-8"))
         if len(ids) >= max_tokens:
             break
