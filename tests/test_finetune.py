@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -610,9 +611,15 @@ def test_hub_push_of_best_model(hub_env, mlm_ckpt, sentiment, tmp_path):  # noqa
 
     summary = finetune(
         seq_config(mlm_ckpt, sentiment, tmp_path / "run", max_steps=4, eval_every=2, baseline=False),
-        ["hub.push=true", "hub.repo_id=tester/tiny-sst", "hub.push_checkpoints=true"],
+        ["hub.push=true", "hub.repo_id=tester/tiny-sst", "hub.checkpoint_revision=best-at-{step}"],
     )
     assert summary["hub"]["failures"] == [] and summary["hub"]["pushes"] >= 2  # each new best + the final
+    # each new best model on its own branch (hub.checkpoint_revision), the final one on main
+    best_branches = sorted(b for b in hub_env.repos["tester/tiny-sst"].branches if b != "main")
+    assert best_branches and all(re.fullmatch(r"best-at-[24]", b) for b in best_branches), best_branches
+    for branch in best_branches:
+        assert hub_env.history("tester/tiny-sst", branch)[-1].startswith(f"best model at step {branch[8:]} ")
+    assert hub_env.history("tester/tiny-sst")[1:] == ["fine-tuned sequence_classification model"]
     files = hub_env.files("tester/tiny-sst")
     assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= set(files)
     config = json.loads(files["config.json"])

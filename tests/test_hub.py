@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ from conftest_hub import hub_env, local_hub  # noqa: F401 - fixtures
 from huggingface_hub import ModelCard
 
 from twinlm.cli import main as cli_main
+from twinlm.errors import TwinLMError
 from twinlm.hub import BackgroundPusher, HubPushError, push_folder
 from twinlm.model_card import LOSS_CURVE_FILE, write_model_card
 
@@ -33,6 +35,18 @@ with torch.no_grad():
 torch.save(logits, out_path)
 assert not any(name == "twinlm" or name.startswith("twinlm.") for name in sys.modules), "twinlm was imported"
 print("CLASS", type(model).__module__, type(model).__name__)
+"""
+
+# Loads revision step-2 and main of a repo: {revision: the word-embedding matrix}.
+REVISION_SCRIPT = r"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+repo_id, out_path = sys.argv[1:3]
+weights = {}
+for revision in ("step-2", "main"):
+    model = AutoModelForCausalLM.from_pretrained(repo_id, revision=revision, trust_remote_code=True)
+    weights[revision] = model.get_input_embeddings().weight.detach().clone()
+torch.save(weights, out_path)
 """
 
 
@@ -379,6 +393,60 @@ def test_pretraining_pushes_checkpoints_as_it_goes_then_the_final_model(
     assert "README.md" in pushed and LOSS_CURVE_FILE in pushed  # generated into the upload only
     assert _tree(run_dir) == before, "twinlm push must not write into the user's folder"
     assert not (final / "README.md").exists()
+
+
+def test_checkpoints_as_hub_revisions_load_with_from_pretrained_revision(
+    hub_env,  # noqa: F811
+    tiny_run_assets,
+    tmp_path,
+    capsys,
+):
+    """hub.checkpoint_revision='step-{step}': each checkpoint on its own branch (what Pythia and OLMo
+    publish), loadable with from_pretrained(repo, revision='step-2'); the final model on main."""
+    import torch
+    from safetensors.torch import load_file
+
+    from twinlm.training import pretrain
+
+    hub, repo_id = hub_env, "tester/revisions"
+    overrides = ["hub.push=true", f"hub.repo_id={repo_id}", "hub.checkpoint_revision=step-{step}"]
+    run_dir = tmp_path / "run"
+    summary = pretrain(_tiny_run(tiny_run_assets, run_dir), [*overrides, "training.keep_last=2"])
+    assert summary["hub_revisions"] == ["step-2", "step-4", "main"]
+    assert "(checkpoints as revisions step-2, step-4)" in capsys.readouterr().out
+    assert hub.history(repo_id, "step-2")[-1] == "twinlm pretraining: checkpoint at step 2"
+    assert hub.history(repo_id, "step-4")[-1] == "twinlm pretraining: checkpoint at step 4"
+    assert hub.history(repo_id)[1:] == ["twinlm pretraining: step 4"], "main holds the final model only"
+
+    # The checkpoint of step 2 on the Hub is the model of the local checkpoint-2 (not the final one), loaded
+    # by a fresh process with an empty cache: everything comes from the server
+    load = subprocess.run(
+        [sys.executable, "-c", REVISION_SCRIPT, repo_id, str(tmp_path / "loaded.pt")],
+        env=hub.subprocess_env(tmp_path / "hf_load"),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert load.returncode == 0, load.stderr[-3000:]
+    loaded = torch.load(tmp_path / "loaded.pt")
+    name = "model.embeddings.word_embeddings.weight"
+    local = load_file(run_dir / "checkpoints" / "checkpoint-2" / "model.safetensors")[name].float()
+    torch.testing.assert_close(loaded["step-2"], local)
+    assert not torch.equal(loaded["step-2"], loaded["main"]), "revision step-2 loaded the final model"
+
+    # A template that cannot name one branch per checkpoint is refused before anything trains
+    for template, expected in (
+        ("ckpt", "has no {step}"),
+        ("step {step}", "not a branch name"),
+        ("epoch-{epoch}", "only {step}"),
+    ):
+        with pytest.raises(TwinLMError, match=re.escape(expected)):
+            pretrain(
+                _tiny_run(tiny_run_assets, tmp_path / "bad"),
+                [*overrides[:2], f"hub.checkpoint_revision={template}"],
+            )
+    assert not (tmp_path / "bad").exists()
 
 
 def test_push_checkpoints_false_pushes_only_the_final_model(hub_env, tiny_run_assets, tmp_path):  # noqa: F811

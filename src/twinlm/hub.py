@@ -296,6 +296,7 @@ class PushResult:
 
     folder: str
     commit_message: str
+    revision: str | None = None  # the branch it went to (None: the pusher's)
     url: str | None = None
     error: str | None = None
     seconds: float = 0.0
@@ -377,13 +378,17 @@ class BackgroundPusher:
         commit_message: str,
         card_kwargs: dict[str, Any] | None = None,
         owned: bool = False,
+        revision: str | None = None,
     ) -> None:
-        """Stage `folder` (links, or the folder itself when `owned`) and queue its push; returns at once."""
+        """Stage `folder` (links, or the folder itself when `owned`) and queue its push, to `revision` (a
+        branch, created from main if needed) or else the pusher's revision; returns at once."""
         if not self.enabled:
             return
         assert self._tmp is not None
         folder = Path(folder)
-        result = PushResult(folder=str(folder), commit_message=commit_message)
+        result = PushResult(
+            folder=str(folder), commit_message=commit_message, revision=revision or self.revision
+        )
         self.results.append(result)
         try:
             token = check_can_push(self._token)
@@ -436,7 +441,7 @@ class BackgroundPusher:
         start = time.perf_counter()
         try:
             result.url = upload(
-                staging, self.repo_id, private=self.private, revision=self.revision,
+                staging, self.repo_id, private=self.private, revision=result.revision,
                 commit_message=result.commit_message, token=token, max_retries=self.max_retries,
                 retry_wait=self.retry_wait,
             )  # fmt: skip

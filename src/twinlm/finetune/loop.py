@@ -524,7 +524,8 @@ class Finetuner:
         if self.hub is not None and self.cfg.hub.push_checkpoints:
             metric = self.cfg.training.metric_for_best
             score = record["dev"][metric] if "dev" in record else None
-            self.hub.submit(best_dir, f"best model at step {record['step']} (dev {metric} {score})")
+            message = f"best model at step {record['step']} (dev {metric} {score})"
+            self.hub.submit(best_dir, message, step=record["step"])
 
     def _save_best(self, record: dict[str, Any]) -> Path:
         """save_pretrained (+ tokenizer, + eval_results.json) into OUTPUT_DIR/best, atomically; never a

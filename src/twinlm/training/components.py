@@ -227,9 +227,17 @@ class HubPublisher:
         )
 
     def submit(
-        self, folder: Path, message: str, card_kwargs: dict[str, Any] | None = None, owned: bool = False
+        self,
+        folder: Path,
+        message: str,
+        card_kwargs: dict[str, Any] | None = None,
+        owned: bool = False,
+        step: int | None = None,
     ) -> None:
-        self.pusher.submit(folder, message, card_kwargs=card_kwargs, owned=owned)
+        """Queue a push: a checkpoint's (`step` given) to its own branch when hub.checkpoint_revision is set,
+        anything else to hub.revision."""
+        revision = None if step is None else self.hub.checkpoint_branch(step)
+        self.pusher.submit(folder, message, card_kwargs=card_kwargs, owned=owned, revision=revision)
 
     def snapshot_folder(self, name: str) -> Path:
         """Where to export a model that is pushed once and then removed (submit it with owned=True)."""
@@ -244,9 +252,16 @@ class HubPublisher:
             "hub_pushes_ok": ok,
             "hub_failures": [r.error for r in results if not r.ok],
             "hub_last_push_ok": results[-1].ok if results else None,
+            "hub_revisions": [r.revision or "main" for r in results if r.ok],
         }
         if self.enabled:
-            print(f"  hub          {ok} of {len(results)} pushes to {self.hub.repo_id} succeeded")
+            branches = [
+                r.revision for r in results if r.ok and r.revision and r.revision != self.hub.revision
+            ]
+            print(
+                f"  hub          {ok} of {len(results)} pushes to {self.hub.repo_id} succeeded"
+                + (f" (checkpoints as revisions {', '.join(branches)})" if branches else "")
+            )
         return report
 
     def check(self, report: dict[str, Any], saved_at: Path) -> None:

@@ -8,10 +8,11 @@ work starts.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from twinlm.config import (
     OptimizerSection,
@@ -44,6 +45,8 @@ __all__ = [
 
 # The largest vocabulary a tokenizer may be trained to (TwinLMConfig's own limit, SIZE_LIMITS["vocab_size"]).
 MAX_VOCAB_SIZE = 2**21
+# A Hub branch name (git's rules, the common subset): what hub.checkpoint_revision must give.
+BRANCH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]*")
 
 _Section = Section  # the one section base (twinlm.config); the old name kept for importers
 
@@ -149,6 +152,37 @@ class HubSection(_Section):
     push_checkpoints: bool = Field(
         True, description="with push: push each checkpoint too; set false to push only the final model"
     )
+    checkpoint_revision: str | None = Field(
+        None,
+        description="with push_checkpoints: the branch each checkpoint goes to, a template with {step} (e.g. "
+        "'step-{step}': from_pretrained(repo, revision='step-1000') loads the checkpoint of step 1000; "
+        "created from main); the final model still goes to `revision`. null: every push is a commit to "
+        "`revision`",
+    )
+
+    @field_validator("checkpoint_revision")
+    @classmethod
+    def _one_branch_per_step(cls, template: str | None) -> str | None:
+        if template is None:
+            return None
+        try:
+            name = template.format(step=1000)
+        except (KeyError, IndexError, ValueError, AttributeError):
+            raise ValueError(
+                f"{template!r} may name only {{step}} (e.g. 'step-{{step}}'); double other braces"
+            ) from None
+        if name == template.replace("{{", "{").replace("}}", "}"):
+            raise ValueError(f"{template!r} has no {{step}}: every checkpoint would go to the same branch")
+        if not BRANCH_NAME.fullmatch(name) or ".." in name or name.endswith((".lock", "/")):
+            raise ValueError(
+                f"{template!r} gives {name!r}, not a branch name the Hub accepts: letters, digits, '-', '_', "
+                "'.' and '/' (e.g. 'step-{step}' or 'checkpoints/{step}')"
+            )
+        return template
+
+    def checkpoint_branch(self, step: int) -> str | None:
+        """The branch the checkpoint of `step` is pushed to (None: the run's `revision`)."""
+        return None if self.checkpoint_revision is None else self.checkpoint_revision.format(step=step)
 
     @model_validator(mode="after")
     def _repo_when_pushing(self) -> HubSection:

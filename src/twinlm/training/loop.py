@@ -562,7 +562,7 @@ class PretrainingRun:
             # The Hub gets a loadable model (not the optimizer state) for each checkpoint, in the background:
             # exported once, into the pusher's own space, and removed there once pushed.
             snapshot = self._export(self.hub.snapshot_folder(f"step-{step}"))
-            self.hub.submit(snapshot, f"twinlm pretraining: checkpoint at step {step}", owned=True)
+            self.hub.submit(snapshot, f"twinlm pretraining: checkpoint at step {step}", owned=True, step=step)
         return path
 
     def _export(self, target: Path, everything: bool = False) -> Path:
