@@ -435,6 +435,25 @@ def test_checkpoints_as_hub_revisions_load_with_from_pretrained_revision(
     torch.testing.assert_close(loaded["step-2"], local)
     assert not torch.equal(loaded["step-2"], loaded["main"]), "revision step-2 loaded the final model"
 
+    # Continued pretraining from that revision with the shipped config (its tokenizer comes along), by a fresh
+    # process reaching the Hub server
+    root = Path(__file__).resolve().parents[1]
+    cont = tmp_path / "continued"
+    run = subprocess.run(
+        [
+            sys.executable, "-m", "twinlm", "pretrain", "-c", str(root / "configs/pretrain/continue-clm.yaml"),
+            f"model.from_pretrained={repo_id}", "model.revision=step-2",
+            f"data.sources=[{tiny_run_assets['excerpt']}]", "data.seq_len=32", "data.validation_fraction=0.1",
+            "training.max_steps=2", "training.batch_size=4", "training.eval_every=0", "training.save_every=0",
+            "training.eval_on_start=false", f"output_dir={cont}",
+        ],
+        env=hub.subprocess_env(tmp_path / "hf_continue"), capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads((cont / "summary.json").read_text())["steps"] == 2
+    pushed_tokenizer = hub.files(repo_id, "step-2")["tokenizer.json"]
+    assert (cont / "final" / "tokenizer.json").read_bytes() == pushed_tokenizer
+
     # A template that cannot name one branch per checkpoint is refused before anything trains
     for template, expected in (
         ("ckpt", "has no {step}"),

@@ -352,6 +352,59 @@ def test_resume_reproduces_the_uninterrupted_run(
     assert resumed_summary["val_loss"] == pytest.approx(summary["val_loss"], abs=1e-6)
 
 
+@needs_corpus
+def test_continued_pretraining_starts_from_the_trained_model_and_its_tokenizer(
+    assets: dict[str, Path], tmp_path: Path, capsys
+) -> None:
+    """model.from_pretrained: the run starts from the saved model's weights (a step of lr ~0 leaves them as they
+    were) and keeps its tokenizer; overrides that keep shapes apply; what cannot continue is one line."""
+    from safetensors.torch import load_file
+
+    base = tmp_path / "base"
+    pretrain(run_config(assets, base, max_steps=4, save_every=0))
+
+    def continued(out: Path, **model: object) -> dict:
+        config = run_config(assets, out, max_steps=2, save_every=0, lr=1e-12, weight_decay=0.0)
+        del config["tokenizer"]  # the model's own
+        config["model"] = {"from_pretrained": str(base / "final"), **model}
+        return config
+
+    out = tmp_path / "continued"
+    summary = pretrain(continued(out, overrides={"hidden_dropout_prob": 0.1, "sliding_window": 16}))
+    assert summary["steps"] == 2
+    before, after = (
+        load_file(base / "final" / "model.safetensors"),
+        load_file(out / "final" / "model.safetensors"),
+    )
+    assert before.keys() == after.keys()
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], atol=1e-6, rtol=0)
+    assert (out / "final" / "tokenizer.json").read_bytes() == (base / "final" / "tokenizer.json").read_bytes()
+    config = json.loads((out / "final" / "config.json").read_text())
+    assert config["hidden_dropout_prob"] == 0.1 and set(config["layer_types"]) == {"sliding_attention"}
+    # a from-scratch run of the same shape starts far from the trained model: its first loss is higher
+    scratch = pretrain(run_config(assets, tmp_path / "scratch", max_steps=1, save_every=0))
+    assert losses(out)[1] < losses(tmp_path / "scratch")[1] - 0.1, (losses(out), scratch)
+
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 32}))
+    for model, expected in (
+        ({"overrides": {"intermediate_size": 128}}, "(another shape|cannot continue a trained model)"),
+        ({"from_pretrained": str(bert)}, "holds a bert, not a twinlm model: convert it first"),
+        ({"from_pretrained": str(tmp_path / "nowhere")}, "cannot load a config from"),
+    ):
+        with pytest.raises(TwinLMError, match=expected):
+            pretrain(continued(tmp_path / "bad", **model))
+    config = continued(tmp_path / "bad")
+    with pytest.raises(TwinLMError, match="newly trained tokenizer"):
+        pretrain({**config, "tokenizer": {"train": {"vocab_size": 300}}})
+    with pytest.raises(TwinLMError, match="objective rtd builds"):
+        pretrain({**config, "objective": "rtd"})
+    with pytest.raises(TwinLMError, match="only a run from model.from_pretrained may leave both out"):
+        pretrain({k: v for k, v in run_config(assets, tmp_path / "bad").items() if k != "tokenizer"})
+
+
 def _cosine_at(train_seconds: float, budget_s: float, lr: float) -> float:
     return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, train_seconds / budget_s)))
 

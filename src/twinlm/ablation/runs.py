@@ -104,6 +104,11 @@ def _tokenizer_group(cfg: Any, model_config: Any, root: Path) -> TokenizerGroup:
     if cfg.tokenizer.path is not None:
         given = Path(cfg.tokenizer.path)
         return TokenizerGroup(fingerprint(files_digest([given]))[:16], given, cfg, causal, given=True)
+    if cfg.tokenizer.train is None:
+        raise TwinLMError(
+            "ablate: a base from model.from_pretrained needs tokenizer.path (its folder's tokenizer): a run's "
+            "fingerprint covers the tokenizer's files, which a Hub repo does not give here"
+        )
     key = shared_tokenizer_key(cfg, causal)
     return TokenizerGroup(key, root / "tokenizers" / key, cfg, causal)
 

@@ -52,19 +52,40 @@ _Section = Section  # the one section base (twinlm.config); the old name kept fo
 
 
 class ModelSection(_Section):
-    """Which model: a preset (or YAML file) plus field overrides. Exactly one of preset/config_file."""
+    """Which model: a preset (or YAML file), or a trained twinlm model to continue pretraining, plus field
+    overrides. Exactly one of preset/config_file/from_pretrained."""
 
     preset: str | None = None
     config_file: Path | None = None
+    from_pretrained: str | None = Field(
+        None,
+        description="continue pretraining a twinlm model: a folder written by save_pretrained (a run's final/) "
+        "or a Hub repo id; its config and weights (and, unless the tokenizer section names another, its "
+        "tokenizer); overrides may change what does not change a weight's shape (dropout, attention "
+        "implementation, window)",
+    )
+    revision: str | None = Field(None, description="with from_pretrained: the Hub branch, tag or commit")
     overrides: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSection:
-        if (self.preset is None) == (self.config_file is None):
+        if sum(x is not None for x in (self.preset, self.config_file, self.from_pretrained)) != 1:
             raise ValueError(
-                "give exactly one of model.preset (e.g. 'tiny-modern-decoder') or model.config_file"
+                "give exactly one of model.preset (e.g. 'tiny-modern-decoder'), model.config_file or "
+                "model.from_pretrained (a trained model to continue pretraining)"
+            )
+        if self.revision is not None and self.from_pretrained is None:
+            raise ValueError(
+                "model.revision is set without model.from_pretrained (it names the Hub revision)"
             )
         return self
+
+    @property
+    def source(self) -> str:
+        """The model's source, for messages: preset name, config file or pretrained model (at its revision)."""
+        if self.from_pretrained is not None:
+            return self.from_pretrained + (f"@{self.revision}" if self.revision else "")
+        return self.preset if self.preset is not None else str(self.config_file)
 
 
 class TokenizerTrainSection(_Section):
@@ -78,14 +99,15 @@ class TokenizerTrainSection(_Section):
 
 
 class TokenizerSection(_Section):
-    """A trained tokenizer directory, or settings to train one. Exactly one of path/train."""
+    """A trained tokenizer directory, or settings to train one: at most one of path/train. Neither: the
+    tokenizer of model.from_pretrained (continued pretraining keeps its model's tokenizer)."""
 
     path: Path | None = None
     train: TokenizerTrainSection | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> TokenizerSection:
-        if (self.path is None) == (self.train is None):
+        if self.path is not None and self.train is not None:
             raise ValueError("give exactly one of tokenizer.path (a directory) or tokenizer.train (settings)")
         return self
 
@@ -213,7 +235,7 @@ class RunConfig(_Section):
     """A whole pretraining run."""
 
     model: ModelSection
-    tokenizer: TokenizerSection
+    tokenizer: TokenizerSection = Field(default_factory=TokenizerSection)
     data: DataConfig
     objective: Literal["mlm", "clm", "rtd"] | None = Field(
         None,
@@ -225,6 +247,31 @@ class RunConfig(_Section):
     output_dir: Path = Path("outputs/pretrain")
     logging: LoggingSection = Field(default_factory=LoggingSection)
     hub: HubSection = Field(default_factory=HubSection)
+
+    @field_validator("tokenizer", mode="before")
+    @classmethod
+    def _null_tokenizer(cls, value: Any) -> Any:
+        return {} if value is None else value  # `tokenizer: null`: the model's own (model.from_pretrained)
+
+    @model_validator(mode="after")
+    def _a_tokenizer(self) -> RunConfig:
+        tok = self.tokenizer
+        if tok.path is None and tok.train is None and self.model.from_pretrained is None:
+            raise ValueError(
+                "tokenizer: give exactly one of tokenizer.path (a directory) or tokenizer.train (settings); "
+                "only a run from model.from_pretrained may leave both out (it keeps its model's tokenizer)"
+            )
+        if self.model.from_pretrained is not None and tok.train is not None:
+            raise ValueError(
+                "tokenizer.train with model.from_pretrained: a newly trained tokenizer's ids do not match the "
+                "model's embeddings; leave the tokenizer section out (the model's own) or give tokenizer.path"
+            )
+        if self.model.from_pretrained is not None and self.objective == "rtd":
+            raise ValueError(
+                "objective rtd builds its generator and discriminator from scratch: continue pretraining a "
+                "model.from_pretrained with objective mlm or clm (its own: leave objective unset)"
+            )
+        return self
 
 
 def load_run_config(

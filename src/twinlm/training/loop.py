@@ -71,6 +71,8 @@ def build_tokenizer(cfg: RunConfig, accelerator: Accelerator, causal: bool) -> A
 
     if cfg.tokenizer.path is not None:
         return load_tokenizer(cfg.tokenizer.path)
+    if cfg.tokenizer.train is None:  # continued pretraining: the model's own
+        return pretrained_tokenizer(cfg)
     out = Path(cfg.output_dir) / "tokenizer"
     with accelerator.main_process_first():
         if (out / "tokenizer.json").is_file():
@@ -131,10 +133,60 @@ def train_run_tokenizer(cfg: RunConfig, out: Path, causal: bool, show_progress: 
     )
 
 
-def build_model_config(cfg: RunConfig, tokenizer: Any) -> Any:
-    """TwinLMConfig from preset/file + overrides, sized to the tokenizer; bad settings raise TwinLMError."""
+def pretrained_tokenizer(cfg: RunConfig) -> Any:
+    """The tokenizer of model.from_pretrained (a folder or a Hub repo, at model.revision)."""
+    from twinlm.tokenization import auto_tokenizer
+
+    try:
+        return auto_tokenizer(cfg.model.from_pretrained, revision=cfg.model.revision)
+    except Exception as err:  # noqa: BLE001 - no tokenizer there, a network error, a corrupt file: one line
+        raise TwinLMError(
+            f"model.from_pretrained: cannot load the tokenizer of {cfg.model.source}: "
+            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}; name one with tokenizer.path"
+        ) from None
+
+
+def pretrained_config(cfg: RunConfig, overrides: dict[str, Any]) -> Any:
+    """The config of model.from_pretrained with `overrides` applied (layer_types re-derived when what it
+    derives from changes, as TwinLMConfig.from_dict does); TwinLMError for a folder or repo without a twinlm
+    config."""
+    from twinlm import TwinLMConfig
+    from twinlm.model.configuration_twinlm import LAYER_TYPE_SOURCES, check_config_keys
+
+    source = cfg.model.source
+    try:
+        saved, _ = TwinLMConfig.get_config_dict(cfg.model.from_pretrained, revision=cfg.model.revision)
+    except Exception as err:  # noqa: BLE001 - OSError, a network error, a corrupt file: one line
+        raise TwinLMError(
+            f"model.from_pretrained: cannot load a config from {source}: {str(err).splitlines()[0]} (expected "
+            "a folder written by save_pretrained, e.g. a run's final/, or a Hub repo id)"
+        ) from None
+    if saved.get("model_type") != "twinlm":
+        raise TwinLMError(
+            f"model.from_pretrained: {source} holds a {saved.get('model_type') or 'model without a model_type'}, "
+            "not a twinlm model: convert it first (twinlm convert SOURCE OUT_DIR) and continue from OUT_DIR"
+        )
+    check_config_keys(overrides, source="model.overrides")
+    derived = {key: overrides[key] for key in LAYER_TYPE_SOURCES if key in overrides}
+    rest = {key: value for key, value in overrides.items() if key not in derived}
+    return TwinLMConfig.from_dict({**saved, **rest}, **derived)
+
+
+def _model_config(cfg: RunConfig, overrides: dict[str, Any]) -> Any:
+    """TwinLMConfig of the run's model source (preset, file or pretrained model) with `overrides`."""
     from twinlm import TwinLMConfig
 
+    try:
+        if cfg.model.from_pretrained is not None:
+            return pretrained_config(cfg, overrides)
+        return TwinLMConfig.from_preset(cfg.model.source, **overrides)
+    except (ValueError, TypeError) as err:
+        raise TwinLMError(f"model ({cfg.model.source}): {err}") from None
+
+
+def build_model_config(cfg: RunConfig, tokenizer: Any) -> Any:
+    """TwinLMConfig from preset/file/pretrained model + overrides, sized to the tokenizer (a pretrained model
+    keeps its own vocabulary, which must hold the tokenizer's); bad settings raise TwinLMError."""
     overrides = dict(cfg.model.overrides)
     vocab = len(tokenizer)
     if "vocab_size" in overrides and overrides["vocab_size"] < vocab:
@@ -142,16 +194,13 @@ def build_model_config(cfg: RunConfig, tokenizer: Any) -> Any:
             f"model.overrides.vocab_size={overrides['vocab_size']} is smaller than the tokenizer's vocabulary "
             f"({vocab} tokens); remove it (the tokenizer's size is used) or set it >= {vocab}"
         )
-    overrides.setdefault("vocab_size", vocab)
+    if cfg.model.from_pretrained is None:
+        overrides.setdefault("vocab_size", vocab)
     for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
         token_id = getattr(tokenizer, name, None)
         if token_id is not None:
             overrides.setdefault(name, token_id)
-    source = cfg.model.preset if cfg.model.preset is not None else str(cfg.model.config_file)
-    try:
-        model_config = TwinLMConfig.from_preset(source, **overrides)
-    except (ValueError, TypeError) as err:
-        raise TwinLMError(f"model ({source}): {err}") from None
+    model_config = _model_config(cfg, overrides)
     if model_config.vocab_size < vocab:
         raise TwinLMError(
             f"model vocab_size={model_config.vocab_size} is smaller than the tokenizer's vocabulary ({vocab})"
@@ -172,16 +221,12 @@ def probe_model_config(cfg: RunConfig) -> Any:
 def run_model_config(cfg: RunConfig) -> Any:
     """The run's model config without its tokenizer (special-token ids None, the vocabulary the tokenizer will
     be trained to), settings and sequence length checked; no memory check (`twinlm describe` sizes any model)."""
-    from twinlm import TwinLMConfig
-
-    source = cfg.model.preset if cfg.model.preset is not None else str(cfg.model.config_file)
-    probe = {**cfg.model.overrides, "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    probe = dict(cfg.model.overrides)
+    if cfg.model.from_pretrained is None:
+        probe.update(bos_token_id=None, eos_token_id=None, pad_token_id=None)
     if cfg.tokenizer.train is not None and "vocab_size" not in cfg.model.overrides:
         probe["vocab_size"] = cfg.tokenizer.train.vocab_size
-    try:
-        config = TwinLMConfig.from_preset(source, **probe)
-    except (ValueError, TypeError) as err:
-        raise TwinLMError(f"model ({source}): {err}") from None
+    config = _model_config(cfg, probe)
     check_sequence_length(cfg, config)
     return config
 
