@@ -589,6 +589,62 @@ def test_two_process_data_parallel(assets: dict[str, Path], tmp_path: Path) -> N
 
 @needs_corpus
 @pytest.mark.slow
+def test_two_nodes_on_loopback_train_like_two_local_processes(
+    assets: dict[str, Path], tmp_path: Path
+) -> None:
+    """The README's multi-node command, 2 machines x 1 process on this one (rendezvous at 127.0.0.1, one
+    shared output folder): the same losses, checkpoints and model as 2 processes on one machine."""
+    env = _env(ACCELERATE_USE_CPU="1")
+    local_summary, local = _launch(assets, tmp_path / "local", DP_LAUNCH, env, save_every=4)
+
+    out = tmp_path / "nodes"
+    config = out.with_suffix(".yaml")
+    settings = {"max_steps": 8, "lr": 1e-2, "save_every": 4, "eval_batches": 2}
+    config.write_text(yaml.safe_dump(run_config(assets, out, **settings)))
+    port = str(_free_port())
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "accelerate.commands.launch",
+                "--config_file",
+                str(ROOT / "configs" / "accelerate" / "multi-node.yaml"),
+                "--num_processes",
+                "2",
+                "--machine_rank",
+                str(rank),
+                "--main_process_ip",
+                "127.0.0.1",
+                "--main_process_port",
+                port,
+                str(ROOT / "scripts" / "pretrain.py"),
+                "--config",
+                str(config),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    logs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["processes"] == 2 and "MULTI" in summary["distributed_type"]
+    assert losses(out) == pytest.approx(local, abs=1e-6)
+    assert summary["val_loss"] == pytest.approx(local_summary["val_loss"], abs=1e-6)
+    assert [c.name for c in list_checkpoints(out)] == ["checkpoint-4", "checkpoint-8"]
+    assert sorted(p.name for p in (out / "checkpoints" / "checkpoint-8").glob("random_states_*.pkl")) == [
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    ]  # each node's process wrote its own RNG state into the shared folder
+
+
+@needs_corpus
+@pytest.mark.slow
 def test_two_process_time_budget(assets: dict[str, Path], tmp_path: Path) -> None:
     """Both processes read one clock (the slowest's step time): the same LR, the same last step."""
     out = tmp_path / "run"
