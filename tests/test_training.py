@@ -643,6 +643,75 @@ def test_two_nodes_on_loopback_train_like_two_local_processes(
     ]  # each node's process wrote its own RNG state into the shared folder
 
 
+NO_DROPOUT = tuple(
+    f"model.overrides.{name}=0.0"
+    for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "embedding_dropout_prob")
+)
+
+
+def _cut_at_checkpoint_4(source: Path, target: Path) -> Path:
+    """A copy of a run of 8 steps as if it had stopped after its checkpoint at step 4."""
+    shutil.copytree(source, target)
+    for name in ("checkpoints/checkpoint-8", "final"):
+        shutil.rmtree(target / name)
+    (target / "summary.json").unlink()
+    return target
+
+
+@needs_corpus
+@pytest.mark.slow
+def test_resume_on_another_number_of_processes(assets: dict[str, Path], tmp_path: Path, capsys) -> None:
+    """DDP: a checkpoint of 2 processes (batch 4 each) resumes on 1 (batch 4, grad_accum 2: the same global
+    batch), and one of 1 resumes on 2. Every process deals from one shuffled order of the blocks, so the data
+    position moves (4 micro-batches of 2 x 4 blocks = 8 micro-batches of 4) and the loss curve is the
+    uninterrupted run's; a batch that cannot reach the position is refused in one line."""
+    env = _env(ACCELERATE_USE_CPU="1")
+    two_summary, two = _launch(assets, tmp_path / "two", DP_LAUNCH, env, overrides=NO_DROPOUT, save_every=4)
+    one_run = run_config(
+        assets, tmp_path / "one", max_steps=8, lr=1e-2, save_every=4, eval_batches=2, grad_accum=2
+    )
+    one_summary = pretrain(one_run, list(NO_DROPOUT))
+    one = losses(tmp_path / "one")
+    assert one == pytest.approx(two, abs=1e-4)  # the same blocks in every step, summed in another order
+
+    # 2 processes -> 1
+    cut = _cut_at_checkpoint_4(tmp_path / "two", tmp_path / "two-to-one")
+    resume = ["training.resume_from_checkpoint=latest", *NO_DROPOUT]
+    with pytest.raises(TwinLMError, match=r"have read 32 blocks of epoch 0.*training.batch_size=8"):
+        pretrain(
+            run_config(assets, cut, max_steps=8, lr=1e-2, save_every=4, eval_batches=2, batch_size=3), resume
+        )
+    capsys.readouterr()
+    summary = pretrain(
+        run_config(assets, cut, max_steps=8, lr=1e-2, save_every=4, eval_batches=2, grad_accum=2), resume
+    )
+    assert "resuming 2 process(es)' checkpoint on 1: epoch 0, 32 blocks read (batch 8 of 4 per process)" in (
+        capsys.readouterr().out
+    )
+    resumed = losses(cut)
+    for step in (5, 6, 7, 8):
+        assert resumed[step] == pytest.approx(two[step], abs=1e-4), (step, resumed, two)
+    # (evaluation reads eval_batches per process: compare with the uninterrupted run of as many processes)
+    assert summary["val_loss"] == pytest.approx(one_summary["val_loss"], abs=1e-4)
+    assert summary["data_sources"] == two_summary["data_sources"]
+
+    # What cannot move is refused before anything loads: streamed data (split by process), DeepSpeed's shards
+    cut = _cut_at_checkpoint_4(tmp_path / "two", tmp_path / "refused")
+    config = run_config(assets, cut, max_steps=8, save_every=4, grad_accum=2)
+    with pytest.raises(TwinLMError, match=r"streamed data \(data.streaming\) is split by process"):
+        pretrain({**config, "data": {**config["data"], "streaming": True}}, resume)
+    (cut / "checkpoints" / "checkpoint-4" / "pytorch_model").mkdir()  # the layout DeepSpeed saves
+    with pytest.raises(TwinLMError, match=r"written by 2 process\(es\) and this run has 1: a DeepSpeed ZeRO"):
+        pretrain(config, resume)
+
+    # 1 process -> 2
+    cut = _cut_at_checkpoint_4(tmp_path / "one", tmp_path / "one-to-two")
+    summary, resumed = _launch(assets, cut, DP_LAUNCH, env, overrides=(*resume,), save_every=4)
+    for step in (5, 6, 7, 8):
+        assert resumed[step] == pytest.approx(one[step], abs=1e-4), (step, resumed, one)
+    assert summary["val_loss"] == pytest.approx(two_summary["val_loss"], abs=1e-4)
+
+
 @needs_corpus
 @pytest.mark.slow
 def test_two_process_time_budget(assets: dict[str, Path], tmp_path: Path) -> None:

@@ -106,9 +106,14 @@ def verify_checkpoint(path: Path, process_index: int = 0, checksums: bool = True
     except (ValueError, OSError):
         return f"{path / STATE_FILE} is missing or not valid JSON"
     rng = path / f"random_states_{process_index}.pkl"
-    if not rng.is_file():
+    if not rng.is_file() and (process_index == 0 or process_index < saved_processes(path)):
         return f"{rng} is missing (without it the resumed run would not be exact)"
-    return None
+    return None  # (a process beyond the checkpoint's: resuming on more processes, its RNG starts afresh)
+
+
+def saved_processes(path: Path) -> int:
+    """How many processes wrote the checkpoint: one RNG state each (the manifest vouches for them)."""
+    return len(list(path.glob("random_states_*.pkl")))
 
 
 def check_model_shapes(path: Path, model: torch.nn.Module) -> None:

@@ -37,6 +37,7 @@ from twinlm.training.checkpoint import (
     find_resume_checkpoint,
     load_checkpoint,
     save_checkpoint,
+    saved_processes,
 )
 from twinlm.training.components import Checkpointer, Evaluator, HubPublisher, MetricsLogger, StopSignal
 from twinlm.training.config import RunConfig, dump_run_config, load_run_config
@@ -517,8 +518,13 @@ class PretrainingRun:
         schedule = {
             k: getattr(train, k) for k in ("max_steps", "max_minutes", "warmup_steps", "schedule", "lr")
         }
+        position = {"processes": acc.num_processes, "batch_size": train.batch_size}
         if path is not None:
+            saved = saved_processes(path)
+            self._check_world(path, saved)
             state.load_state_dict(load_checkpoint(acc, path))
+            if saved != acc.num_processes:
+                self._move_data_position(state, saved, position)
             _say_schedule_changes(state.extra.get("schedule"), schedule, state.step, acc.is_main_process)
             for group, lr in zip(self.base_optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
                 group["lr"] = lr
@@ -536,8 +542,49 @@ class PretrainingRun:
                 "the learning rate never reaches training.lr; lower warmup_steps"
             )
         state.extra["schedule"] = schedule  # saved with every checkpoint: a resume can tell what changed
+        state.extra["data_position"] = position  # what batch_in_epoch counts: a resume on other processes
         self.resumed = path is not None
         return state
+
+    def _check_world(self, path: Path, saved: int) -> None:
+        """TwinLMError before loading when a checkpoint of `saved` processes cannot go on with this many."""
+        acc = self.accelerator
+        if saved == acc.num_processes:
+            return
+        where = f"{path} was written by {saved} process(es) and this run has {acc.num_processes}"
+        if acc.distributed_type == DistributedType.DEEPSPEED or (path / "pytorch_model").is_dir():
+            raise TwinLMError(
+                f"{where}: a DeepSpeed ZeRO checkpoint holds one optimizer shard per process; resume it on "
+                f"{saved} process(es) (DeepSpeed's universal checkpoints, which re-shard, are not wired in yet)"
+            )
+        if self.batches.iterable:
+            raise TwinLMError(
+                f"{where}: streamed data (data.streaming) is split by process, so its position cannot move to "
+                f"another count; resume on {saved} process(es)"
+            )
+
+    def _move_data_position(self, state: TrainState, saved: int, position: dict[str, int]) -> None:
+        """A checkpoint of another number of processes: every process draws from one shuffled order of the
+        epoch's blocks, dealt round-robin, so `batch_in_epoch` micro-batches of B blocks on W processes read its
+        first B * W * batch_in_epoch blocks. The same blocks with this run's processes and batch size is a
+        whole number of micro-batches, or the data position cannot be kept (TwinLMError)."""
+        before = state.extra.get("data_position") or {"batch_size": self.cfg.training.batch_size}
+        read = state.batch_in_epoch * before["batch_size"] * saved
+        per_batch = position["batch_size"] * position["processes"]
+        if read % per_batch:
+            raise TwinLMError(
+                f"the checkpoint's processes ({saved} x training.batch_size {before['batch_size']}) have read "
+                f"{read} blocks of epoch {state.epoch}, which {position['processes']} processes x "
+                f"training.batch_size {position['batch_size']} cannot reach in whole batches; keep the global "
+                f"batch: training.batch_size={before['batch_size'] * saved // position['processes']}"
+            )
+        state.batch_in_epoch = read // per_batch
+        if self.accelerator.is_main_process:
+            print(
+                f"resuming {saved} process(es)' checkpoint on {position['processes']}: epoch {state.epoch}, "
+                f"{read} blocks read (batch {state.batch_in_epoch} of {position['batch_size']} per process); "
+                "random states of the processes start afresh (dropout masks differ from an uninterrupted run)"
+            )
 
     # -- the run ------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
