@@ -712,6 +712,34 @@ def test_resume_on_another_number_of_processes(assets: dict[str, Path], tmp_path
     assert summary["val_loss"] == pytest.approx(two_summary["val_loss"], abs=1e-4)
 
 
+FSDP2_LAUNCH = ["--config_file", str(ROOT / "configs" / "accelerate" / "fsdp.yaml")]
+
+
+@needs_corpus
+@pytest.mark.slow
+@pytest.mark.parametrize("use_cpu", ["", "1"], ids=["alone", "as-ddp"])
+def test_fsdp_on_the_cpu_is_refused_not_run_as_something_else(
+    assets: dict[str, Path], tmp_path: Path, use_cpu: str
+) -> None:
+    """accelerate takes FSDP on GPU backends only. With the shipped FSDP2 config on a CPU, 2 processes would
+    each train alone without gradient sync (distributed_type NO), or, with ACCELERATE_USE_CPU=1, run plain data
+    parallel instead of sharding: both are refused in one line before any step."""
+    out = tmp_path / "run"
+    config = out.with_suffix(".yaml")
+    config.write_text(yaml.safe_dump(run_config(assets, out, max_steps=2)))
+    env = _env(**({"ACCELERATE_USE_CPU": use_cpu} if use_cpu else {}))
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", *FSDP2_LAUNCH, "--num_processes", "2",
+        "--main_process_port", str(_free_port()), str(ROOT / "scripts" / "pretrain.py"), "--config", str(config),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    expected = "runs MULTI_CPU here" if use_cpu else "each would train alone"
+    assert expected in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr.split(expected)[0][-2000:]
+    assert not (out / "checkpoints").exists() and not (out / "final").exists()
+
+
 @needs_corpus
 @pytest.mark.slow
 def test_two_process_time_budget(assets: dict[str, Path], tmp_path: Path) -> None:

@@ -64,6 +64,7 @@ def build_accelerator(train: OptimizerSection, report_to: str, output_dir: Path)
         step_scheduler_with_optimizer=False,
         kwargs_handlers=handlers,
     )
+    check_distribution(accelerator)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         ds = accelerator.state.deepspeed_plugin.deepspeed_config
         # The run config is the one source of truth for these (DeepSpeed JSON files say "auto").
@@ -73,6 +74,28 @@ def build_accelerator(train: OptimizerSection, report_to: str, output_dir: Path)
         ds["gradient_clipping"] = train.max_grad_norm or 0.0
         accelerator.state.deepspeed_plugin.gradient_accumulation_steps = train.grad_accum
     return accelerator
+
+
+def check_distribution(accelerator: Accelerator) -> None:
+    """TwinLMError when the launch asked for something accelerate did not set up: several processes that
+    would each train alone (no gradient sync), or FSDP turned into plain data parallel. Both happen on a CPU,
+    where accelerate runs FSDP not at all (only its GPU backends take FSDP)."""
+    n, kind = accelerator.num_processes, accelerator.distributed_type
+    cpu_launch = (
+        "on a CPU, launch with ACCELERATE_USE_CPU=1 and --multi_gpu (data parallel) or a DeepSpeed config"
+    )
+    if n > 1 and kind == DistributedType.NO:
+        raise TwinLMError(
+            f"{n} processes were launched but accelerate set up no distributed training (each would train alone, "
+            f"without gradient sync); {cpu_launch}; FSDP through accelerate needs GPUs"
+        )
+    fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+    if fsdp_asked and n > 1 and kind != DistributedType.FSDP:
+        raise TwinLMError(
+            f"the launch asks for FSDP, but accelerate runs {kind.value} here (FSDP through accelerate needs "
+            f"GPUs; on a CPU it would silently be plain data parallel, every process holding the whole model); "
+            f"{cpu_launch}"
+        )
 
 
 def gather_state_dict(
