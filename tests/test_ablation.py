@@ -294,6 +294,32 @@ def test_shipped_questions_pass_the_checks_before_the_first_run_at_every_scale(t
             assert len(question.planned) >= 2 * len(question.config.seeds), (path.name, scale)
 
 
+def test_where_a_run_writes_logs_or_publishes_does_not_make_it_another_run(tmp_path, monkeypatch):
+    """A run is named by what it computes: logging, Hub settings (a setting added to the Hub section by a new
+    version, too) and the output folder leave its name alone; the budget does not."""
+    from twinlm.ablation import prepare_ablation
+
+    monkeypatch.chdir(ROOT)
+    question = ROOT / "configs" / "ablations" / "02-scaled-attention.yaml"
+
+    def names(*overrides: str) -> list[str]:
+        planned = prepare_ablation(
+            question, tmp_path / "out", tmp_path / "runs", overrides, scale="tiny"
+        ).planned
+        return [run.run_dir.name for run in planned]
+
+    plain = names()
+    assert (
+        names(
+            "base.overrides.logging.report_to=tensorboard",
+            "base.overrides.hub.private=true",
+            "base.overrides.hub.checkpoint_revision=step-{step}",
+        )
+        == plain
+    )
+    assert names("base.overrides.training.max_steps=7") != plain
+
+
 def test_index_of_several_questions(tmp_path):
     from twinlm.ablation import write_index
 

@@ -253,9 +253,9 @@ def _fingerprint(model_path: str, cfg: Any, noise: Any = None) -> str:
     fine-tuning config (task, settings, seed, lr) and the contents of the files it reads (the task's, a
     separate tokenizer's); not where they lie, so the same cell is found again under another spelling of a
     path."""
-    from twinlm.fingerprint import files_digest, fingerprint, model_folder_digest
+    from twinlm.fingerprint import computed_settings, files_digest, fingerprint, model_folder_digest
 
-    run = cfg.model_dump(mode="json", exclude={"output_dir": True, "model": {"path"}})
+    run = computed_settings(cfg, {"model": {"path"}})
     task_files = [str(f) for f in (cfg.task.train, cfg.task.dev, cfg.task.test) if f is not None]
     tokenizer = [cfg.model.tokenizer] if cfg.model.tokenizer and Path(cfg.model.tokenizer).exists() else []
     for split in ("train", "dev", "test"):  # paths are compared by content, below

@@ -21,6 +21,17 @@ _DIGESTS: dict[tuple[str, int, int, int], str] = {}
 _NOT_THE_MODEL = {"README.md", "training_info.json", ".gitattributes", "control.json", "eval_results.json"}
 
 
+# Sections of a run or fine-tuning config that never change what it computes: where it writes, what it
+# logs to and where it publishes. Left out of fingerprints, so that a new setting there (a Hub option) does not
+# make every finished run stale.
+NOT_COMPUTED = ("output_dir", "logging", "hub")
+
+
+def computed_settings(config: Any, exclude: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A config's settings as JSON, less NOT_COMPUTED and `exclude` (pydantic's exclude form)."""
+    return config.model_dump(mode="json", exclude={**dict.fromkeys(NOT_COMPUTED, True), **(exclude or {})})
+
+
 def file_digest(path: str | os.PathLike) -> str:
     """SHA-256 of a file's bytes (remembered per path, size, modification time and inode)."""
     path = Path(path)

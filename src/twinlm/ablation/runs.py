@@ -116,7 +116,7 @@ def _tokenizer_group(cfg: Any, model_config: Any, root: Path) -> TokenizerGroup:
 def plan_runs(config: AblationConfig, root: Path) -> list[PlannedRun]:
     """Every (variant, seed) run, resolved and checked (run config, model config, measures' parameters
     against the model) before anything trains; one-line TwinLMError naming the variant otherwise."""
-    from twinlm.fingerprint import files_digest, fingerprint
+    from twinlm.fingerprint import computed_settings, files_digest, fingerprint
     from twinlm.training.loop import probe_model_config
 
     planned = []
@@ -133,7 +133,7 @@ def plan_runs(config: AblationConfig, root: Path) -> list[PlannedRun]:
         group = _tokenizer_group(first, model_config, root)
         for seed in config.seeds:
             cfg = run_config(config, name, seed)
-            run = cfg.model_dump(mode="json", exclude={"output_dir": True, "model": True, "tokenizer": True})
+            run = computed_settings(cfg, {"model": True, "tokenizer": True})
             digest = fingerprint(
                 {
                     "run": run,
