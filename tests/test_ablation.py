@@ -214,6 +214,49 @@ def test_runs_are_named_by_what_they_compute_and_share_tokenizers(tmp_path, base
     assert dict(planned["b", 0].extra)["output_dir"] == str(planned["b", 0].run_dir)
 
 
+def test_runs_from_other_pretrained_weights_are_other_runs(tmp_path, base_run):
+    """Continued pretraining in a question: the run's name covers the starting weights (two folders of the
+    same shape are two runs, the same folder again the same run); a Hub repo is refused (its branch moves)."""
+    import torch
+
+    from twinlm import TwinLMConfig, TwinLMForCausalLM
+    from twinlm.ablation import load_ablation, plan_runs
+    from twinlm.errors import TwinLMError
+    from twinlm.tokenization import load_tokenizer
+
+    run = yaml.safe_load((base_run / "run.yaml").read_text())
+    tokenizer = load_tokenizer(base_run / "bpe")
+    config = TwinLMConfig.from_preset(
+        "tiny-modern-decoder", **run["model"]["overrides"], vocab_size=len(tokenizer)
+    )
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        TwinLMForCausalLM(config).save_pretrained(tmp_path / f"start{seed}")
+        tokenizer.save_pretrained(tmp_path / f"start{seed}")
+    run["model"] = {"from_pretrained": str(tmp_path / "start0")}
+    run["tokenizer"] = {"path": str(tmp_path / "start0")}
+    (tmp_path / "continue.yaml").write_text(yaml.safe_dump(run))
+    question = {
+        "question": "q",
+        "textbook": "t",
+        "base": {"config": str(tmp_path / "continue.yaml")},
+        "variants": {
+            "a": {},
+            "same-as-a": {"model.from_pretrained": str(tmp_path / "start0")},
+            "b": {"model.from_pretrained": str(tmp_path / "start1")},
+        },
+    }
+    path = tmp_path / "q.yaml"
+    path.write_text(yaml.safe_dump(question))
+    planned = {(r.variant, r.seed): r for r in plan_runs(load_ablation(path), tmp_path / "runs")}
+    assert planned["a", 0].run_dir == planned["same-as-a", 0].run_dir != planned["b", 0].run_dir
+
+    question["variants"]["hub"] = {"model.from_pretrained": "someone/model"}
+    path.write_text(yaml.safe_dump(question))
+    with pytest.raises(TwinLMError, match="is a Hub repo, whose revision may move"):
+        plan_runs(load_ablation(path), tmp_path / "runs")
+
+
 @pytest.mark.parametrize("kind", ["wordpiece", "bpe"])
 def test_attention_map_for_both_variants(tmp_path, kind, capsys):
     from test_finetune import build_checkpoint

@@ -459,12 +459,20 @@ def test_checkpoints_as_hub_revisions_load_with_from_pretrained_revision(
         ("ckpt", "has no {step}"),
         ("step {step}", "not a branch name"),
         ("epoch-{epoch}", "only {step}"),
+        ("step-{step[0]}", "only {step}"),
+        ("a//{step}", "not a branch name"),
+        ("step-{step}.", "not a branch name"),
+        ("x/.{step}", "not a branch name"),
+        ("a.lock/{step}", "not a branch name"),
+        ("refs/pr/{step}", "not a branch name"),
     ):
         with pytest.raises(TwinLMError, match=re.escape(expected)):
             pretrain(
                 _tiny_run(tiny_run_assets, tmp_path / "bad"),
                 [*overrides[:2], f"hub.checkpoint_revision={template}"],
             )
+    with pytest.raises(TwinLMError, match="push_checkpoints is false: no checkpoint is pushed"):
+        pretrain(_tiny_run(tiny_run_assets, tmp_path / "bad"), [*overrides, "hub.push_checkpoints=false"])
     assert not (tmp_path / "bad").exists()
 
 

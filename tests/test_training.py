@@ -361,7 +361,7 @@ def test_continued_pretraining_starts_from_the_trained_model_and_its_tokenizer(
     from safetensors.torch import load_file
 
     base = tmp_path / "base"
-    pretrain(run_config(assets, base, max_steps=4, save_every=0))
+    pretrain(run_config(assets, base, max_steps=4, save_every=4))
 
     def continued(out: Path, **model: object) -> dict:
         config = run_config(assets, out, max_steps=2, save_every=0, lr=1e-12, weight_decay=0.0)
@@ -389,13 +389,34 @@ def test_continued_pretraining_starts_from_the_trained_model_and_its_tokenizer(
     bert = tmp_path / "bert"
     bert.mkdir()
     (bert / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 32}))
+    fits = "does not fit the weights of"
     for model, expected in (
-        ({"overrides": {"intermediate_size": 128}}, "(another shape|cannot continue a trained model)"),
+        (
+            {"overrides": {"intermediate_size": 128}},
+            rf"{fits} .*; it differs in intermediate_size=128 \(saved: 64\)",
+        ),
+        ({"overrides": {"num_hidden_layers": 2}}, rf"{fits} .*weights of the run's model are not in it"),
+        (
+            {"overrides": {"hidden_size": 64}},
+            r"hidden_size=64 changes the shape of every weight .*\(saved: 32\)",
+        ),
+        ({"overrides": {"vocab_size": 5000}}, rf"{fits} .*; it differs in vocab_size=5000"),
         ({"from_pretrained": str(bert)}, "holds a bert, not a twinlm model: convert it first"),
-        ({"from_pretrained": str(tmp_path / "nowhere")}, "cannot load a config from"),
+        ({"from_pretrained": str(tmp_path / "nowhere")}, "is not a folder here, nor a Hub repo id"),
+        (
+            {"from_pretrained": str(base)},
+            r"is a pretraining run: continue from its model, model.from_pretrained=.*final",
+        ),
+        ({"from_pretrained": str(base / "checkpoints" / "checkpoint-4")}, "holds training state"),
+        ({"revision": "step-2"}, "names a Hub revision, and .* is a folder here"),
     ):
         with pytest.raises(TwinLMError, match=expected):
             pretrain(continued(tmp_path / "bad", **model))
+    with pytest.raises(TwinLMError, match=r"a trained model's position table cannot grow"):
+        pretrain(
+            continued(tmp_path / "bad", overrides={"position_embedding_type": "learned"}),
+            ["data.seq_len=128"],
+        )
     config = continued(tmp_path / "bad")
     with pytest.raises(TwinLMError, match="newly trained tokenizer"):
         pretrain({**config, "tokenizer": {"train": {"vocab_size": 300}}})
@@ -713,6 +734,15 @@ def test_resume_on_another_number_of_processes(assets: dict[str, Path], tmp_path
 
 
 FSDP2_LAUNCH = ["--config_file", str(ROOT / "configs" / "accelerate" / "fsdp.yaml")]
+
+
+def test_fsdp_asked_of_one_cpu_process_is_refused(
+    assets: dict[str, Path], tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(TwinLMError, match="asks for FSDP, but accelerate runs one plain process here"):
+        pretrain(run_config(assets, tmp_path / "run", max_steps=1))
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 @needs_corpus

@@ -106,11 +106,26 @@ def _tokenizer_group(cfg: Any, model_config: Any, root: Path) -> TokenizerGroup:
         return TokenizerGroup(fingerprint(files_digest([given]))[:16], given, cfg, causal, given=True)
     if cfg.tokenizer.train is None:
         raise TwinLMError(
-            "ablate: a base from model.from_pretrained needs tokenizer.path (its folder's tokenizer): a run's "
-            "fingerprint covers the tokenizer's files, which a Hub repo does not give here"
+            "ablate: a run from model.from_pretrained needs tokenizer.path (its folder, for the model's own "
+            "tokenizer): runs are named by their tokenizer's files"
         )
     key = shared_tokenizer_key(cfg, causal)
     return TokenizerGroup(key, root / "tokenizers" / key, cfg, causal)
+
+
+def _pretrained_weights(cfg: Any) -> dict[str, str]:
+    """What a run from model.from_pretrained starts from: the digests of the folder's model files (a Hub repo,
+    whose branch may move, is refused: download it first)."""
+    from twinlm.fingerprint import model_folder_digest
+    from twinlm.training.pretrained import local_folder
+
+    folder = local_folder(cfg.model)
+    if folder is None:
+        raise TwinLMError(
+            f"ablate: model.from_pretrained={cfg.model.from_pretrained!r} is a Hub repo, whose revision may move: "
+            "download it (hf download REPO --local-dir DIR) and continue from the folder"
+        )
+    return model_folder_digest(folder)
 
 
 def plan_runs(config: AblationConfig, root: Path) -> list[PlannedRun]:
@@ -123,6 +138,7 @@ def plan_runs(config: AblationConfig, root: Path) -> list[PlannedRun]:
     for name in config.variants:
         first = run_config(config, name, config.seeds[0])
         try:
+            weights = _pretrained_weights(first) if first.model.from_pretrained else None
             model_config = probe_model_config(first)
         except TwinLMError as err:
             raise TwinLMError(f"variant {name!r}: {err}") from None
@@ -140,6 +156,7 @@ def plan_runs(config: AblationConfig, root: Path) -> list[PlannedRun]:
                     "model": _model_identity(model_config),
                     "data": files_digest(_local_files(cfg)),
                     "tokenizer": group.key,
+                    **({"weights": weights} if weights is not None else {}),
                 }
             )
             planned.append(PlannedRun(name, seed, cfg, root / digest[:16], digest, group))

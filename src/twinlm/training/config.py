@@ -189,16 +189,23 @@ class HubSection(_Section):
             return None
         try:
             name = template.format(step=1000)
-        except (KeyError, IndexError, ValueError, AttributeError):
+        except Exception:  # noqa: BLE001 - KeyError, IndexError, TypeError ({step[0]}), ValueError
             raise ValueError(
                 f"{template!r} may name only {{step}} (e.g. 'step-{{step}}'); double other braces"
             ) from None
         if name == template.replace("{{", "{").replace("}}", "}"):
             raise ValueError(f"{template!r} has no {{step}}: every checkpoint would go to the same branch")
-        if not BRANCH_NAME.fullmatch(name) or ".." in name or name.endswith((".lock", "/")):
+        parts = name.split("/")
+        if (
+            not BRANCH_NAME.fullmatch(name)
+            or name.endswith(".")
+            or name.startswith("refs/")
+            or any(not p or p.startswith(".") or p.endswith(".lock") for p in parts)
+        ):
             raise ValueError(
-                f"{template!r} gives {name!r}, not a branch name the Hub accepts: letters, digits, '-', '_', "
-                "'.' and '/' (e.g. 'step-{step}' or 'checkpoints/{step}')"
+                f"{template!r} gives {name!r}, not a branch name git accepts: letters, digits, '-', '_', '.' and "
+                "'/' between non-empty parts that do not start with '.' or end with '.lock' or '.', not under "
+                "refs/ (e.g. 'step-{step}' or 'checkpoints/step-{step}')"
             )
         return template
 
@@ -210,6 +217,11 @@ class HubSection(_Section):
     def _repo_when_pushing(self) -> HubSection:
         if self.push and not self.repo_id:
             raise ValueError("hub.push is true but hub.repo_id is not set (e.g. 'user/twinlm-tiny')")
+        if self.push and not self.push_checkpoints and self.checkpoint_revision is not None:
+            raise ValueError(
+                "hub.checkpoint_revision is set but hub.push_checkpoints is false: no checkpoint is pushed; "
+                "set push_checkpoints true or leave checkpoint_revision out"
+            )
         return self
 
 

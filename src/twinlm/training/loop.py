@@ -73,7 +73,9 @@ def build_tokenizer(cfg: RunConfig, accelerator: Accelerator, causal: bool) -> A
     if cfg.tokenizer.path is not None:
         return load_tokenizer(cfg.tokenizer.path)
     if cfg.tokenizer.train is None:  # continued pretraining: the model's own
-        return pretrained_tokenizer(cfg)
+        from twinlm.training.pretrained import pretrained_tokenizer
+
+        return pretrained_tokenizer(cfg.model)
     out = Path(cfg.output_dir) / "tokenizer"
     with accelerator.main_process_first():
         if (out / "tokenizer.json").is_file():
@@ -134,52 +136,14 @@ def train_run_tokenizer(cfg: RunConfig, out: Path, causal: bool, show_progress: 
     )
 
 
-def pretrained_tokenizer(cfg: RunConfig) -> Any:
-    """The tokenizer of model.from_pretrained (a folder or a Hub repo, at model.revision)."""
-    from twinlm.tokenization import auto_tokenizer
-
-    try:
-        return auto_tokenizer(cfg.model.from_pretrained, revision=cfg.model.revision)
-    except Exception as err:  # noqa: BLE001 - no tokenizer there, a network error, a corrupt file: one line
-        raise TwinLMError(
-            f"model.from_pretrained: cannot load the tokenizer of {cfg.model.source}: "
-            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}; name one with tokenizer.path"
-        ) from None
-
-
-def pretrained_config(cfg: RunConfig, overrides: dict[str, Any]) -> Any:
-    """The config of model.from_pretrained with `overrides` applied (layer_types re-derived when what it
-    derives from changes, as TwinLMConfig.from_dict does); TwinLMError for a folder or repo without a twinlm
-    config."""
-    from twinlm import TwinLMConfig
-    from twinlm.model.configuration_twinlm import LAYER_TYPE_SOURCES, check_config_keys
-
-    source = cfg.model.source
-    try:
-        saved, _ = TwinLMConfig.get_config_dict(cfg.model.from_pretrained, revision=cfg.model.revision)
-    except Exception as err:  # noqa: BLE001 - OSError, a network error, a corrupt file: one line
-        raise TwinLMError(
-            f"model.from_pretrained: cannot load a config from {source}: {str(err).splitlines()[0]} (expected "
-            "a folder written by save_pretrained, e.g. a run's final/, or a Hub repo id)"
-        ) from None
-    if saved.get("model_type") != "twinlm":
-        raise TwinLMError(
-            f"model.from_pretrained: {source} holds a {saved.get('model_type') or 'model without a model_type'}, "
-            "not a twinlm model: convert it first (twinlm convert SOURCE OUT_DIR) and continue from OUT_DIR"
-        )
-    check_config_keys(overrides, source="model.overrides")
-    derived = {key: overrides[key] for key in LAYER_TYPE_SOURCES if key in overrides}
-    rest = {key: value for key, value in overrides.items() if key not in derived}
-    return TwinLMConfig.from_dict({**saved, **rest}, **derived)
-
-
 def _model_config(cfg: RunConfig, overrides: dict[str, Any]) -> Any:
     """TwinLMConfig of the run's model source (preset, file or pretrained model) with `overrides`."""
     from twinlm import TwinLMConfig
+    from twinlm.training.pretrained import pretrained_config
 
     try:
         if cfg.model.from_pretrained is not None:
-            return pretrained_config(cfg, overrides)
+            return pretrained_config(cfg.model, overrides)
         return TwinLMConfig.from_preset(cfg.model.source, **overrides)
     except (ValueError, TypeError) as err:
         raise TwinLMError(f"model ({cfg.model.source}): {err}") from None
@@ -268,10 +232,14 @@ def check_sequence_length(cfg: RunConfig, model_config: Any) -> None:
     scheme says so, see positions.py) refuses a longer seq_len."""
     limit = model_config.position_encoding.max_positions(model_config)
     if limit is not None and cfg.data.seq_len > limit:
+        fix = (
+            "lower data.seq_len (a trained model's position table cannot grow)"
+            if cfg.model.from_pretrained is not None
+            else f"lower data.seq_len or set model.overrides.max_position_embeddings >= {cfg.data.seq_len}"
+        )
         raise TwinLMError(
             f"data.seq_len={cfg.data.seq_len} is beyond the model's max_position_embeddings="
-            f"{limit} ({model_config.position_embedding_type} positions); "
-            f"lower data.seq_len or set model.overrides.max_position_embeddings >= {cfg.data.seq_len}"
+            f"{limit} ({model_config.position_embedding_type} positions); {fix}"
         )
 
 
@@ -567,16 +535,29 @@ class PretrainingRun:
         """A checkpoint of another number of processes: every process draws from one shuffled order of the
         epoch's blocks, dealt round-robin, so `batch_in_epoch` micro-batches of B blocks on W processes read its
         first B * W * batch_in_epoch blocks. The same blocks with this run's processes and batch size is a
-        whole number of micro-batches, or the data position cannot be kept (TwinLMError)."""
-        before = state.extra.get("data_position") or {"batch_size": self.cfg.training.batch_size}
+        whole number of micro-batches, or the data position cannot be kept (TwinLMError). Exact up to the end
+        of the epoch it resumes in: what an epoch leaves out (less than one batch of every process) depends on
+        the number of processes and the batch size."""
+        before = state.extra.get("data_position")
+        if before is None:
+            raise TwinLMError(
+                f"the checkpoint was written by {saved} process(es) before checkpoints recorded their batch size; "
+                f"resume it on {saved} process(es)"
+            )
         read = state.batch_in_epoch * before["batch_size"] * saved
         per_batch = position["batch_size"] * position["processes"]
         if read % per_batch:
+            global_batch = before["batch_size"] * saved
+            fix = (
+                f"keep the global batch: training.batch_size={global_batch // position['processes']}"
+                if global_batch % position["processes"] == 0
+                else f"no batch size of {position['processes']} processes keeps its batch of {global_batch} "
+                "blocks: resume on a number of processes that divides it"
+            )
             raise TwinLMError(
                 f"the checkpoint's processes ({saved} x training.batch_size {before['batch_size']}) have read "
                 f"{read} blocks of epoch {state.epoch}, which {position['processes']} processes x "
-                f"training.batch_size {position['batch_size']} cannot reach in whole batches; keep the global "
-                f"batch: training.batch_size={before['batch_size'] * saved // position['processes']}"
+                f"training.batch_size {position['batch_size']} cannot reach in whole batches; {fix}"
             )
         state.batch_in_epoch = read // per_batch
         if self.accelerator.is_main_process:

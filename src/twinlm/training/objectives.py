@@ -238,6 +238,8 @@ class LanguageModelObjective:
 
         model_class = TwinLMForCausalLM if self.causal else TwinLMForMaskedLM
         if cfg.model.from_pretrained is not None:
+            from twinlm.training.pretrained import load_pretrained
+
             return load_pretrained(model_class, model_config, cfg.model)
         return model_class(model_config)
 
@@ -392,41 +394,6 @@ OBJECTIVES: dict[str, Any] = {
     "clm": LanguageModelObjective("causal-lm", causal=True),
     "rtd": ReplacedTokenDetectionObjective(),
 }
-
-
-def load_pretrained(model_class: Any, model_config: Any, section: Any) -> nn.Module:
-    """`model_class.from_pretrained` of the run's model.from_pretrained (float32, for training), with one line
-    for what cannot be loaded and a note naming the weights that start from scratch (a head the checkpoint
-    does not have: a fine-tuned classifier continued as a language model)."""
-    from twinlm.errors import TwinLMError
-
-    try:
-        model, info = model_class.from_pretrained(
-            section.from_pretrained,
-            revision=section.revision,
-            config=model_config,
-            dtype=torch.float32,
-            output_loading_info=True,
-        )
-    except Exception as err:  # noqa: BLE001 - missing or corrupt weights, a network error, a shape: one line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise TwinLMError(
-            f"model.from_pretrained: cannot load the weights of {section.source}: {first} (an override that "
-            "changes a weight's shape, e.g. hidden_size, cannot continue a trained model)"
-        ) from None
-    mismatched = info.get("mismatched_keys") or []
-    if mismatched:
-        raise TwinLMError(
-            f"model.from_pretrained: {len(mismatched)} weights of {section.source} have another shape than the "
-            f"run's model (first: {mismatched[0][0] if isinstance(mismatched[0], tuple) else mismatched[0]}): "
-            "remove the model.overrides that change shapes"
-        )
-    missing = sorted(info.get("missing_keys") or [])
-    if missing:
-        print(
-            f"note: {len(missing)} weights are not in {section.source} and start from scratch: {missing[:4]}"
-        )
-    return model
 
 
 def objective_for(name: str | None, causal: bool) -> Any:

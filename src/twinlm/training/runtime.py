@@ -90,9 +90,9 @@ def check_distribution(accelerator: Accelerator) -> None:
             f"without gradient sync); {cpu_launch}; FSDP through accelerate needs GPUs"
         )
     fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
-    if fsdp_asked and n > 1 and kind != DistributedType.FSDP:
+    if fsdp_asked and kind != DistributedType.FSDP:
         raise TwinLMError(
-            f"the launch asks for FSDP, but accelerate runs {kind.value} here (FSDP through accelerate needs "
+            f"the launch asks for FSDP, but accelerate runs {'one plain process' if kind == DistributedType.NO else kind.value} here (FSDP through accelerate needs "
             f"GPUs; on a CPU it would silently be plain data parallel, every process holding the whole model); "
             f"{cpu_launch}"
         )
