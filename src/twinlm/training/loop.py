@@ -232,9 +232,10 @@ def check_sequence_length(cfg: RunConfig, model_config: Any) -> None:
     scheme says so, see positions.py) refuses a longer seq_len."""
     limit = model_config.position_encoding.max_positions(model_config)
     if limit is not None and cfg.data.seq_len > limit:
+        pretrained = getattr(getattr(cfg, "model", None), "from_pretrained", None)
         fix = (
             "lower data.seq_len (a trained model's position table cannot grow)"
-            if cfg.model.from_pretrained is not None
+            if pretrained is not None
             else f"lower data.seq_len or set model.overrides.max_position_embeddings >= {cfg.data.seq_len}"
         )
         raise TwinLMError(
