@@ -27,8 +27,17 @@ def test_untested_with_one_seed_or_no_spread():
     one = compare([0.8], [0.7])
     assert one.test == "untested: one seed" and not one.significant and one.p_value is None
     assert one.describe("points", scale=100).startswith("+10 points (untested: one seed")
-    flat = compare([0.8, 0.9], [0.7, 0.8], paired=True)  # the same difference on both seeds
+    flat = compare([0.8, 0.9], [0.7, 0.8], paired=True)  # the same difference on both seeds, by chance
     assert flat.test.startswith("untested") and flat.verdict() == "untested"
+    # a quantity the seed does not change (parameters, FLOPs, the memory of a fixed input): exact, decided by sign
+    exact = compare([67.9, 67.9, 67.9], [194.8, 194.8, 194.8], paired=True)
+    assert exact.exact and exact.tested and exact.significant and exact.verdict() == "exact difference"
+    assert exact.difference == pytest.approx(-126.9) and exact.p_value is None
+    assert exact.describe("MB") == "-126.9 MB (exact: the same in each of the 3 seeds, nothing to test)"
+    same = compare([5.0, 5.0], [5.0 + 1e-12, 5.0 + 1e-12])
+    assert (
+        same.exact and not same.significant and same.difference == 0.0 and same.verdict() == "no difference"
+    )
     with pytest.raises(ValueError, match="as many values"):
         compare([1.0, 2.0], [1.0], paired=True)
 

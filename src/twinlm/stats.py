@@ -5,7 +5,9 @@ Two models (or variants) run with the same seeds are compared seed by seed with 
 are what varies); runs with other seeds with **Welch's t-test** (ttest_ind, unequal variances). Every
 comparison reports the mean difference, its 95% confidence interval, the p-value, the test and the number of
 seeds; "no measurable difference" when p >= alpha (0.05 unless said otherwise), and "untested" when there
-are too few seeds (fewer than 2 per side) or the seeds do not vary.
+are too few seeds (fewer than 2 per side) or the per-seed differences of varying values happen to be equal. A quantity that does not vary with the seed (a parameter count,
+FLOPs, the activation memory of a fixed input) has no test to run: its difference is **exact**, the same in
+every seed, and decides by its sign.
 
     from twinlm.stats import compare, summarize
     gain = compare(checkpoint_scores, control_scores, paired=True)
@@ -53,14 +55,17 @@ class Comparison:
     n_a: int
     n_b: int
     alpha: float = ALPHA
+    exact: bool = False  # the same difference in every seed: no spread to test
 
     @property
     def tested(self) -> bool:
-        return self.p_value is not None
+        return self.p_value is not None or self.exact
 
     @property
     def significant(self) -> bool:
-        """p < alpha (never for an untested comparison)."""
+        """p < alpha, or an exact difference other than 0 (never for an untested comparison)."""
+        if self.exact:
+            return self.difference != 0.0
         return self.p_value is not None and self.p_value < self.alpha
 
     @property
@@ -70,6 +75,8 @@ class Comparison:
     def describe(self, unit: str = "", scale: float = 1.0, digits: int = 4) -> str:
         """'+3.37 points (95% CI [+1.6, +5.1]; paired t-test over 3 seeds, p = 0.017)'."""
         value = f"{self.difference * scale:+.{digits}g}{' ' + unit if unit else ''}"
+        if self.exact:
+            return f"{value} (exact: the same in each of the {self.seeds}, nothing to test)"
         if not self.tested:
             return f"{value} ({self.test}, {self.seeds})"
         level = f"{(1 - self.alpha) * 100:g}%"
@@ -80,6 +87,8 @@ class Comparison:
         """'significant at 0.05', 'no measurable difference at 0.05' or 'untested'."""
         if not self.tested:
             return "untested"
+        if self.exact:
+            return "exact difference" if self.significant else "no difference"
         return f"{'significant' if self.significant else 'no measurable difference'} at {self.alpha:g}"
 
 
@@ -97,15 +106,25 @@ def compare(a: Sequence[float], b: Sequence[float], paired: bool = False, alpha:
     if paired and len(a) != len(b):
         raise ValueError(f"a paired comparison needs as many values on each side ({len(a)} vs {len(b)})")
     difference = statistics.fmean(a) - statistics.fmean(b)
-    untested = None
     if min(len(a), len(b)) < 2:
-        untested = "untested: one seed"
-    elif paired and _flat([x - y for x, y in zip(a, b, strict=True)]):
-        untested = "untested: the per-seed differences do not vary"
-    elif not paired and _flat(a) and _flat(b):
-        untested = "untested: the seeds do not vary"
-    if untested:
-        return Comparison(untested, difference, None, None, None, len(a), len(b), alpha)
+        return Comparison("untested: one seed", difference, None, None, None, len(a), len(b), alpha)
+    if _flat(a) and _flat(b):  # a quantity the seed does not change: its difference is exact
+        size = max(1.0, abs(statistics.fmean(a)), abs(statistics.fmean(b)))
+        difference = 0.0 if abs(difference) <= 1e-9 * size else difference  # rounding is no difference
+        return Comparison(
+            "exact", difference, difference, difference, None, len(a), len(b), alpha, exact=True
+        )
+    if paired and _flat([x - y for x, y in zip(a, b, strict=True)]):  # (chance, with few discrete scores)
+        return Comparison(
+            "untested: the per-seed differences do not vary",
+            difference,
+            None,
+            None,
+            None,
+            len(a),
+            len(b),
+            alpha,
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # near-identical data: scipy warns, the test stands
         result = scipy_stats.ttest_rel(a, b) if paired else scipy_stats.ttest_ind(a, b, equal_var=False)

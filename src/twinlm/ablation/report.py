@@ -227,7 +227,8 @@ def format_report(config: AblationConfig, result: dict[str, Any], plots: list[Pa
         ]
     lines += [
         f"{len(config.seeds)} seeds per variant (mean ± std); differences judged with a paired t-test over the "
-        f"seeds (scipy.stats.ttest_rel) at the 0.05 level; base run `{config.base.config}` with "
+        f"seeds (scipy.stats.ttest_rel) at the 0.05 level, or exact where the seed changes nothing (parameters, "
+        f"FLOPs, the memory of a fixed input); base run `{config.base.config}` with "
         f"`{json.dumps(config.base.overrides)}`.",
         "",
         "| variant | overrides | learned? | " + " | ".join(columns) + " |",
