@@ -460,6 +460,46 @@ def test_answers_and_claims_follow_the_paired_test_and_the_learning_gate(tmp_pat
     assert claims[1]["verdict"] == "disagrees"
     assert claims[2]["verdict"] == "withheld"  # a quality claim about a variant that did not learn
     assert claims[3]["verdict"] == "agrees"  # cost is measured whatever the model learned
+    # the only variant that learned is the answer's subject; the others are named as not having learned
+    table["b"]["val_loss"] = dataclasses.asdict(__import__("twinlm.stats").stats.summarize([5.95, 5.9, 5.9]))
+    only = answer(config, table)
+    assert only["text"].startswith("only a learned at this budget: b did not learn") and only["winner"] == "a"
+    assert "flat did not learn" in only["text"] and not only["measurable"]
     # the reference variant (the first) did not learn: no answer at this scale
     table["a"]["val_loss"] = dataclasses.asdict(__import__("twinlm.stats").stats.summarize([5.9, 5.9, 5.95]))
     assert answer(config, table)["text"].startswith("no answer at this scale: a did not learn")
+
+
+def test_what_is_measured_at_initialisation_is_not_gated(tmp_path, base_run):
+    """Gradient norms at initialisation do not depend on what the model learned: a claim about them is judged
+    even when a variant did not learn (Xiong et al.'s post-LN gradients, question 03)."""
+    from twinlm.ablation import answer, load_ablation
+
+    question = {
+        "question": "q",
+        "textbook": "t",
+        "base": {"config": str(base_run / "run.yaml")},
+        "variants": {"pre": {}, "post": {}},
+        "seeds": [0, 1, 2],
+        "measures": [{"name": "init_gradients"}],
+        "compare": [{"better": "pre", "worse": "post", "metric": "init_grad_last_over_first"}],
+    }
+    path = tmp_path / "q.yaml"
+    path.write_text(yaml.safe_dump(question))
+    unigram = [6.0, 6.0, 6.0]
+    table = _table(
+        {
+            "pre": {
+                "val_loss": [4.0, 4.1, 3.9],
+                "unigram_entropy": unigram,
+                "init_grad_last_over_first": [0.4, 0.45, 0.5],
+            },
+            "post": {
+                "val_loss": [5.9, 5.95, 5.9],
+                "unigram_entropy": unigram,
+                "init_grad_last_over_first": [1.0, 1.01, 1.02],
+            },
+        }
+    )
+    (claim,) = answer(load_ablation(path), table)["claims"]
+    assert claim["verdict"] == "agrees", claim

@@ -32,10 +32,11 @@ def _aggregate(runs: list[dict[str, Any]], variants: list[str]) -> dict[str, dic
 # The learning gate: a variant whose validation loss is within GATE_NATS of the unigram cross-entropy (the
 # loss of a model that ignores context) did not learn at this budget; its quality numbers answer nothing.
 GATE_NATS = 0.3
-# Numbers about cost, not quality: a model that did not learn still has them.
-COST_METRICS = re.compile(
+# What the learning gate leaves alone: costs, the tokenizer's numbers and what is measured at initialisation
+# (none of them depends on the model having learned).
+UNGATED_METRICS = re.compile(
     r"^(seconds@|activation_MB@|kv_cache_MB|generate_tokens_per_s|tokens_per_s|train_seconds|parameters|"
-    r"tokens_per_byte|unk_rate)"
+    r"tokens_per_byte|unk_rate|init_grad)"
 )
 
 
@@ -49,7 +50,7 @@ def learned(table: dict, variant: str) -> bool | None:
 
 
 def _gated(metric: str) -> bool:
-    return COST_METRICS.match(metric) is None
+    return UNGATED_METRICS.match(metric) is None
 
 
 def _not_learned(table: dict, variant: str) -> str:
@@ -86,6 +87,17 @@ def answer(config: AblationConfig, table: dict[str, dict[str, dict[str, Any]]]) 
         for name, row in table.items()
         if metric in row and math.isfinite(row[metric]["mean"]) and name not in withheld
     }
+    if len(scored) == 1 and withheld:
+        (only,) = scored
+        return {
+            "text": f"only {only} learned at this budget: "
+            + "; ".join(_not_learned(table, v) for v in withheld),
+            "winner": only,
+            "measurable": False,
+            "withheld": withheld,
+            "disagrees": None,
+            "claims": claims,
+        }
     if len(scored) < 2:
         return {
             "text": f"not enough finite {metric} values to compare",
