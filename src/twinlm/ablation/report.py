@@ -73,15 +73,19 @@ def answer(config: AblationConfig, table: dict[str, dict[str, dict[str, Any]]]) 
     metric = config.metric
     withheld = [v for v in table if _gated(metric) and learned(table, v) is False]
     claims = [check_claim(config, claim, table) for claim in config.compare]
-    if config.reference_variant in withheld:
+
+    def no_verdict(text: str, winner: str | None = None) -> dict[str, Any]:
         return {
-            "text": f"no answer at this scale: {_not_learned(table, config.reference_variant)}",
-            "winner": None,
+            "text": text,
+            "winner": winner,
             "measurable": False,
             "withheld": withheld,
             "disagrees": None,
             "claims": claims,
         }
+
+    if config.reference_variant in withheld:
+        return no_verdict(f"no answer at this scale: {_not_learned(table, config.reference_variant)}")
     scored = {
         name: row[metric]
         for name, row in table.items()
@@ -89,23 +93,10 @@ def answer(config: AblationConfig, table: dict[str, dict[str, dict[str, Any]]]) 
     }
     if len(scored) == 1 and withheld:
         (only,) = scored
-        return {
-            "text": f"only {only} learned at this budget: "
-            + "; ".join(_not_learned(table, v) for v in withheld),
-            "winner": only,
-            "measurable": False,
-            "withheld": withheld,
-            "disagrees": None,
-            "claims": claims,
-        }
+        reasons = "; ".join(_not_learned(table, v) for v in withheld)
+        return no_verdict(f"only {only} learned at this budget: {reasons}", winner=only)
     if len(scored) < 2:
-        return {
-            "text": f"not enough finite {metric} values to compare",
-            "winner": None,
-            "measurable": False,
-            "withheld": withheld,
-            "claims": claims,
-        }
+        return no_verdict(f"not enough finite {metric} values to compare")
     order = sorted(scored, key=lambda n: scored[n]["mean"], reverse=not config.lower_is_better)
     best, second = order[0], order[1]
     lead = _comparison(table, best, second, metric)
