@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -126,6 +127,28 @@ def test_ablation_runs_measures_and_answers(base_run, monkeypatch):
     monkeypatch.setattr(twinlm.training, "pretrain", lambda *a, **k: pytest.fail("a finished run was rerun"))
     again = run_ablation(path, out)
     assert again["table"] == table
+
+    # another question on the same runs measures costs at other lengths: each run keeps both measurements,
+    # so the first question reads its timings back instead of retiming them (07 and 08 share a run)
+    other = {
+        **question,
+        "compare": [],
+        "measures": [{"name": "cost", "params": {"values": [24], "batch": 2}}],
+    }
+    (base_run / "other.yaml").write_text(yaml.safe_dump(other))
+    second = run_ablation(base_run / "other.yaml", base_run / "out2", runs_dir=out / "runs")
+    assert "seconds@24" in second["table"]["scaled"] and "seconds@16" not in second["table"]["scaled"]
+    from twinlm.ablation import MEASURES
+
+    taken = dataclasses.replace(
+        MEASURES["cost"], run=lambda *a, **k: pytest.fail("a measurement was taken again")
+    )
+    monkeypatch.setitem(MEASURES, "cost", taken)
+    assert run_ablation(path, out)["table"] == table
+    assert (
+        run_ablation(base_run / "other.yaml", base_run / "out2", runs_dir=out / "runs")["table"]
+        == second["table"]
+    )
 
 
 def test_learned_positions_past_their_table_are_reported_not_a_crash(base_run):
@@ -372,7 +395,7 @@ def test_index_of_several_questions(tmp_path):
     }
     path = write_index({"01-q": result}, {"01-q": 12.3}, tmp_path)
     text = path.read_text()
-    assert "[Does it matter?](01-q/report.md) | a is best | 1 / 1 / 0 / 0 / 0 | 12 |" in text
+    assert "[Does it matter?](01-q/report.md) | a is best | 1 / 1 / 0 / 0 / 0 / 0 | 12 |" in text
     assert "Total wall time: 12 s over 1 question(s)." in text
 
 
@@ -503,3 +526,90 @@ def test_what_is_measured_at_initialisation_is_not_gated(tmp_path, base_run):
     )
     (claim,) = answer(load_ablation(path), table)["claims"]
     assert claim["verdict"] == "agrees", claim
+
+
+def test_claims_of_no_difference_and_of_closeness(tmp_path, base_run):
+    """'No difference' claims (Vaswani et al.'s learned vs sinusoidal positions, RMSNorm vs LayerNorm) are
+    equivalence claims within a margin, not 'X beats Y'; 'closer' claims judge the distance to a target
+    (Xiong et al.: Pre-LN's gradient ratio about 1, Post-LN's far from it) whichever side it lies on."""
+    from twinlm.ablation import answer, load_ablation
+    from twinlm.ablation.report import format_report
+
+    question = {
+        "question": "q",
+        "textbook": "t",
+        "base": {"config": str(base_run / "run.yaml")},
+        "variants": {"a": {}, "same": {}, "near": {}, "far": {}},
+        "seeds": [0, 1, 2],
+        "measures": [{"name": "init_gradients"}],
+        "compare": [
+            {"better": "a", "worse": "same", "kind": "no difference", "margin": 0.02},
+            {"better": "a", "worse": "far", "kind": "no difference", "margin": 0.02},
+            {"better": "a", "worse": "near", "kind": "no difference", "margin": 0.02},
+            {
+                "better": "a",
+                "worse": "far",
+                "kind": "closer",
+                "target": 1.0,
+                "metric": "init_grad_last_over_first",
+            },
+            {
+                "better": "far",
+                "worse": "a",
+                "kind": "closer",
+                "target": 1.0,
+                "metric": "init_grad_last_over_first",
+            },
+        ],
+    }
+    path = tmp_path / "q.yaml"
+    path.write_text(yaml.safe_dump(question))
+    config = load_ablation(path)
+    unigram = [6.0, 6.0, 6.0]
+    table = _table(
+        {
+            "a": {
+                "val_loss": [4.0, 4.1, 3.9],
+                "unigram_entropy": unigram,
+                "init_grad_last_over_first": [1.02, 0.97, 1.05],
+            },
+            # the same within 0.02 nats, seed by seed: the interval of the difference lies inside the margin
+            "same": {
+                "val_loss": [4.003, 4.104, 3.902],
+                "unigram_entropy": unigram,
+                "init_grad_last_over_first": [1.0, 1.0, 1.1],
+            },
+            # 0.3 nats worse in every seed: significant, far beyond the margin
+            "far": {
+                "val_loss": [4.3, 4.41, 4.19],
+                "unigram_entropy": unigram,
+                "init_grad_last_over_first": [0.40, 0.45, 0.5],
+            },
+            # no significant gap, but three noisy seeds cannot show the two the same within 0.02
+            "near": {
+                "val_loss": [4.1, 3.95, 3.99],
+                "unigram_entropy": unigram,
+                "init_grad_last_over_first": [1.0, 1.0, 1.0],
+            },
+        }
+    )
+    claims = answer(config, table)["claims"]
+    assert [c["verdict"] for c in claims] == ["agrees", "disagrees", "inconclusive", "agrees", "disagrees"]
+    assert "the same within +-0.02" in claims[0]["text"] and "distance to 1" in claims[3]["text"]
+    # the report states each claim as what it says, not as 'a beats b'
+    report = format_report(config, {"table": table, "answer": answer(config, table)}, [])
+    assert "| a and same do not differ on val_loss (within ±0.02) |" in report
+    assert (
+        "| a lies closer than far to 1 on init_grad_last_over_first |" in report
+        and "inconclusive (no significant gap" in report
+    )
+    # a claim kind's setting is asked for by name, and refused on another kind
+    for claim, message in (
+        ({"kind": "no difference"}, "needs `margin`"),
+        ({"kind": "closer"}, "needs `target`"),
+        ({"margin": 0.1}, "`margin` belongs to claims of kind 'no difference'"),
+        ({"kind": "closer", "target": 1.0, "lower_is_better": False}, "lower_is_better has no meaning"),
+    ):
+        path.write_text(yaml.safe_dump({**question, "compare": [{"better": "a", "worse": "far", **claim}]}))
+        with pytest.raises(TwinLMError, match=re.escape(message)):
+            load_ablation(path)

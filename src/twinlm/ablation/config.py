@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -27,18 +27,50 @@ class Measure(Section):
 
 
 class Comparison(Section):
-    """A textbook claim about two variants: `better` beats `worse` on `metric` (default: the question's),
-    with the publication it comes from and what that reports, printed beside the measurement."""
+    """A textbook claim about two variants on `metric` (default: the question's), with the publication it
+    comes from and what that reports, printed beside the measurement. `kind` says what the claim is:
+
+    - `beats`: `better` beats `worse` (lower or higher, as `lower_is_better`);
+    - `no difference`: the two are the same within `margin` (in the metric's units), shown when the 95%
+      interval of the paired difference lies inside +-margin (an equivalence test); a significant gap beyond
+      the margin disagrees; anything between is inconclusive;
+    - `closer`: `better`'s value lies closer to `target` than `worse`'s (|value - target| per seed, lower
+      wins), for claims such as "Pre-LN's gradient ratio is about 1, Post-LN's far from it"."""
 
     better: str
     worse: str
     metric: str | None = None
     lower_is_better: bool | None = None
+    kind: Literal["beats", "no difference", "closer"] = "beats"
+    margin: float | None = Field(
+        None, gt=0, description="kind 'no difference': the largest gap that still counts as the same"
+    )
+    target: float | None = Field(
+        None, description="kind 'closer': the value the better variant lies closer to"
+    )
     source: str | None = Field(None, description="e.g. 'Vaswani et al. 2017, Table 3 (A)'")
     published: str | None = Field(None, description="what the source reports, with its number")
     scale_note: str | None = Field(
         None, description="what about a small scale could explain a measurement that does not reproduce it"
     )
+
+    @model_validator(mode="after")
+    def _kind_settings(self) -> Comparison:
+        needs = {"no difference": "margin", "closer": "target"}
+        for kind, field in needs.items():
+            given = getattr(self, field) is not None
+            if self.kind == kind and not given:
+                raise ValueError(f"a claim of kind {kind!r} needs `{field}` ({self.better} vs {self.worse})")
+            if self.kind != kind and given:
+                raise ValueError(
+                    f"`{field}` belongs to claims of kind {kind!r}; this claim ({self.better} vs {self.worse}) "
+                    f"is of kind {self.kind!r}"
+                )
+        if self.kind != "beats" and self.lower_is_better is not None:
+            raise ValueError(
+                f"lower_is_better has no meaning for a claim of kind {self.kind!r} ({self.better} vs {self.worse})"
+            )
+        return self
 
 
 class Scale(Section):

@@ -134,14 +134,16 @@ def answer(config: AblationConfig, table: dict[str, dict[str, dict[str, Any]]]) 
 
 
 def check_claim(config: AblationConfig, claim: Comparison, table: dict) -> dict[str, Any]:
-    """Does `better` beat `worse` significantly (agrees), the reverse (disagrees), or neither (no measurable
-    difference; untested with too few seeds)? Paired t-test over the seeds. Withheld when a variant did not
-    learn (quality metrics)."""
+    """Is the claim borne out? Paired t-test over the seeds; withheld when a variant did not learn (quality
+    metrics). A `beats` claim: `better` significantly better agrees, significantly worse disagrees, neither is
+    no measurable difference (untested with too few seeds). A `closer` claim is a `beats` claim on the
+    distance |value - target|. A `no difference` claim agrees when the 95% interval of the difference lies
+    within +-margin, disagrees when the difference is significant and beyond the margin, else inconclusive."""
     metric = claim.metric or config.metric
-    lower = config.lower_is_better if claim.lower_is_better is None else claim.lower_is_better
     cited = {"source": claim.source, "published": claim.published, "scale_note": claim.scale_note}
     a, b = table[claim.better].get(metric), table[claim.worse].get(metric)
-    base = {"better": claim.better, "worse": claim.worse, "metric": metric, **cited}
+    base = {"better": claim.better, "worse": claim.worse, "metric": metric, "kind": claim.kind, **cited}
+    base |= {"margin": claim.margin, "target": claim.target}
     if a is None or b is None:
         return {
             **base,
@@ -156,21 +158,56 @@ def check_claim(config: AblationConfig, claim: Comparison, table: dict) -> dict[
             "verdict": "withheld",
             "text": f"{claim.better} vs {claim.worse} on {metric}: withheld, {reason}",
         }
-    test = _comparison(table, claim.better, claim.worse, metric)
-    advantage = -test.difference if lower else test.difference
-    verdict = (
-        ("agrees" if advantage > 0 else "disagrees")
-        if test.significant
-        else ("no measurable difference" if test.tested else "untested")
-    )
-    text = (
-        f"{claim.better} vs {claim.worse} on {metric}: {a['mean']:.4g} vs {b['mean']:.4g}, {test.describe()}: "
-        + {
-            "agrees": "agrees with the textbook",
-            "disagrees": "DISAGREES with the textbook",
-        }.get(verdict, verdict)
+    numbers = f"{a['mean']:.4g} vs {b['mean']:.4g}"
+    if claim.kind == "closer":
+        distance = [[abs(v - claim.target) for v in row["values"]] for row in (a, b)]
+        test = compare(*distance, paired=True)
+        numbers += (
+            f", distance to {claim.target:g}: {statistics.fmean(distance[0]):.4g} vs "
+            f"{statistics.fmean(distance[1]):.4g}"
+        )
+        advantage = -test.difference
+    else:
+        test = _comparison(table, claim.better, claim.worse, metric)
+        lower = config.lower_is_better if claim.lower_is_better is None else claim.lower_is_better
+        advantage = -test.difference if lower else test.difference
+    if claim.kind == "no difference":
+        margin = claim.margin
+        inside = test.tested and max(abs(test.low), abs(test.high)) <= margin
+        beyond = test.significant and abs(test.difference) > margin
+        verdict = (
+            "agrees" if inside else "disagrees" if beyond else "inconclusive" if test.tested else "untested"
+        )
+        words = {
+            "agrees": f"the same within +-{margin:g} (interval inside the margin): agrees with the textbook",
+            "disagrees": f"a gap beyond +-{margin:g}: DISAGREES with the textbook",
+            "inconclusive": f"inconclusive: the interval reaches beyond +-{margin:g} without a significant gap "
+            "beyond it",
+            "untested": "untested",
+        }
+    else:
+        verdict = (
+            ("agrees" if advantage > 0 else "disagrees")
+            if test.significant
+            else ("no measurable difference" if test.tested else "untested")
+        )
+        words = {"agrees": "agrees with the textbook", "disagrees": "DISAGREES with the textbook"}
+    text = f"{claim.better} vs {claim.worse} on {metric}: {numbers}, {test.describe()}: " + words.get(
+        verdict, verdict
     )
     return {**base, "verdict": verdict, "test": dataclasses.asdict(test), "text": text}
+
+
+def claim_statement(claim: dict[str, Any]) -> str:
+    """What the claim says, in words: 'a beats b on m', 'a and b do not differ on m (within ±0.02)', ..."""
+    kind = claim.get("kind", "beats")
+    if kind == "no difference":
+        return f"{claim['better']} and {claim['worse']} do not differ on {claim['metric']} (within ±{claim['margin']:g})"
+    if kind == "closer":
+        return (
+            f"{claim['better']} lies closer than {claim['worse']} to {claim['target']:g} on {claim['metric']}"
+        )
+    return f"{claim['better']} beats {claim['worse']} on {claim['metric']}"
 
 
 def _reproduces(claim: dict[str, Any]) -> str:
@@ -180,11 +217,12 @@ def _reproduces(claim: dict[str, Any]) -> str:
         "agrees": "reproduced",
         "disagrees": "NOT reproduced (the opposite, significantly)",
         "no measurable difference": "not reproduced (no measurable difference)",
+        "inconclusive": "inconclusive (no significant gap, but the seeds cannot show the two the same)",
         "untested": "untested",
         "withheld": "withheld (did not learn)",
     }.get(verdict, "not measured")
     note = claim.get("scale_note")
-    if verdict in ("disagrees", "no measurable difference") and note:
+    if verdict in ("disagrees", "no measurable difference", "inconclusive") and note:
         word += f"; at this scale: {note}"
     return word
 
@@ -213,7 +251,7 @@ def format_report(config: AblationConfig, result: dict[str, Any], plots: list[Pa
             "| claim | source | published | measured | reproduces? |",
             "|---|---|---|---|---|",
             *(
-                f"| {c['better']} beats {c['worse']} on {c['metric']} | {c.get('source') or ''} | "
+                f"| {claim_statement(c)} | {c.get('source') or ''} | "
                 f"{c.get('published') or ''} | {c['text'].split(': ', 1)[-1]} | {_reproduces(c)} |"
                 for c in claims
             ),
@@ -307,14 +345,21 @@ def write_index(results: dict[str, dict[str, Any]], seconds: dict[str, float], o
         "the tests, the learning gate, every claim with its source).",
         "",
         "| question | measured answer | reproduces the literature? (claims: yes / no / no measurable difference "
-        "/ withheld / untested) | wall s |",
+        "/ inconclusive / withheld / untested) | wall s |",
         "|---|---|---|---|",
     ]
     for name, result in results.items():
         claims = [c.get("verdict") for c in result["answer"].get("claims", [])]
         counts = " / ".join(
             str(claims.count(v))
-            for v in ("agrees", "disagrees", "no measurable difference", "withheld", "untested")
+            for v in (
+                "agrees",
+                "disagrees",
+                "no measurable difference",
+                "inconclusive",
+                "withheld",
+                "untested",
+            )
         )
         lines.append(
             f"| [{result['question']}]({name}/report.md) | {result['answer']['text']} | {counts} | "

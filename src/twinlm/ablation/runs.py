@@ -274,14 +274,17 @@ def run_variant(config: AblationConfig, run: PlannedRun) -> dict[str, Any]:
     values["unigram_entropy"] = unigram_entropy(run)
     for measure in config.measures:
         params = config.params(measure)
-        done = measured.get(measure.name)
-        fresh = isinstance(done, dict) and done.get("params") == params and "values" in done
-        if not fresh or not MEASURES[measure.name].cached:
+        # one entry per parameter set: a run shared by two questions that measure it differently (07's
+        # costs at 64-256 tokens, 08's at 256-4096) keeps both instead of remeasuring in turn
+        done = measured.get(measure.name, [])
+        entries = [e for e in (done if isinstance(done, list) else [done]) if isinstance(e, dict)]
+        fresh = next((e for e in entries if e.get("params") == params and "values" in e), None)
+        if fresh is None or not MEASURES[measure.name].cached:
             check_stop(RESUME_HINT)
-            result = MEASURES[measure.name].run(run_dir, summary, params)
-            measured[measure.name] = {"params": params, "values": result}
+            fresh = {"params": params, "values": MEASURES[measure.name].run(run_dir, summary, params)}
+            measured[measure.name] = [e for e in entries if e.get("params") != params] + [fresh]
             write_json_atomic(measured_path, measured, f"the measurements of {run_dir}")
-        values.update(measured[measure.name]["values"])
+        values.update(fresh["values"])
     return {
         "variant": run.variant,
         "seed": run.seed,
