@@ -565,6 +565,7 @@ def _launch(
     env: dict[str, str],
     causal: bool = True,
     overrides: tuple[str, ...] = (),
+    processes: int = 2,
     **training: object,
 ) -> tuple[dict, dict[int, float]]:
     """`accelerate launch --num_processes 2 scripts/pretrain.py` on a written config; (summary, losses)."""
@@ -577,7 +578,7 @@ def _launch(
         "accelerate.commands.launch",
         *launch,
         "--num_processes",
-        "2",
+        str(processes),
         "--main_process_port",
         str(_free_port()),  # other jobs on the machine may hold accelerate's default port
         str(ROOT / "scripts" / "pretrain.py"),
@@ -588,7 +589,7 @@ def _launch(
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-5000:])
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["processes"] == 2
+    assert summary["processes"] == processes
     return summary, losses(out)
 
 
@@ -812,6 +813,38 @@ def test_two_process_deepspeed(assets: dict[str, Path], tmp_path: Path, stage: s
     summary, curve = _launch(assets, tmp_path / "run", launch, env, causal=causal)
     _assert_learns(summary, curve)
     assert "DEEPSPEED" in summary["distributed_type"]
+
+
+@needs_corpus
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_deepspeed_resumes_on_another_number_of_processes(
+    assets: dict[str, Path], tmp_path: Path, stage: str
+) -> None:
+    """ZeRO shards its optimizer state by process: a checkpoint of 2 processes resumes on 1 through DeepSpeed's
+    universal checkpoint (converted once into checkpoint-N/universal), and that run's checkpoint resumes on 2
+    again. Both continue the uninterrupted 2-process loss curve (the same global batch, the data position moved,
+    AdamW's moments and step re-sharded): 2 -> 1 from step 4, 1 -> 2 from step 6."""
+    launch = ["--config_file", str(ROOT / "configs" / "accelerate" / f"deepspeed-{stage}.yaml")]
+    env = _env()
+    env.pop("ACCELERATE_USE_CPU", None)
+    _, two = _launch(assets, tmp_path / "two", launch, env, overrides=NO_DROPOUT, save_every=4)
+
+    cut = _cut_at_checkpoint_4(tmp_path / "two", tmp_path / "two-to-one")
+    resume = ("training.resume_from_checkpoint=latest", *NO_DROPOUT)
+    _, resumed = _launch(assets, cut, launch, env, overrides=resume, processes=1, save_every=2, grad_accum=2)
+    assert (cut / "checkpoints" / "checkpoint-4" / "universal" / "pytorch_model" / "zero").is_dir()
+    for step in (5, 6, 7, 8):
+        assert resumed[step] == pytest.approx(two[step], abs=1e-5), (step, resumed, two)
+
+    again = tmp_path / "one-to-two"
+    shutil.copytree(cut, again)
+    for name in ("checkpoints/checkpoint-8", "final"):
+        shutil.rmtree(again / name)
+    (again / "summary.json").unlink()
+    _, resumed = _launch(assets, again, launch, env, overrides=resume, save_every=2)
+    for step in (7, 8):
+        assert resumed[step] == pytest.approx(two[step], abs=1e-5), (step, resumed, two)
 
 
 @needs_corpus

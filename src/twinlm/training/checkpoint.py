@@ -174,13 +174,108 @@ def find_resume_checkpoint(
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler, RNG states from a checkpoint; return the engine's counters."""
+    """Restore model, optimizer, scheduler, RNG states from a checkpoint; return the engine's counters. A
+    DeepSpeed ZeRO checkpoint of another number of processes loads through DeepSpeed's universal checkpoint
+    (`universal_view`), which re-shards the optimizer state."""
+    engine = _deepspeed_engine(accelerator)
+    universal = engine is not None and saved_processes(path) != accelerator.num_processes
+    source = universal_view(accelerator, path) if universal else path
+    groups = _group_settings(engine) if universal else None
     try:
-        accelerator.load_state(str(path))
-    except (RuntimeError, OSError, ValueError, EOFError) as err:
+        if universal:
+            engine._config.load_universal_checkpoint = True
+        accelerator.load_state(str(source))
+        if groups is not None:
+            _repair_universal_zero3(engine, groups)
+    except (RuntimeError, OSError, ValueError, EOFError, AssertionError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise TwinLMError(f"cannot load checkpoint {path}: {first}") from None
+    finally:
+        if universal:
+            engine._config.load_universal_checkpoint = False
     return json.loads((Path(path) / STATE_FILE).read_text())
+
+
+UNIVERSAL = "universal"  # checkpoint-N/universal: the checkpoint as DeepSpeed's universal checkpoint
+
+
+def _deepspeed_engine(accelerator: Accelerator) -> Any:
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    return next((m for m in accelerator._models if hasattr(m, "load_universal_checkpoint")), None)
+
+
+def _inner_optimizer(engine: Any) -> torch.optim.Optimizer:
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
+
+
+def _group_settings(engine: Any) -> list[dict[str, Any]]:
+    """Each parameter group's settings other than its parameters and learning rate."""
+    skip = ("params", "lr", "initial_lr")
+    return [{k: v for k, v in g.items() if k not in skip} for g in _inner_optimizer(engine).param_groups]
+
+
+def _repair_universal_zero3(engine: Any, groups: list[dict[str, Any]]) -> None:
+    """Two slips of ZeRO-3's universal loader (DeepSpeed 0.19, stage3.load_hp_checkpoint_state_from_checkpoint_
+    dir_stage3), undone: it gives every parameter group the first group's settings (the no-decay group would
+    decay), and one `step` tensor to every group's state, which AdamW increments in place once per group (the
+    bias correction would run ahead). Each group gets back its own settings and its own step."""
+    optimizer = _inner_optimizer(engine)
+    for group, settings in zip(optimizer.param_groups, groups, strict=True):
+        group.update(settings)
+    for state in optimizer.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
+
+
+def universal_view(accelerator: Accelerator, path: Path) -> Path:
+    """checkpoint-N/universal: the ZeRO shards of `path` converted by DeepSpeed's ds_to_universal (one file
+    per parameter and optimizer state, for any number of processes) beside links to the checkpoint's other
+    files (RNG states, the engine's counters). Built once by the main process, atomically; reused later."""
+    view = Path(path) / UNIVERSAL
+    if accelerator.is_main_process and not (view / MODEL_STATES).is_dir():
+        tmp = view.with_name(f"{UNIVERSAL}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            _to_universal(Path(path) / MODEL_STATES, tmp / MODEL_STATES)
+            for item in Path(path).iterdir():
+                if item.name not in (MODEL_STATES, UNIVERSAL, tmp.name, MANIFEST):
+                    (tmp / item.name).symlink_to(Path("..") / item.name)
+            os.replace(tmp, view)
+        except Exception as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise TwinLMError(
+                f"cannot convert the DeepSpeed checkpoint {path} to a universal checkpoint (to resume on "
+                f"{accelerator.num_processes} process(es) a checkpoint of {saved_processes(path)}): {err}"
+            ) from None
+    accelerator.wait_for_everyone()
+    return view
+
+
+MODEL_STATES = "pytorch_model"  # accelerate's folder (DeepSpeed tag) for the engine's files
+
+
+def _to_universal(source: Path, target: Path) -> None:
+    """deepspeed.checkpoint.ds_to_universal in this process (its command-line `main`), quietly."""
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(
+        input_folder=str(source),
+        output_folder=str(target),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,  # (twinlm's model declares no Megatron-style parallel layout: nothing to add)
+    )
+    with contextlib.redirect_stdout(io.StringIO()):
+        ds_to_universal.main(args)
 
 
 # ------------------------------------------------------------------------------------------------

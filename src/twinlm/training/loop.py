@@ -33,6 +33,7 @@ from twinlm.fileio import write_json_atomic
 from twinlm.session import run_folder
 from twinlm.stopping import check_stop
 from twinlm.training.checkpoint import (
+    MODEL_STATES,
     checkpoints_root,
     find_resume_checkpoint,
     load_checkpoint,
@@ -521,10 +522,12 @@ class PretrainingRun:
         if saved == acc.num_processes:
             return
         where = f"{path} was written by {saved} process(es) and this run has {acc.num_processes}"
-        if acc.distributed_type == DistributedType.DEEPSPEED or (path / "pytorch_model").is_dir():
+        deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
+        if deepspeed != (path / MODEL_STATES).is_dir():
             raise TwinLMError(
-                f"{where}: a DeepSpeed ZeRO checkpoint holds one optimizer shard per process; resume it on "
-                f"{saved} process(es) (DeepSpeed's universal checkpoints, which re-shard, are not wired in yet)"
+                f"{where}: a DeepSpeed ZeRO checkpoint re-shards onto another number of processes only under "
+                f"DeepSpeed (and a checkpoint of another launch only under that launch); resume it with the "
+                f"launch config it was written with"
             )
         if self.batches.iterable:
             raise TwinLMError(
