@@ -2,6 +2,7 @@
 
     python scripts/gpu_checks.py        # needs CUDA; flash-attn (or the kernels package) for the flash rows
     python scripts/gpu_checks.py --recipes gpu-1h-mlm-small gpu-1h-rtd-base --steps 200 [--set training.batch_size=128]
+    python scripts/gpu_checks.py --fsdp   # on a machine with 1+ GPUs (2+ for a resume on another count)
 
 1. attn_implementation="flash_attention_2" against "sdpa" in bf16 on padded, packed and sliding-window
    batches, and greedy generation with the KV cache (tests/test_flash_attention.py checks the same
@@ -16,6 +17,9 @@
    name is given) as shipped but with a step budget instead of the hour: the loss must fall; prints tokens/s
    and peak GPU memory. From the repository root; without ../shared/data/corpus-modern the embedded corpus
    stands in (and the line says so). Recipes with the same tokenizer settings share the first one's tokenizer.
+5. With --fsdp: FSDP2 through accelerate (configs/accelerate/fsdp.yaml) on every GPU of the machine against one
+   plain process of the same global batch, and resumed from its middle checkpoint on as many GPUs and on one
+   fewer (with 2+ GPUs); the CPU suite cannot run it (accelerate takes FSDP on GPU backends only).
 Prints one line per check and exits non-zero if any fails.
 """
 
@@ -297,6 +301,89 @@ def recipe_runs(names: list[str], steps: int, extra: list[str] = ()) -> int:
     return failures
 
 
+def fsdp_runs(steps: int = 8) -> int:
+    """FSDP2 through accelerate (configs/accelerate/fsdp.yaml) on every GPU of the machine: the loss curve of
+    one plain process with the same global batch, and a resume from the middle checkpoint that continues it
+    exactly; with 2+ GPUs also a resume of that checkpoint on one process fewer. One line each; returns the
+    number of failures. (accelerate runs FSDP on GPU backends only: the CPU suite cannot.)"""
+    import shutil
+    import subprocess
+
+    from twinlm.training.tracking import read_metrics
+
+    gpus = torch.cuda.device_count()
+    half = steps // 2
+    settings = [
+        "training.max_steps=" + str(steps),
+        f"training.save_every={half}",
+        "training.eval_every=0",
+        "training.eval_on_start=false",
+        "training.eval_batches=2",
+        "training.log_every=1",
+        "training.warmup_steps=1",
+        *(
+            f"model.overrides.{k}=0.0"
+            for k in ("hidden_dropout_prob", "attention_probs_dropout_prob", "embedding_dropout_prob")
+        ),
+    ]
+    config = str(ROOT / "configs" / "pretrain" / "tiny-clm.yaml")
+
+    def run(out: Path, processes: int, extra: list[str], fsdp: bool = True) -> dict[int, float]:
+        launch = ["--config_file", str(ROOT / "configs" / "accelerate" / "fsdp.yaml")] if fsdp else []
+        cmd = [
+            sys.executable, "-m", "accelerate.commands.launch", *launch, "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            str(ROOT / "scripts" / "pretrain.py"), "--config", config, f"output_dir={out}", *settings, *extra,
+        ]  # fmt: skip
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode:
+            lines = [line for line in proc.stderr.splitlines() if "rror" in line] or ["failed"]
+            raise RuntimeError(lines[0].strip())
+        return {
+            m["step"]: m["loss"] for m in read_metrics(out / "metrics.jsonl") if m.get("loss") is not None
+        }
+
+    def cut(source: Path, target: Path) -> Path:
+        shutil.copytree(source, target)
+        for name in (f"checkpoints/checkpoint-{steps}", "final", "summary.json"):
+            path = target / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        return target
+
+    failures = 0
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        try:
+            sharded = run(root / "fsdp", gpus, [f"training.batch_size={16 // gpus}"] if gpus > 1 else [])
+            plain = run(root / "plain", 1, ["training.batch_size=16"], fsdp=False)
+        except RuntimeError as err:
+            print(f"FAIL fsdp2 on {gpus} GPU(s): {err}")
+            return 1
+        worst = max(abs(sharded[s] - plain[s]) for s in plain)
+        ok = worst < 1e-3
+        failures += not ok
+        print(
+            f"{'ok  ' if ok else 'FAIL'} fsdp2 on {gpus} GPU(s) vs one plain process: max |loss diff| {worst:.2e}"
+        )
+        resume = ["training.resume_from_checkpoint=latest"]
+        for processes in sorted({gpus, max(1, gpus - 1)}, reverse=True):
+            batch = [f"training.batch_size={16 // processes}"] if 16 % processes == 0 else []
+            try:
+                resumed = run(cut(root / "fsdp", root / f"resume-{processes}"), processes, resume + batch)
+            except RuntimeError as err:
+                failures += 1
+                print(f"FAIL fsdp2 resume of a {gpus}-GPU checkpoint on {processes}: {err}")
+                continue
+            worst = max(abs(resumed[s] - sharded[s]) for s in range(half + 1, steps + 1))
+            ok = worst < 1e-3
+            failures += not ok
+            print(
+                f"{'ok  ' if ok else 'FAIL'} fsdp2 resume of a {gpus}-GPU checkpoint on {processes} GPU(s): max |loss "
+                f"diff| after step {half} {worst:.2e}"
+            )
+    return failures
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -305,6 +392,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=300, help="steps of each recipe (default: %(default)s)")
     parser.add_argument(
         "--set", nargs="*", default=[], metavar="KEY=VALUE", help="more overrides for the recipes"
+    )
+    parser.add_argument(
+        "--fsdp", action="store_true", help="FSDP2 through accelerate on every GPU, and its resume"
     )
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -374,6 +464,8 @@ def main() -> int:
             print(
                 f"{'ok  ' if ok else 'FAIL'} bf16 training on the GPU, {preset}: loss {first:.3f} -> {last:.3f}"
             )
+    if args.fsdp:
+        failures += fsdp_runs()
     if args.recipes is not None:
         names = args.recipes or sorted(p.stem for p in (ROOT / "configs" / "pretrain").glob("gpu-1h-*.yaml"))
         failures += recipe_runs(names, args.steps, args.set)
