@@ -595,7 +595,7 @@ def test_claims_of_no_difference_and_of_closeness(tmp_path, base_run):
     )
     claims = answer(config, table)["claims"]
     assert [c["verdict"] for c in claims] == ["agrees", "disagrees", "inconclusive", "agrees", "disagrees"]
-    assert "the same within +-0.02" in claims[0]["text"] and "distance to 1" in claims[3]["text"]
+    assert "the same within ±0.02" in claims[0]["text"] and "distance to 1" in claims[3]["text"]
     # the report states each claim as what it says, not as 'a beats b'
     report = format_report(config, {"table": table, "answer": answer(config, table)}, [])
     assert "| a and same do not differ on val_loss (within ±0.02) |" in report

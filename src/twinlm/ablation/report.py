@@ -179,9 +179,9 @@ def check_claim(config: AblationConfig, claim: Comparison, table: dict) -> dict[
             "agrees" if inside else "disagrees" if beyond else "inconclusive" if test.tested else "untested"
         )
         words = {
-            "agrees": f"the same within +-{margin:g} (interval inside the margin): agrees with the textbook",
-            "disagrees": f"a gap beyond +-{margin:g}: DISAGREES with the textbook",
-            "inconclusive": f"inconclusive: the interval reaches beyond +-{margin:g} without a significant gap "
+            "agrees": f"the same within ±{margin:g} (interval inside the margin): agrees with the textbook",
+            "disagrees": f"a gap beyond ±{margin:g}: DISAGREES with the textbook",
+            "inconclusive": f"inconclusive: the interval reaches beyond ±{margin:g} without a significant gap "
             "beyond it",
             "untested": "untested",
         }
@@ -213,6 +213,10 @@ def claim_statement(claim: dict[str, Any]) -> str:
 def _reproduces(claim: dict[str, Any]) -> str:
     """Whether the measurement reproduces the published direction, in a word (and what scale may explain)."""
     verdict = claim.get("verdict")
+    if verdict == "disagrees" and claim.get("kind") == "no difference":
+        word = "NOT reproduced (a significant gap beyond the margin)"
+        note = claim.get("scale_note")
+        return word + (f"; at this scale: {note}" if note else "")
     word = {
         "agrees": "reproduced",
         "disagrees": "NOT reproduced (the opposite, significantly)",
