@@ -133,12 +133,17 @@ def answer(config: AblationConfig, table: dict[str, dict[str, dict[str, Any]]]) 
     }
 
 
+# A 'no difference' claim is judged by two one-sided tests at this level each: the 1 - 2 * alpha interval.
+EQUIVALENCE_ALPHA = 0.05
+
+
 def check_claim(config: AblationConfig, claim: Comparison, table: dict) -> dict[str, Any]:
     """Is the claim borne out? Paired t-test over the seeds; withheld when a variant did not learn (quality
     metrics). A `beats` claim: `better` significantly better agrees, significantly worse disagrees, neither is
     no measurable difference (untested with too few seeds). A `closer` claim is a `beats` claim on the
-    distance |value - target|. A `no difference` claim agrees when the 95% interval of the difference lies
-    within +-margin, disagrees when the difference is significant and beyond the margin, else inconclusive."""
+    distance |value - target|. A `no difference` claim is an equivalence test (two one-sided tests at 0.05: the
+    90% interval of the paired difference): it agrees when the interval lies inside ±margin, disagrees when it
+    lies wholly beyond the margin on one side, and is inconclusive otherwise."""
     metric = claim.metric or config.metric
     cited = {"source": claim.source, "published": claim.published, "scale_note": claim.scale_note}
     a, b = table[claim.better].get(metric), table[claim.worse].get(metric)
@@ -167,6 +172,8 @@ def check_claim(config: AblationConfig, claim: Comparison, table: dict) -> dict[
             f"{statistics.fmean(distance[1]):.4g}"
         )
         advantage = -test.difference
+    elif claim.kind == "no difference":
+        test = compare(a["values"], b["values"], paired=True, alpha=2 * EQUIVALENCE_ALPHA)
     else:
         test = _comparison(table, claim.better, claim.worse, metric)
         lower = config.lower_is_better if claim.lower_is_better is None else claim.lower_is_better
@@ -174,15 +181,14 @@ def check_claim(config: AblationConfig, claim: Comparison, table: dict) -> dict[
     if claim.kind == "no difference":
         margin = claim.margin
         inside = test.tested and max(abs(test.low), abs(test.high)) <= margin
-        beyond = test.significant and abs(test.difference) > margin
+        beyond = test.tested and (test.low > margin or test.high < -margin)
         verdict = (
             "agrees" if inside else "disagrees" if beyond else "inconclusive" if test.tested else "untested"
         )
         words = {
-            "agrees": f"the same within ±{margin:g} (interval inside the margin): agrees with the textbook",
-            "disagrees": f"a gap beyond ±{margin:g}: DISAGREES with the textbook",
-            "inconclusive": f"inconclusive: the interval reaches beyond ±{margin:g} without a significant gap "
-            "beyond it",
+            "agrees": f"the same within ±{margin:g} (the interval inside the margin): agrees with the textbook",
+            "disagrees": f"a gap beyond ±{margin:g} (the interval wholly outside it): DISAGREES with the textbook",
+            "inconclusive": f"inconclusive: the interval reaches beyond ±{margin:g} but not wholly outside it",
             "untested": "untested",
         }
     else:
@@ -214,14 +220,14 @@ def _reproduces(claim: dict[str, Any]) -> str:
     """Whether the measurement reproduces the published direction, in a word (and what scale may explain)."""
     verdict = claim.get("verdict")
     if verdict == "disagrees" and claim.get("kind") == "no difference":
-        word = "NOT reproduced (a significant gap beyond the margin)"
+        word = "NOT reproduced (a gap beyond the margin)"
         note = claim.get("scale_note")
         return word + (f"; at this scale: {note}" if note else "")
     word = {
         "agrees": "reproduced",
         "disagrees": "NOT reproduced (the opposite, significantly)",
         "no measurable difference": "not reproduced (no measurable difference)",
-        "inconclusive": "inconclusive (no significant gap, but the seeds cannot show the two the same)",
+        "inconclusive": "inconclusive (neither shown the same within the margin nor shown beyond it)",
         "untested": "untested",
         "withheld": "withheld (did not learn)",
     }.get(verdict, "not measured")
@@ -273,8 +279,14 @@ def format_report(config: AblationConfig, result: dict[str, Any], plots: list[Pa
     lines += [
         f"{len(config.seeds)} seeds per variant (mean ± std); differences judged with a paired t-test over the "
         f"seeds (scipy.stats.ttest_rel) at the 0.05 level, or exact where the seed changes nothing (parameters, "
-        f"FLOPs, the memory of a fixed input); base run `{config.base.config}` with "
-        f"`{json.dumps(config.base.overrides)}`.",
+        f"FLOPs, the memory of a fixed input)"
+        + (
+            f"; a claim of no difference by two one-sided tests at {EQUIVALENCE_ALPHA:g} (the "
+            f"{(1 - 2 * EQUIVALENCE_ALPHA) * 100:g}% interval of the paired difference inside its margin)"
+            if any(c.get("kind") == "no difference" for c in claims)
+            else ""
+        )
+        + f"; base run `{config.base.config}` with `{json.dumps(config.base.overrides)}`.",
         "",
         "| variant | overrides | learned? | " + " | ".join(columns) + " |",
         "|---|---|---|" + "---|" * len(columns),
