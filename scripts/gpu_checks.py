@@ -17,9 +17,9 @@
    name is given) as shipped but with a step budget instead of the hour: the loss must fall; prints tokens/s
    and peak GPU memory. From the repository root; without ../shared/data/corpus-modern the embedded corpus
    stands in (and the line says so). Recipes with the same tokenizer settings share the first one's tokenizer.
-5. With --fsdp: FSDP2 through accelerate (configs/accelerate/fsdp.yaml) on every GPU of the machine against one
-   plain process of the same global batch, and resumed from its middle checkpoint on as many GPUs and on one
-   fewer (with 2+ GPUs); the CPU suite cannot run it (accelerate takes FSDP on GPU backends only).
+5. With --fsdp, alone: FSDP2 through accelerate (configs/accelerate/fsdp.yaml) on every GPU of the machine
+   against one plain process of the same global batch, and resumed from its middle checkpoint on as many GPUs
+   and on fewer (with 2+ GPUs); the CPU suite cannot run it (accelerate takes FSDP on GPU backends only).
 Prints one line per check and exits non-zero if any fails.
 """
 
@@ -301,18 +301,20 @@ def recipe_runs(names: list[str], steps: int, extra: list[str] = ()) -> int:
     return failures
 
 
-def fsdp_runs(steps: int = 8) -> int:
+def fsdp_runs(steps: int = 8, per_process: int = 4) -> int:
     """FSDP2 through accelerate (configs/accelerate/fsdp.yaml) on every GPU of the machine: the loss curve of
-    one plain process with the same global batch, and a resume from the middle checkpoint that continues it
-    exactly; with 2+ GPUs also a resume of that checkpoint on one process fewer. One line each; returns the
-    number of failures. (accelerate runs FSDP on GPU backends only: the CPU suite cannot.)"""
+    one plain process with the same global batch (the same tokenizer), and a resume from the middle checkpoint
+    that continues it; with 2+ GPUs also a resume of that checkpoint on the largest smaller number of GPUs that
+    keeps the global batch. One line each; returns the number of failures. (accelerate runs FSDP on GPU
+    backends only: the CPU suite cannot.)"""
     import shutil
+    import socket
     import subprocess
 
     from twinlm.training.tracking import read_metrics
 
     gpus = torch.cuda.device_count()
-    half = steps // 2
+    global_batch, half = per_process * gpus, steps // 2
     settings = [
         "training.max_steps=" + str(steps),
         f"training.save_every={half}",
@@ -328,17 +330,28 @@ def fsdp_runs(steps: int = 8) -> int:
     ]
     config = str(ROOT / "configs" / "pretrain" / "tiny-clm.yaml")
 
+    def free_port() -> int:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+
     def run(out: Path, processes: int, extra: list[str], fsdp: bool = True) -> dict[int, float]:
         launch = ["--config_file", str(ROOT / "configs" / "accelerate" / "fsdp.yaml")] if fsdp else []
+        batch = f"training.batch_size={global_batch // processes}"
         cmd = [
             sys.executable, "-m", "accelerate.commands.launch", *launch, "--num_processes", str(processes),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            str(ROOT / "scripts" / "pretrain.py"), "--config", config, f"output_dir={out}", *settings, *extra,
+            "--main_process_port", str(free_port()), str(ROOT / "scripts" / "pretrain.py"), "--config", config,
+            f"output_dir={out}", *settings, batch, *extra,
         ]  # fmt: skip
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError("no result in 15 minutes (a hung collective?)") from None
         if proc.returncode:
-            lines = [line for line in proc.stderr.splitlines() if "rror" in line] or ["failed"]
-            raise RuntimeError(lines[0].strip())
+            lines = proc.stderr.splitlines()
+            said = [line for line in lines if "error:" in line] or [line for line in lines if "Error" in line]
+            raise RuntimeError((said or lines[-1:] or ["failed"])[-1].strip())
         return {
             m["step"]: m["loss"] for m in read_metrics(out / "metrics.jsonl") if m.get("loss") is not None
         }
@@ -354,8 +367,9 @@ def fsdp_runs(steps: int = 8) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         try:
-            sharded = run(root / "fsdp", gpus, [f"training.batch_size={16 // gpus}"] if gpus > 1 else [])
-            plain = run(root / "plain", 1, ["training.batch_size=16"], fsdp=False)
+            sharded = run(root / "fsdp", gpus, [])
+            same_tokenizer = [f"tokenizer.path={root / 'fsdp' / 'tokenizer'}", "tokenizer.train=null"]
+            plain = run(root / "plain", 1, same_tokenizer, fsdp=False)
         except RuntimeError as err:
             print(f"FAIL fsdp2 on {gpus} GPU(s): {err}")
             return 1
@@ -363,13 +377,17 @@ def fsdp_runs(steps: int = 8) -> int:
         ok = worst < 1e-3
         failures += not ok
         print(
-            f"{'ok  ' if ok else 'FAIL'} fsdp2 on {gpus} GPU(s) vs one plain process: max |loss diff| {worst:.2e}"
+            f"{'ok  ' if ok else 'FAIL'} fsdp2 on {gpus} GPU(s) vs one plain process, global batch {global_batch}: "
+            f"max |loss diff| {worst:.2e}"
         )
-        resume = ["training.resume_from_checkpoint=latest"]
-        for processes in sorted({gpus, max(1, gpus - 1)}, reverse=True):
-            batch = [f"training.batch_size={16 // processes}"] if 16 % processes == 0 else []
+        fewer = [n for n in range(gpus - 1, 0, -1) if global_batch % n == 0][:1]
+        for processes in (gpus, *fewer):
             try:
-                resumed = run(cut(root / "fsdp", root / f"resume-{processes}"), processes, resume + batch)
+                resumed = run(
+                    cut(root / "fsdp", root / f"resume-{processes}"),
+                    processes,
+                    ["training.resume_from_checkpoint=latest"],
+                )
             except RuntimeError as err:
                 failures += 1
                 print(f"FAIL fsdp2 resume of a {gpus}-GPU checkpoint on {processes}: {err}")
@@ -378,8 +396,8 @@ def fsdp_runs(steps: int = 8) -> int:
             ok = worst < 1e-3
             failures += not ok
             print(
-                f"{'ok  ' if ok else 'FAIL'} fsdp2 resume of a {gpus}-GPU checkpoint on {processes} GPU(s): max |loss "
-                f"diff| after step {half} {worst:.2e}"
+                f"{'ok  ' if ok else 'FAIL'} fsdp2 resume of a {gpus}-GPU checkpoint on {processes} GPU(s): max "
+                f"|loss diff| after step {half} {worst:.2e}"
             )
     return failures
 
@@ -394,13 +412,15 @@ def main() -> int:
         "--set", nargs="*", default=[], metavar="KEY=VALUE", help="more overrides for the recipes"
     )
     parser.add_argument(
-        "--fsdp", action="store_true", help="FSDP2 through accelerate on every GPU, and its resume"
+        "--fsdp", action="store_true", help="only FSDP2 through accelerate on every GPU, and its resume"
     )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check")
         return 1
     print(f"twinlm {twinlm.__version__}, torch {torch.__version__}, {torch.cuda.get_device_name()}")
+    if args.fsdp:  # alone: the other checks take most of a lent machine's minutes
+        return 1 if fsdp_runs() else 0
     failures = 0
     if flash_available():
         for causal in (False, True):
@@ -464,8 +484,6 @@ def main() -> int:
             print(
                 f"{'ok  ' if ok else 'FAIL'} bf16 training on the GPU, {preset}: loss {first:.3f} -> {last:.3f}"
             )
-    if args.fsdp:
-        failures += fsdp_runs()
     if args.recipes is not None:
         names = args.recipes or sorted(p.stem for p in (ROOT / "configs" / "pretrain").glob("gpu-1h-*.yaml"))
         failures += recipe_runs(names, args.steps, args.set)

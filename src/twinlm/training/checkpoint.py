@@ -235,23 +235,40 @@ def universal_view(accelerator: Accelerator, path: Path) -> Path:
     per parameter and optimizer state, for any number of processes) beside links to the checkpoint's other
     files (RNG states, the engine's counters). Built once by the main process, atomically; reused later."""
     view = Path(path) / UNIVERSAL
+    problem = None
     if accelerator.is_main_process and not (view / MODEL_STATES).is_dir():
-        tmp = view.with_name(f"{UNIVERSAL}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = view.with_name(
+            f"{UNIVERSAL}.tmp-{os.getpid()}"
+        )  # (another run may convert the same checkpoint)
         try:
             _to_universal(Path(path) / MODEL_STATES, tmp / MODEL_STATES)
             for item in Path(path).iterdir():
-                if item.name not in (MODEL_STATES, UNIVERSAL, tmp.name, MANIFEST):
+                if item.name != MANIFEST and not item.name.startswith((MODEL_STATES, UNIVERSAL)):
                     (tmp / item.name).symlink_to(Path("..") / item.name)
             os.replace(tmp, view)
         except Exception as err:
+            problem = err
+        finally:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise TwinLMError(
-                f"cannot convert the DeepSpeed checkpoint {path} to a universal checkpoint (to resume on "
-                f"{accelerator.num_processes} process(es) a checkpoint of {saved_processes(path)}): {err}"
-            ) from None
-    accelerator.wait_for_everyone()
+        if problem is not None and (view / MODEL_STATES).is_dir():
+            problem = None  # another run's conversion of the same checkpoint got there first
+    failed = _any_process(accelerator, problem is not None)  # the others must not wait for a view forever
+    if failed:
+        raise TwinLMError(
+            f"cannot convert the DeepSpeed checkpoint {path} to a universal checkpoint (to resume on "
+            f"{accelerator.num_processes} process(es) a checkpoint of {saved_processes(path)})"
+            + (f": {problem}" if problem is not None else "; the main process says why")
+        )
     return view
+
+
+def _any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """Whether `flag` is true on any process (a collective: every process calls it)."""
+    if accelerator.num_processes == 1:
+        return flag
+    from accelerate.utils import reduce
+
+    return bool(reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum").item())
 
 
 MODEL_STATES = "pytorch_model"  # accelerate's folder (DeepSpeed tag) for the engine's files
