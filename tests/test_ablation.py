@@ -401,11 +401,17 @@ def test_index_of_several_questions(tmp_path):
     result = {
         "question": "Does it matter?",
         "answer": {"text": "a is best", "claims": [{"verdict": "agrees"}, {"verdict": "disagrees"}]},
+        "table": {
+            "a": {"train_seconds": {"mean": 10.0, "n": 3}},
+            "b": {"train_seconds": {"mean": 20.0, "n": 3}},
+        },
     }
-    path = write_index({"01-q": result}, {"01-q": 12.3}, tmp_path)
+    path = write_index({"01-q": result, "02-q": {**result, "table": {}}}, {"01-q": 12.3}, tmp_path)
     text = path.read_text()
-    assert "[Does it matter?](01-q/report.md) | a is best | 1 / 1 / 0 / 0 / 0 / 0 | 12 |" in text
-    assert "Total wall time: 12 s over 1 question(s)." in text
+    # what its runs cost (3 seeds x 10 s + 3 x 20 s), and what this invocation took (read back: none)
+    assert "[Does it matter?](01-q/report.md) | a is best | 1 / 1 / 0 / 0 / 0 / 0 | 90 | 12 |" in text
+    assert "(02-q/report.md) | a is best | 1 / 1 / 0 / 0 / 0 / 0 | n/a | n/a |" in text
+    assert "Total wall time of this invocation: 12 s over 1 question(s)" in text
 
 
 def test_runs_share_a_tokenizer_the_base_configures(base_run):

@@ -349,7 +349,9 @@ def plot_ablation(config: AblationConfig, runs: list[dict], table: dict, out: Pa
 
 def write_index(results: dict[str, dict[str, Any]], seconds: dict[str, float], out: Path) -> Path:
     """OUT/README.md: one line per question with its measured answer, whether each published claim is
-    reproduced, and wall time (n/a for a question missing from `seconds`)."""
+    reproduced, the training seconds of its runs (from their summaries: what the answer cost, whenever it was
+    computed) and the wall time of this invocation (n/a for a question missing from `seconds`; runs read back
+    from an earlier invocation cost none)."""
     from twinlm.fileio import write_text_atomic
 
     scales = sorted({str(r.get("scale")) for r in results.values() if r.get("scale")})
@@ -361,9 +363,10 @@ def write_index(results: dict[str, dict[str, Any]], seconds: dict[str, float], o
         "the tests, the learning gate, every claim with its source).",
         "",
         "| question | measured answer | reproduces the literature? (claims: yes / no / no measurable difference "
-        "/ inconclusive / withheld / untested) | wall s |",
-        "|---|---|---|---|",
+        "/ inconclusive / withheld / untested) | training s of its runs | wall s of this invocation |",
+        "|---|---|---|---|---|",
     ]
+    trained = {name: _training_seconds(result) for name, result in results.items()}
     for name, result in results.items():
         claims = [c.get("verdict") for c in result["answer"].get("claims", [])]
         counts = " / ".join(
@@ -379,7 +382,18 @@ def write_index(results: dict[str, dict[str, Any]], seconds: dict[str, float], o
         )
         lines.append(
             f"| [{result['question']}]({name}/report.md) | {result['answer']['text']} | {counts} | "
+            + (f"{trained[name]:.0f} | " if trained[name] is not None else "n/a | ")
             + (f"{seconds[name]:.0f} |" if name in seconds else "n/a |")
         )
-    lines += ["", f"Total wall time: {sum(seconds.values()):.0f} s over {len(seconds)} question(s)."]
+    lines += [
+        "",
+        f"Total wall time of this invocation: {sum(seconds.values()):.0f} s over {len(seconds)} question(s); "
+        "training seconds count a run shared by several questions in each.",
+    ]
     return write_text_atomic(out / "README.md", "\n".join(lines) + "\n", "the index")
+
+
+def _training_seconds(result: dict[str, Any]) -> float | None:
+    """The summed train_seconds of a question's runs (every variant, every seed), None when none says."""
+    rows = [row["train_seconds"] for row in result.get("table", {}).values() if "train_seconds" in row]
+    return sum(r["mean"] * r["n"] for r in rows) if rows else None
