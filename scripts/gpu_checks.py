@@ -19,7 +19,8 @@
    stands in (and the line says so). Recipes with the same tokenizer settings share the first one's tokenizer.
 5. With --fsdp, alone: FSDP2 through accelerate (configs/accelerate/fsdp.yaml) on every GPU of the machine
    against one plain process of the same global batch, and resumed from its middle checkpoint on as many GPUs
-   and on fewer (with 2+ GPUs); the CPU suite cannot run it (accelerate takes FSDP on GPU backends only).
+   and on fewer (with 2+ GPUs); the CPU suite runs the same on CPU processes over gloo (tests/test_training.py::
+   test_fsdp2_on_cpu_processes_trains_resumes_and_moves_to_another_count), this runs it on NCCL.
 Prints one line per check and exits non-zero if any fails.
 """
 
@@ -305,8 +306,8 @@ def fsdp_runs(steps: int = 8, per_process: int = 4) -> int:
     """FSDP2 through accelerate (configs/accelerate/fsdp.yaml) on every GPU of the machine: the loss curve of
     one plain process with the same global batch (the same tokenizer), and a resume from the middle checkpoint
     that continues it; with 2+ GPUs also a resume of that checkpoint on the largest smaller number of GPUs that
-    keeps the global batch. One line each; returns the number of failures. (accelerate runs FSDP on GPU
-    backends only: the CPU suite cannot.)"""
+    keeps the global batch. One line each; returns the number of failures. (The CPU suite runs the same on CPU
+    processes over gloo; this is the NCCL path.)"""
     import shutil
     import socket
     import subprocess

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from transformers import AutoModelForCausalLM
 
 from twinlm.errors import TwinLMError
 from twinlm.training import load_run_config, parse_overrides, pretrain
@@ -723,7 +724,7 @@ def test_resume_on_another_number_of_processes(assets: dict[str, Path], tmp_path
     with pytest.raises(TwinLMError, match=r"streamed data \(data.streaming\) is split by process"):
         pretrain({**config, "data": {**config["data"], "streaming": True}}, resume)
     (cut / "checkpoints" / "checkpoint-4" / "pytorch_model").mkdir()  # the layout DeepSpeed saves
-    with pytest.raises(TwinLMError, match=r"written by 2 process\(es\) and this run has 1: a DeepSpeed ZeRO"):
+    with pytest.raises(TwinLMError, match=r"written under DeepSpeed and this run is under plain/DDP"):
         pretrain(config, resume)
 
     # 1 process -> 2
@@ -748,27 +749,93 @@ def test_fsdp_asked_of_one_cpu_process_is_refused(
 
 @needs_corpus
 @pytest.mark.slow
-@pytest.mark.parametrize("use_cpu", ["", "1"], ids=["alone", "as-ddp"])
-def test_fsdp_on_the_cpu_is_refused_not_run_as_something_else(
-    assets: dict[str, Path], tmp_path: Path, use_cpu: str
+@pytest.mark.parametrize(
+    ("use_cpu", "version", "expected"),
+    [("", "2", "each would train alone"), ("1", "1", "runs FSDP on CPU processes only as FSDP2")],
+    ids=["no-process-group", "fsdp1"],
+)
+def test_fsdp_that_cannot_run_here_is_refused_not_run_as_something_else(
+    assets: dict[str, Path], tmp_path: Path, use_cpu: str, version: str, expected: str
 ) -> None:
-    """accelerate takes FSDP on GPU backends only. With the shipped FSDP2 config on a CPU, 2 processes would
-    each train alone without gradient sync (distributed_type NO), or, with ACCELERATE_USE_CPU=1, run plain data
-    parallel instead of sharding: both are refused in one line before any step."""
+    """The shipped FSDP config on a CPU without ACCELERATE_USE_CPU=1 (accelerate sets up no process group: the
+    2 processes would each train alone), or asking for FSDP1 (GPU-only): refused in one line before any step."""
     out = tmp_path / "run"
     config = out.with_suffix(".yaml")
     config.write_text(yaml.safe_dump(run_config(assets, out, max_steps=2)))
     env = _env(**({"ACCELERATE_USE_CPU": use_cpu} if use_cpu else {}))
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", *FSDP2_LAUNCH, "--num_processes", "2",
-        "--main_process_port", str(_free_port()), str(ROOT / "scripts" / "pretrain.py"), "--config", str(config),
+        sys.executable, "-m", "accelerate.commands.launch", *FSDP2_LAUNCH, "--fsdp_version", version,
+        "--num_processes", "2", "--main_process_port", str(_free_port()), str(ROOT / "scripts" / "pretrain.py"),
+        "--config", str(config),
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    expected = "runs MULTI_CPU here" if use_cpu else "each would train alone"
     assert expected in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr.split(expected)[0][-2000:]
     assert not (out / "checkpoints").exists() and not (out / "final").exists()
+
+
+@needs_corpus
+@pytest.mark.slow
+def test_fsdp2_on_cpu_processes_trains_resumes_and_moves_to_another_count(
+    assets: dict[str, Path], tmp_path: Path
+) -> None:
+    """FSDP2 through accelerate (the shipped configs/accelerate/fsdp.yaml, ACCELERATE_USE_CPU=1: 2 processes over
+    gloo, every parameter sharded as a DTensor): the loss curve of one plain process with the same global batch;
+    its sharded checkpoints (torch DCP) resume exactly on 2 processes, on 1 (DCP re-shards the model and AdamW
+    state, the data position moves), and a 1-process FSDP checkpoint resumes on 2; the export loads with
+    from_pretrained. A checkpoint of another launch is refused in one line."""
+    env = _env(ACCELERATE_USE_CPU="1")
+    two_summary, two = _launch(
+        assets, tmp_path / "two", FSDP2_LAUNCH, env, overrides=NO_DROPOUT, save_every=4
+    )
+    assert two_summary["distributed_type"] == "DistributedType.FSDP"
+    assert (tmp_path / "two" / "checkpoints" / "checkpoint-4" / "pytorch_model_fsdp_0").is_dir()
+    plain = pretrain(
+        run_config(
+            assets, tmp_path / "plain", max_steps=8, lr=1e-2, save_every=0, eval_batches=2, grad_accum=2
+        ),
+        list(NO_DROPOUT),
+    )
+    assert two == pytest.approx(
+        losses(tmp_path / "plain"), abs=1e-4
+    )  # the same blocks, summed in another order
+    exported = AutoModelForCausalLM.from_pretrained(two_summary["final_model"], trust_remote_code=True)
+    plain_model = AutoModelForCausalLM.from_pretrained(plain["final_model"], trust_remote_code=True)
+    for (name, a), (_, b) in zip(
+        exported.state_dict().items(), plain_model.state_dict().items(), strict=True
+    ):
+        assert torch.allclose(a, b, atol=1e-4), name  # the whole model gathered from the shards
+
+    resume = ("training.resume_from_checkpoint=latest", *NO_DROPOUT)
+    for processes, accum in ((2, 1), (1, 2)):  # 2 -> 2 (exact), 2 -> 1 (the same global batch)
+        cut = _cut_at_checkpoint_4(tmp_path / "two", tmp_path / f"two-to-{processes}")
+        _, resumed = _launch(
+            assets,
+            cut,
+            FSDP2_LAUNCH,
+            env,
+            overrides=resume,
+            processes=processes,
+            save_every=2,
+            grad_accum=accum,
+        )
+        for step in (5, 6, 7, 8):
+            tolerance = 1e-6 if processes == 2 else 1e-4
+            assert resumed[step] == pytest.approx(two[step], abs=tolerance), (processes, step, resumed, two)
+
+    again = tmp_path / "one-to-two"  # the 1-process run's checkpoint at step 6, resumed on 2
+    shutil.copytree(tmp_path / "two-to-1", again)
+    for name in ("checkpoints/checkpoint-8", "final"):
+        shutil.rmtree(again / name)
+    (again / "summary.json").unlink()
+    _, resumed = _launch(assets, again, FSDP2_LAUNCH, env, overrides=resume, save_every=2)
+    for step in (7, 8):
+        assert resumed[step] == pytest.approx(two[step], abs=1e-4), (step, resumed, two)
+
+    refused = _cut_at_checkpoint_4(tmp_path / "two", tmp_path / "refused")
+    with pytest.raises(TwinLMError, match=r"written under FSDP and this run is under plain/DDP"):
+        pretrain(run_config(assets, refused, max_steps=8, save_every=4, grad_accum=2), list(resume))
 
 
 @needs_corpus

@@ -116,6 +116,25 @@ def saved_processes(path: Path) -> int:
     return len(list(path.glob("random_states_*.pkl")))
 
 
+def checkpoint_launch(path: Path) -> str:
+    """Which kind of launch wrote the checkpoint, from its layout: "DeepSpeed" (the engine's folder), "FSDP"
+    (accelerate's sharded model folders, torch DCP), or "plain/DDP" (whole state files: one process or DDP)."""
+    if (path / MODEL_STATES).is_dir():
+        return "DeepSpeed"
+    if any(path.glob(f"{FSDP_MODEL_STATES}*")):
+        return "FSDP"
+    return "plain/DDP"
+
+
+def launch_kind(distributed_type: Any) -> str:
+    """The kind of launch (as `checkpoint_launch` names it) of an accelerate distributed type."""
+    from accelerate.utils import DistributedType
+
+    return {DistributedType.DEEPSPEED: "DeepSpeed", DistributedType.FSDP: "FSDP"}.get(
+        distributed_type, "plain/DDP"
+    )
+
+
 def check_model_shapes(path: Path, model: torch.nn.Module) -> None:
     """TwinLMError naming the file when the checkpoint holds a model of another shape than this run's."""
     file = path / "model.safetensors"
@@ -272,6 +291,7 @@ def _any_process(accelerator: Accelerator, flag: bool) -> bool:
 
 
 MODEL_STATES = "pytorch_model"  # accelerate's folder (DeepSpeed tag) for the engine's files
+FSDP_MODEL_STATES = "pytorch_model_fsdp_"  # accelerate's folders of FSDP's sharded model state (torch DCP)
 
 
 def _to_universal(source: Path, target: Path) -> None:

@@ -287,11 +287,23 @@ class Engine:
 
 
 def model_is_finite(model: torch.nn.Module) -> bool:
-    """True when every parameter and buffer is finite (checked before a save, an export or a push)."""
+    """True when every parameter and buffer is finite (checked before a save, an export or a push). FSDP2's
+    sharded parameters (DTensors) are checked shard by shard and the verdict agreed by every process (all of
+    them call this), so that no process goes on to save what another refuses."""
+    from torch.distributed.tensor import DTensor
+
     tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point() and t.numel()]
-    if not tensors:
-        return True
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all().item())
+    sharded = [t for t in tensors if isinstance(t, DTensor)]
+    local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+    local = [t for t in local if t.numel()]
+    finite = torch.stack([torch.isfinite(t).all() for t in local]).all() if local else torch.tensor(True)
+    if sharded:
+        flag = finite.to(torch.int32).reshape(1)
+        torch.distributed.all_reduce(
+            flag, op=torch.distributed.ReduceOp.MIN, group=sharded[0].device_mesh.get_group()
+        )
+        return bool(flag.item())
+    return bool(finite.item())
 
 
 def count_lm_targets(causal: bool) -> Callable[[dict[str, torch.Tensor]], int]:

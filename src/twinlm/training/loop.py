@@ -33,9 +33,10 @@ from twinlm.fileio import write_json_atomic
 from twinlm.session import run_folder
 from twinlm.stopping import check_stop
 from twinlm.training.checkpoint import (
-    MODEL_STATES,
+    checkpoint_launch,
     checkpoints_root,
     find_resume_checkpoint,
+    launch_kind,
     load_checkpoint,
     save_checkpoint,
     saved_processes,
@@ -519,16 +520,16 @@ class PretrainingRun:
     def _check_world(self, path: Path, saved: int) -> None:
         """TwinLMError before loading when a checkpoint of `saved` processes cannot go on with this many."""
         acc = self.accelerator
+        written, running = checkpoint_launch(path), launch_kind(acc.distributed_type)
+        if written != running:
+            raise TwinLMError(
+                f"{path} was written under {written} and this run is under {running}: its model and optimizer "
+                f"state load only under the kind of launch that wrote them (on any number of processes); resume "
+                f"it with a {written} launch config"
+            )
         if saved == acc.num_processes:
             return
         where = f"{path} was written by {saved} process(es) and this run has {acc.num_processes}"
-        deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
-        if deepspeed != (path / MODEL_STATES).is_dir():
-            raise TwinLMError(
-                f"{where}: a DeepSpeed ZeRO checkpoint re-shards onto another number of processes only under "
-                f"DeepSpeed (and a checkpoint of another launch only under that launch); resume it with the "
-                f"launch config it was written with"
-            )
         if self.batches.iterable:
             raise TwinLMError(
                 f"{where}: streamed data (data.streaming) is split by process, so its position cannot move to "

@@ -13,8 +13,13 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DistributedType, GradientAccumulationPlugin, InitProcessGroupKwargs
+from accelerate.state import AcceleratorState, GradientState, PartialState
+from accelerate.utils import (
+    DistributedType,
+    FullyShardedDataParallelPlugin,
+    GradientAccumulationPlugin,
+    InitProcessGroupKwargs,
+)
 
 from twinlm.config import OptimizerSection
 from twinlm.errors import TwinLMError
@@ -51,6 +56,11 @@ def build_accelerator(train: OptimizerSection, report_to: str, output_dir: Path)
     log_with = None if report_to == "none" else report_to
     if not distributed and not deepspeed:
         _reset_accelerate_state()  # pretrain() may run several times in one process (a demo, tests)
+    if _fsdp_asked() and _on_cpu() and distributed and os.environ.get("FSDP_VERSION", "1") != "2":
+        raise TwinLMError(
+            f"the launch asks for FSDP version {os.environ.get('FSDP_VERSION', '1')} on the CPU; twinlm runs FSDP on "
+            "CPU processes only as FSDP2 (fsdp_config: fsdp_version: 2, as in configs/accelerate/fsdp.yaml)"
+        )
     if train.mixed_precision == "fp16" and _on_cpu():
         raise TwinLMError("training.mixed_precision: fp16 needs a GPU; use bf16 or no on the CPU")
     accelerator = Accelerator(
@@ -64,6 +74,8 @@ def build_accelerator(train: OptimizerSection, report_to: str, output_dir: Path)
         step_scheduler_with_optimizer=False,
         kwargs_handlers=handlers,
     )
+    if _fsdp_asked() and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        _fsdp2_on_cpu(accelerator, train.mixed_precision)
     check_distribution(accelerator)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         ds = accelerator.state.deepspeed_plugin.deepspeed_config
@@ -76,24 +88,48 @@ def build_accelerator(train: OptimizerSection, report_to: str, output_dir: Path)
     return accelerator
 
 
+def _fsdp_asked() -> bool:
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+
+
+def _fsdp2_on_cpu(accelerator: Accelerator, mixed_precision: str) -> None:
+    """FSDP2 on CPU processes (gloo). accelerate sets FSDP up only for its GPU backends: on CPU processes it
+    keeps the launch's FSDP settings aside and runs plain data parallel. torch's FSDP2 (`fully_shard`) runs on a
+    CPU device mesh over gloo, and accelerate's FSDP2 path (`fsdp2_prepare_model`, the sharded DCP checkpoints
+    of save_state/load_state) asks nothing of the device, so the state accelerate would have set up on GPUs is
+    set here: the launch's FSDP plugin, distributed type FSDP. FSDP1 stays GPU-only (refused in one line by
+    build_accelerator: accelerate's FSDP1 plugin raises on a CPU)."""
+    plugin = (
+        FullyShardedDataParallelPlugin()
+    )  # from the launch's FSDP_* variables (version 2: checked before)
+    if mixed_precision != "no":
+        plugin.set_mixed_precision(mixed_precision)
+    state = accelerator.state
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = (
+        DistributedType.FSDP
+    )  # (as AcceleratorState does on GPUs)
+
+
 def check_distribution(accelerator: Accelerator) -> None:
     """TwinLMError when the launch asked for something accelerate did not set up: several processes that
-    would each train alone (no gradient sync), or FSDP turned into plain data parallel. Both happen on a CPU,
-    where accelerate runs FSDP not at all (only its GPU backends take FSDP)."""
+    would each train alone (no gradient sync), or FSDP in a single plain process (accelerate's FSDP needs a
+    process group: ACCELERATE_USE_CPU=1 on a CPU, where twinlm sets up FSDP2 itself, `_fsdp2_on_cpu`)."""
     n, kind = accelerator.num_processes, accelerator.distributed_type
     cpu_launch = (
-        "on a CPU, launch with ACCELERATE_USE_CPU=1 and --multi_gpu (data parallel) or a DeepSpeed config"
+        "on a CPU, launch with ACCELERATE_USE_CPU=1 and --multi_gpu (data parallel), a DeepSpeed config or "
+        "configs/accelerate/fsdp.yaml (FSDP2)"
     )
     if n > 1 and kind == DistributedType.NO:
         raise TwinLMError(
             f"{n} processes were launched but accelerate set up no distributed training (each would train alone, "
-            f"without gradient sync); {cpu_launch}; FSDP through accelerate needs GPUs"
+            f"without gradient sync); {cpu_launch}"
         )
-    fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
-    if fsdp_asked and kind != DistributedType.FSDP:
+    if _fsdp_asked() and kind != DistributedType.FSDP:
         raise TwinLMError(
-            f"the launch asks for FSDP, but accelerate runs {'one plain process' if kind == DistributedType.NO else kind.value} here (FSDP through accelerate needs "
-            f"GPUs; on a CPU it would silently be plain data parallel, every process holding the whole model); "
+            f"the launch asks for FSDP, but accelerate runs "
+            f"{'one plain process' if kind == DistributedType.NO else kind.value} here, without sharding; "
             f"{cpu_launch}"
         )
 
