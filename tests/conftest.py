@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,10 @@ def hold_run_lock(output_dir):
     )
     assert holder.stdout.readline().strip() == "held"
     return holder
+
+
+def free_port() -> int:
+    """A free TCP port for a launch's rendezvous (other jobs on the machine may hold accelerate's default)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

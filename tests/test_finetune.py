@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import hold_run_lock, inject_nan_at
+from conftest import free_port, hold_run_lock, inject_nan_at
 from conftest_hub import hub_env, local_hub  # noqa: F401
 
 from twinlm.errors import TwinLMError
@@ -628,9 +628,17 @@ def test_hub_push_of_best_model(hub_env, mlm_ckpt, sentiment, tmp_path):  # noqa
 
 
 @pytest.mark.slow
-def test_two_processes_under_accelerate_launch(mlm_ckpt, tmp_path):
-    """Data-parallel on the CPU (gloo); a dev set of odd size checks that gathered predictions are not
-    duplicated (the run fails if the count differs from the split's)."""
+@pytest.mark.parametrize(
+    "launch",
+    [
+        ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"],
+        ["--config_file", str(ROOT / "configs" / "accelerate" / "fsdp.yaml")],
+    ],
+    ids=["ddp", "fsdp2"],
+)
+def test_two_processes_under_accelerate_launch(mlm_ckpt, tmp_path, launch):
+    """Data-parallel and FSDP2 on the CPU (gloo); a dev set of odd size checks that gathered predictions are not
+    duplicated (the run fails if the count differs from the split's); the fine-tuned model is saved whole."""
     import yaml
 
     data = write_sentiment(tmp_path / "data", 160, 61)
@@ -641,15 +649,11 @@ def test_two_processes_under_accelerate_launch(mlm_ckpt, tmp_path):
         sys.executable,
         "-m",
         "accelerate.commands.launch",
-        "--multi_gpu",
+        *launch,
         "--num_processes",
         "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
+        "--main_process_port",
+        str(free_port()),
         str(ROOT / "scripts" / "finetune.py"),
         "--config",
         str(cfg),
@@ -659,3 +663,15 @@ def test_two_processes_under_accelerate_launch(mlm_ckpt, tmp_path):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["processes"] == 2 and metrics["examples"]["dev"] == 61
     assert metrics["best"]["dev"]["accuracy"] >= 0.85
+    from transformers import AutoModelForSequenceClassification
+
+    best = AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "run" / "best", trust_remote_code=True
+    )
+    pretrained = AutoModelForSequenceClassification.from_pretrained(
+        mlm_ckpt, trust_remote_code=True, num_labels=2
+    )
+    shapes = {k: v.shape for k, v in pretrained.state_dict().items()}
+    assert {
+        k: v.shape for k, v in best.state_dict().items()
+    } == shapes  # whole tensors, not one process' shards

@@ -10,7 +10,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import free_port
 from transformers import AutoModelForCausalLM
 
 from twinlm.errors import TwinLMError
@@ -553,12 +553,6 @@ def test_sigterm_saves_a_checkpoint_that_resumes_and_exports(assets: dict[str, P
 DP_LAUNCH = ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _launch(
     assets: dict[str, Path],
     out: Path,
@@ -581,7 +575,7 @@ def _launch(
         "--num_processes",
         str(processes),
         "--main_process_port",
-        str(_free_port()),  # other jobs on the machine may hold accelerate's default port
+        str(free_port()),  # other jobs on the machine may hold accelerate's default port
         str(ROOT / "scripts" / "pretrain.py"),
         "--config",
         str(config),
@@ -624,7 +618,7 @@ def test_two_nodes_on_loopback_train_like_two_local_processes(
     config = out.with_suffix(".yaml")
     settings = {"max_steps": 8, "lr": 1e-2, "save_every": 4, "eval_batches": 2}
     config.write_text(yaml.safe_dump(run_config(assets, out, **settings)))
-    port = str(_free_port())
+    port = str(free_port())
     nodes = [
         subprocess.Popen(
             [
@@ -765,7 +759,7 @@ def test_fsdp_that_cannot_run_here_is_refused_not_run_as_something_else(
     env = _env(**({"ACCELERATE_USE_CPU": use_cpu} if use_cpu else {}))
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", *FSDP2_LAUNCH, "--fsdp_version", version,
-        "--num_processes", "2", "--main_process_port", str(_free_port()), str(ROOT / "scripts" / "pretrain.py"),
+        "--num_processes", "2", "--main_process_port", str(free_port()), str(ROOT / "scripts" / "pretrain.py"),
         "--config", str(config),
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
