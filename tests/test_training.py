@@ -815,7 +815,7 @@ def test_fsdp2_on_cpu_processes_trains_resumes_and_moves_to_another_count(
             grad_accum=accum,
         )
         for step in (5, 6, 7, 8):
-            tolerance = 1e-6 if processes == 2 else 1e-4
+            tolerance = 1e-6 if processes == 2 else 1e-5  # (measured: 0 and 1e-6)
             assert resumed[step] == pytest.approx(two[step], abs=tolerance), (processes, step, resumed, two)
 
     again = tmp_path / "one-to-two"  # the 1-process run's checkpoint at step 6, resumed on 2
@@ -825,7 +825,7 @@ def test_fsdp2_on_cpu_processes_trains_resumes_and_moves_to_another_count(
     (again / "summary.json").unlink()
     _, resumed = _launch(assets, again, FSDP2_LAUNCH, env, overrides=resume, save_every=2)
     for step in (7, 8):
-        assert resumed[step] == pytest.approx(two[step], abs=1e-4), (step, resumed, two)
+        assert resumed[step] == pytest.approx(two[step], abs=1e-5), (step, resumed, two)
 
     refused = _cut_at_checkpoint_4(tmp_path / "two", tmp_path / "refused")
     with pytest.raises(TwinLMError, match=r"written under FSDP and this run is under plain/DDP"):
