@@ -1,6 +1,7 @@
 """Replaced-token detection (ELECTRA, objective: rtd): the generator's shape and shared embeddings, the joint
 loss and its labels, no gradient through the sample, exact resume of a mixed-source run, exports that load
-with the Auto classes (as remote code too) and fine-tune unchanged, two processes (DDP) and DeepSpeed ZeRO-2."""
+with the Auto classes (as remote code too) and fine-tune unchanged, two processes (DDP) and DeepSpeed ZeRO-2; a
+discriminator that can see its replacements learns to find them."""
 
 from __future__ import annotations
 
@@ -91,6 +92,35 @@ def test_labels_loss_and_padding() -> None:
     replaced = (labels != -100).float()
     expected = torch.nn.functional.binary_cross_entropy_with_logits(logits[real], replaced[real])
     torch.testing.assert_close(out.metrics["disc_loss"], expected.detach())
+
+
+def test_the_discriminator_learns_to_find_replacements_it_can_see() -> None:
+    """The discriminator, its head and loss can learn: on counting sequences (each token the previous + 1), 12%
+    of the tokens replaced by uniformly random ones break the pattern where they stand; 150 AdamW steps take the
+    loss far below the entropy of the base rate and find most replacements. (The 30-minute RTD recipe's
+    discriminator stays at its base rate: its generator's replacements are plausible words, see
+    docs/recipes.md; this test separates that regime from a model that cannot learn.)"""
+    import math
+
+    pair = _pair()
+    discriminator, vocab = pair.discriminator.train(), pair.discriminator.config.vocab_size
+    optimizer = torch.optim.AdamW(discriminator.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        start = torch.randint(0, vocab, (16, 1), generator=g)
+        ids = (start + torch.arange(32)) % vocab
+        replaced = torch.rand(ids.shape, generator=g) < 0.12
+        corrupted = torch.where(replaced, torch.randint(0, vocab, ids.shape, generator=g), ids)
+        labels = (corrupted != ids).long()
+        out = discriminator(corrupted, labels=labels)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    rate = labels.float().mean().item()
+    base_rate_entropy = -(rate * math.log(rate) + (1 - rate) * math.log(1 - rate))
+    found = ((out.logits > 0) & labels.bool()).sum() / labels.sum()
+    assert out.loss.item() < 0.5 * base_rate_entropy, (out.loss.item(), base_rate_entropy)
+    assert found > 0.6, found
 
 
 def test_no_gradient_flows_through_the_sample() -> None:
