@@ -666,8 +666,9 @@ NO_DROPOUT = tuple(
 )
 
 
-def _cut_at_checkpoint_4(source: Path, target: Path) -> Path:
-    """A copy of a run of 8 steps as if it had stopped after its checkpoint at step 4."""
+def _cut_before_the_end(source: Path, target: Path) -> Path:
+    """A copy of a run of 8 steps as if it had stopped before its last checkpoint (checkpoint-8): it resumes from
+    the one before (checkpoint-4 with save_every=4, checkpoint-6 with save_every=2)."""
     shutil.copytree(source, target)
     for name in ("checkpoints/checkpoint-8", "final"):
         shutil.rmtree(target / name)
@@ -692,7 +693,7 @@ def test_resume_on_another_number_of_processes(assets: dict[str, Path], tmp_path
     assert one == pytest.approx(two, abs=1e-4)  # the same blocks in every step, summed in another order
 
     # 2 processes -> 1
-    cut = _cut_at_checkpoint_4(tmp_path / "two", tmp_path / "two-to-one")
+    cut = _cut_before_the_end(tmp_path / "two", tmp_path / "two-to-one")
     resume = ["training.resume_from_checkpoint=latest", *NO_DROPOUT]
     with pytest.raises(TwinLMError, match=r"have read 32 blocks of epoch 0.*training.batch_size=8"):
         pretrain(
@@ -713,7 +714,7 @@ def test_resume_on_another_number_of_processes(assets: dict[str, Path], tmp_path
     assert summary["data_sources"] == two_summary["data_sources"]
 
     # What cannot move is refused before anything loads: streamed data (split by process), DeepSpeed's shards
-    cut = _cut_at_checkpoint_4(tmp_path / "two", tmp_path / "refused")
+    cut = _cut_before_the_end(tmp_path / "two", tmp_path / "refused")
     config = run_config(assets, cut, max_steps=8, save_every=4, grad_accum=2)
     with pytest.raises(TwinLMError, match=r"streamed data \(data.streaming\) is split by process"):
         pretrain({**config, "data": {**config["data"], "streaming": True}}, resume)
@@ -722,7 +723,7 @@ def test_resume_on_another_number_of_processes(assets: dict[str, Path], tmp_path
         pretrain(config, resume)
 
     # 1 process -> 2
-    cut = _cut_at_checkpoint_4(tmp_path / "one", tmp_path / "one-to-two")
+    cut = _cut_before_the_end(tmp_path / "one", tmp_path / "one-to-two")
     summary, resumed = _launch(assets, cut, DP_LAUNCH, env, overrides=(*resume,), save_every=4)
     for step in (5, 6, 7, 8):
         assert resumed[step] == pytest.approx(one[step], abs=1e-4), (step, resumed, one)
@@ -803,7 +804,7 @@ def test_fsdp2_on_cpu_processes_trains_resumes_and_moves_to_another_count(
 
     resume = ("training.resume_from_checkpoint=latest", *NO_DROPOUT)
     for processes, accum in ((2, 1), (1, 2)):  # 2 -> 2 (exact), 2 -> 1 (the same global batch)
-        cut = _cut_at_checkpoint_4(tmp_path / "two", tmp_path / f"two-to-{processes}")
+        cut = _cut_before_the_end(tmp_path / "two", tmp_path / f"two-to-{processes}")
         _, resumed = _launch(
             assets,
             cut,
@@ -818,16 +819,13 @@ def test_fsdp2_on_cpu_processes_trains_resumes_and_moves_to_another_count(
             tolerance = 1e-6 if processes == 2 else 1e-5  # (measured: 0 and 1e-6)
             assert resumed[step] == pytest.approx(two[step], abs=tolerance), (processes, step, resumed, two)
 
-    again = tmp_path / "one-to-two"  # the 1-process run's checkpoint at step 6, resumed on 2
-    shutil.copytree(tmp_path / "two-to-1", again)
-    for name in ("checkpoints/checkpoint-8", "final"):
-        shutil.rmtree(again / name)
-    (again / "summary.json").unlink()
+    # the 1-process run's checkpoint at step 6, resumed on 2
+    again = _cut_before_the_end(tmp_path / "two-to-1", tmp_path / "one-to-two")
     _, resumed = _launch(assets, again, FSDP2_LAUNCH, env, overrides=resume, save_every=2)
     for step in (7, 8):
         assert resumed[step] == pytest.approx(two[step], abs=1e-5), (step, resumed, two)
 
-    refused = _cut_at_checkpoint_4(tmp_path / "two", tmp_path / "refused")
+    refused = _cut_before_the_end(tmp_path / "two", tmp_path / "refused")
     with pytest.raises(TwinLMError, match=r"written under FSDP and this run is under plain/DDP"):
         pretrain(run_config(assets, refused, max_steps=8, save_every=4, grad_accum=2), list(resume))
 
@@ -891,18 +889,14 @@ def test_deepspeed_resumes_on_another_number_of_processes(
     env.pop("ACCELERATE_USE_CPU", None)
     _, two = _launch(assets, tmp_path / "two", launch, env, overrides=NO_DROPOUT, save_every=4)
 
-    cut = _cut_at_checkpoint_4(tmp_path / "two", tmp_path / "two-to-one")
+    cut = _cut_before_the_end(tmp_path / "two", tmp_path / "two-to-one")
     resume = ("training.resume_from_checkpoint=latest", *NO_DROPOUT)
     _, resumed = _launch(assets, cut, launch, env, overrides=resume, processes=1, save_every=2, grad_accum=2)
     assert (cut / "checkpoints" / "checkpoint-4" / "universal" / "pytorch_model" / "zero").is_dir()
     for step in (5, 6, 7, 8):
         assert resumed[step] == pytest.approx(two[step], abs=1e-5), (step, resumed, two)
 
-    again = tmp_path / "one-to-two"
-    shutil.copytree(cut, again)
-    for name in ("checkpoints/checkpoint-8", "final"):
-        shutil.rmtree(again / name)
-    (again / "summary.json").unlink()
+    again = _cut_before_the_end(cut, tmp_path / "one-to-two")
     _, resumed = _launch(assets, again, launch, env, overrides=resume, save_every=2)
     for step in (7, 8):
         assert resumed[step] == pytest.approx(two[step], abs=1e-5), (step, resumed, two)

@@ -99,17 +99,15 @@ def _fsdp2_on_cpu(accelerator: Accelerator, mixed_precision: str) -> None:
     of save_state/load_state) asks nothing of the device, so the state accelerate would have set up on GPUs is
     set here: the launch's FSDP plugin, distributed type FSDP. FSDP1 stays GPU-only (refused in one line by
     build_accelerator: accelerate's FSDP1 plugin raises on a CPU)."""
-    plugin = (
-        FullyShardedDataParallelPlugin()
-    )  # from the launch's FSDP_* variables (version 2: checked before)
+    # from the launch's FSDP_* variables (version 2: checked in build_accelerator)
+    plugin = FullyShardedDataParallelPlugin()
     if mixed_precision != "no":
         plugin.set_mixed_precision(mixed_precision)
     state = accelerator.state
     state.fsdp_plugin = plugin
     state.distributed_type = DistributedType.FSDP
-    PartialState._shared_state["distributed_type"] = (
-        DistributedType.FSDP
-    )  # (as AcceleratorState does on GPUs)
+    # (AcceleratorState copies its distributed type into PartialState's on GPUs too)
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
 def check_distribution(accelerator: Accelerator) -> None:
