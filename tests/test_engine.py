@@ -96,6 +96,10 @@ rank = int(__import__("os").environ["RANK"])
 params = step_once(batch_size=2, grad_accum=2, rows=slice(4 * rank, 4 * rank + 4))
 if rank == 0:
     torch.save(params, {out!r})
+# Leave together and tear the gloo group down: a process that exits with the group alive can abort
+# ("terminate called without an active exception") while its peer is still shutting down.
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
 """
 
 

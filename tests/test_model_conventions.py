@@ -458,6 +458,8 @@ for name in {names!r}:
     results[name] = result
 if os.environ["RANK"] == "0":
     json.dump(results, open({out!r}, "w"))
+torch.distributed.barrier()  # leave together, with the gloo group torn down (see test_engine's worker)
+torch.distributed.destroy_process_group()
 """
 
 
