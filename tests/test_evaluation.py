@@ -306,3 +306,68 @@ def test_noise_curves_score_every_model_on_perturbed_test_inputs(suite_dir, tmp_
     assert set(curve) == {"char_noise0.5", "token_noise0.5"} and all(0 <= v <= 1 for v in curve.values())
     text = (tmp_path / "out" / "report.md").read_text()
     assert "## Test inputs with noise" in text and "| sentiment | ckpt |" in text
+
+
+@pytest.mark.slow
+def test_cells_fine_tuned_in_worker_processes_score_as_in_one(suite_dir, tmp_path):
+    """jobs=2: the cells still to run are fine-tuned two at a time in spawned processes. With one thread each,
+    as the one-process run here has, every score is the same; the report says how long the cells took, and a
+    second run reads every cell back."""
+    import torch
+
+    from twinlm.evaluation import evaluate_checkpoints
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers get max(1, 1 // 2) = 1 thread: the same arithmetic as here
+    try:
+        args = ([str(suite_dir / "ckpt")], suite_dir / "suite.yaml")
+        one = evaluate_checkpoints(*args, tmp_path / "one", ["lrs=null"])
+        two = evaluate_checkpoints(*args, tmp_path / "two", ["lrs=null", "jobs=2"])
+        report = (tmp_path / "two" / "report.md").read_text()
+        again = evaluate_checkpoints(*args, tmp_path / "two", ["lrs=null", "jobs=2"])
+    finally:
+        torch.set_num_threads(threads)
+    assert [m["tasks"] for m in two["models"]] == [m["tasks"] for m in one["models"]]
+    assert one["timing"]["jobs"] == 1 and two["timing"]["jobs"] == 2
+    assert two["timing"]["cells"] == two["timing"]["cells_run"] == 4  # checkpoint and control, two seeds
+    assert two["timing"]["fine_tuning_seconds"] > 0 and two["timing"]["wall_seconds"] > 0
+    assert "4 of 4 cells fine-tuned (2 at a time" in report
+    assert again["timing"]["cells_run"] == 0 and again["models"] == two["models"]
+    assert (
+        "0 of 4 cells fine-tuned (2 at a time, 0.0 minutes summed over them); 4 read back"
+        in (tmp_path / "two" / "report.md").read_text()
+    )
+
+
+@pytest.mark.slow
+def test_a_signal_stops_the_worker_processes_and_records_no_partial_cell(suite_dir, tmp_path):
+    """SIGTERM to `twinlm evaluate ... jobs=2` while two cells fine-tune in their workers: the workers stop as a
+    single run would, nothing partial is recorded as a cell, and the command exits 128 + 15 with one line."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    long = yaml.safe_load((suite_dir / "task.yaml").read_text())
+    long["training"].update(max_steps=100_000, eval_every=0, early_stopping_patience=None)  # runs until stopped
+    (tmp_path / "task.yaml").write_text(yaml.safe_dump(long))
+    suite = yaml.safe_load((suite_dir / "suite.yaml").read_text())
+    suite["tasks"]["sentiment"]["config"] = str(tmp_path / "task.yaml")
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "twinlm", "evaluate", str(suite_dir / "ckpt"), "--suite",
+               str(tmp_path / "suite.yaml"), "--out", str(out), "lrs=null", "jobs=2"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while len(list(out.glob("runs/*/*/*/run"))) < 2:  # both workers are fine-tuning
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.5)
+    time.sleep(3)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "interrupted by SIGTERM" in stderr and "run the same command again" in stderr
+    assert "Traceback" not in stderr, stderr[-2000:]
+    assert not list(out.glob("runs/**/cell.json"))  # no partial run became a finished cell

@@ -23,6 +23,7 @@ import dataclasses
 import math
 import random
 import statistics
+import time
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,12 @@ class Suite(Section):
     overrides: dict[str, Any] = Field(default_factory=dict)
     control: bool = True
     noise: Noise | None = Field(None, description="score every model again on perturbed test inputs")
+    jobs: int = Field(
+        1,
+        ge=1,
+        description="cells fine-tuned at once, each in its own process with (torch threads // jobs) threads: "
+        "small models use a core each better than they share them; results do not depend on it",
+    )
 
     @field_validator("seeds")
     @classmethod
@@ -479,26 +486,68 @@ def check_suite(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return suite
 
 
-def _score_model(
-    model: EvaluatedModel, suite: Suite, out: Path, splits: dict[str, dict], cache: Path | None = None
-) -> dict[str, Any]:
-    """Run every (task, lr, seed) cell of one model; per task, the lr with the best mean dev metric."""
-    from twinlm.stopping import check_stop
+@dataclasses.dataclass(frozen=True)
+class PlannedCell:
+    """One fine-tuning run of an evaluation: a model's (task, lr, seed), what `run_cell` takes."""
 
+    model: str  # the evaluated model's label
+    task: str
+    lr: float | None
+    seed: int
+    path: str
+    spec: SuiteTask
+    overrides: dict[str, Any]
+    folder: Path
+    noise: Noise | None
+    cache: Path | None
+
+    def run(self) -> dict:
+        return run_cell(self.path, self.task, self.spec, self.overrides, self.folder, self.noise, self.cache)
+
+    def done(self) -> bool:
+        """Finished before, here or in the shared cache, with the same fingerprint: it is read back, not run."""
+        fingerprint = _fingerprint(
+            self.path, cell_config(self.path, self.spec, self.overrides, self.folder), self.noise
+        )
+        if read_json(self.folder / CELL_FILE).get("fingerprint") == fingerprint:
+            return True
+        shared = self.cache / f"{fingerprint[:32]}.json" if self.cache is not None else None
+        return shared is not None and read_json(shared).get("fingerprint") == fingerprint
+
+
+def _plan_cells(
+    model: EvaluatedModel, suite: Suite, out: Path, splits: dict[str, dict], cache: Path | None = None
+) -> list[PlannedCell]:
+    """Every (task, lr, seed) cell of one model, its control weights made (one per seed) beforehand."""
+    cells = []
+    for name, spec in suite.tasks.items():
+        for lr in suite.lrs or [None]:
+            for seed in suite.seeds:
+                baseline = model.kind == "checkpoint" and seed == suite.seeds[0]
+                cells.append(
+                    PlannedCell(
+                        model=model.label,
+                        task=name,
+                        lr=lr,
+                        seed=seed,
+                        path=model.path(seed, out),
+                        spec=spec,
+                        overrides=_cell_overrides(suite, name, splits[name], seed, lr, baseline),
+                        folder=out / "runs" / _slug(model.label) / name / f"lr{lr}-seed{seed}",
+                        noise=suite.noise,
+                        cache=cache,
+                    )
+                )
+    return cells
+
+
+def _score_model(model: EvaluatedModel, suite: Suite, done: dict[tuple, dict]) -> dict[str, Any]:
+    """One model's scores from its finished cells (keyed by (label, task, lr, seed)); per task, the lr with
+    the best mean dev metric."""
     lrs = suite.lrs or [None]
     tasks = {}
-    for name, spec in suite.tasks.items():
-        by_lr = {}
-        for lr in lrs:
-            cells = []
-            for seed in suite.seeds:
-                check_stop(RESUME_HINT)
-                baseline = model.kind == "checkpoint" and seed == suite.seeds[0]
-                overrides = _cell_overrides(suite, name, splits[name], seed, lr, baseline)
-                folder = out / "runs" / _slug(model.label) / name / f"lr{lr}-seed{seed}"
-                path = model.path(seed, out)
-                cells.append(run_cell(path, name, spec, overrides, folder, suite.noise, cache))
-            by_lr[lr] = cells
+    for name in suite.tasks:
+        by_lr = {lr: [done[(model.label, name, lr, seed)] for seed in suite.seeds] for lr in lrs}
         best_lr = max(
             by_lr, key=lambda lr: statistics.fmean(c["dev"].get(c["metric"], 0.0) for c in by_lr[lr])
         )
@@ -527,6 +576,137 @@ def _score_model(
     if suite.noise is not None:
         result["noise"] = {name: task["noise"] for name, task in tasks.items()}
     return result
+
+
+# ------------------------------------------------------------------------------------------------
+# Running the cells: one after another, or `jobs` at once in worker processes
+# ------------------------------------------------------------------------------------------------
+def _key(cell: PlannedCell) -> tuple:
+    return (cell.model, cell.task, cell.lr, cell.seed)
+
+
+def _announce(cell: PlannedCell, result: dict, index: int, total: int) -> None:
+    score = result["test"].get(result["metric"])
+    shown = f"{result['metric']} {score:.4f}" if score is not None else "no score"
+    print(
+        f"[{index}/{total}] {cell.model} {cell.task} lr={cell.lr} seed={cell.seed}: test {shown}"
+        f" ({result.get('seconds') or 0:.0f} s)",
+        flush=True,
+    )
+
+
+def run_cells(cells: list[PlannedCell], jobs: int = 1) -> tuple[dict[tuple, dict], list[tuple]]:
+    """Every cell's result, keyed by (model label, task, lr, seed), and the keys of those fine-tuned now (the
+    others were finished before and are read back). With jobs > 1 the cells to run are fine-tuned `jobs` at a
+    time, each in a spawned process with (this process's torch threads // jobs) threads; a signal here
+    stops them all (each stops as a single run does: its cell is not recorded)."""
+    from twinlm.stopping import check_stop
+
+    fresh = [_key(c) for c in cells if not c.done()]
+    results: dict[tuple, dict] = {}
+    for cell in cells:  # in order: read back, or (one job) run
+        if jobs > 1 and _key(cell) in fresh:
+            continue
+        check_stop(RESUME_HINT)
+        results[_key(cell)] = cell.run()
+        if _key(cell) in fresh:
+            _announce(cell, results[_key(cell)], len(results), len(cells))
+    if len(results) < len(cells):
+        todo = [c for c in cells if _key(c) not in results]
+        results.update(_run_in_workers(todo, jobs, len(results), len(cells)))
+    return results, fresh
+
+
+def _run_in_workers(cells: list[PlannedCell], jobs: int, finished: int, total: int) -> dict[tuple, dict]:
+    import multiprocessing
+    import os
+    import queue
+    import signal
+
+    import torch
+
+    from twinlm.stopping import raise_interrupted, stop_requested
+
+    context = multiprocessing.get_context("spawn")  # no forked torch thread pools
+    todo, done = context.Queue(), context.Queue()
+    for index, cell in enumerate(cells):
+        todo.put((index, cell))
+    workers = [
+        context.Process(target=_cell_worker, args=(todo, done, max(1, torch.get_num_threads() // jobs)))
+        for _ in range(min(jobs, len(cells)))
+    ]
+    for _ in workers:
+        todo.put(None)
+    quiet = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"  # read by tqdm at import: the workers draw no interleaved progress bars
+    try:  # (this process prints a line per finished cell instead)
+        for worker in workers:
+            worker.start()
+    finally:
+        if quiet is None:
+            del os.environ["TQDM_DISABLE"]
+        else:
+            os.environ["TQDM_DISABLE"] = quiet
+    results: dict[tuple, dict] = {}
+    failure: tuple[str, str] | None = None
+    forwarded = False
+    try:
+        while len(results) < len(cells) and failure is None:
+            if stop_requested() is not None and not forwarded:  # each worker stops as a single run would
+                for worker in workers:  # SIGTERM: a Ctrl-C at a terminal reached them already, and a second
+                    if worker.is_alive() and worker.pid is not None:  # SIGINT would stop them at once
+                        os.kill(worker.pid, signal.SIGTERM)
+                forwarded = True
+            try:
+                index, result, error = done.get(timeout=0.5)
+            except queue.Empty:
+                if not any(w.is_alive() for w in workers) and done.empty():
+                    codes = [w.exitcode for w in workers]
+                    failure = ("crash", f"the fine-tuning worker processes ended (exit codes {codes})")
+                continue
+            if error is not None:
+                failure = error
+                continue
+            results[_key(cells[index])] = result
+            _announce(cells[index], result, finished + len(results), total)
+    finally:
+        for worker in workers:
+            if worker.is_alive() and failure is not None:
+                worker.terminate()
+            worker.join(timeout=None if failure is None else 30)
+    if failure is not None:
+        kind, message = failure
+        if kind == "interrupted" or stop_requested() is not None:  # (a worker signalled before it listened)
+            raise_interrupted(stop_requested() or "SIGTERM", RESUME_HINT)
+        if kind == "error":
+            raise TwinLMError(message)
+        raise RuntimeError(f"a fine-tuning cell failed in its worker process: {message}")
+    return results
+
+
+def _cell_worker(todo: Any, done: Any, threads: int) -> None:
+    """A worker process: run cells from `todo` until None, put (index, result, error) on `done`."""
+    import traceback
+
+    import torch
+
+    from twinlm.stopping import stop_on_signal
+
+    torch.set_num_threads(threads)
+    with stop_on_signal():
+        while (item := todo.get()) is not None:
+            index, cell = item
+            try:
+                done.put((index, cell.run(), None))
+            except (Interrupted, KeyboardInterrupt):
+                done.put((index, None, ("interrupted", "")))
+                return
+            except TwinLMError as err:
+                done.put((index, None, ("error", str(err))))
+                return
+            except BaseException:  # noqa: BLE001 - reported by the parent, with its traceback
+                done.put((index, None, ("crash", traceback.format_exc())))
+                return
 
 
 def _slug(label: str) -> str:
@@ -583,19 +763,30 @@ def evaluate_checkpoints(
     for name in ("results.json", "report.md", "results.png"):
         check_writable_file(out / name, f"--out's {name}")
     with run_folder(out, "--out"), stop_on_signal():  # one evaluation per folder; a signal: a clean stop
+        started = time.monotonic()
         splits = {
             name: prepare_split(name, spec.split_from, out) if spec.split_from else {}
             for name, spec in suite.tasks.items()
         }
         _check_cells(checkpoints[0], suite, out, splits)
         cache = Path(cells_cache) if cells_cache is not None else None
-        results = [_score_model(m, suite, out, splits, cache) for m in _models(checkpoints, suite)]
+        models = _models(checkpoints, suite)
+        planned = [cell for m in models for cell in _plan_cells(m, suite, out, splits, cache)]
+        done, fresh = run_cells(planned, suite.jobs)
+        timing = {
+            "jobs": suite.jobs,
+            "cells": len(planned),
+            "cells_run": len(fresh),
+            "wall_seconds": round(time.monotonic() - started, 1),
+            "fine_tuning_seconds": round(sum(done[key].get("seconds") or 0.0 for key in fresh), 1),
+        }
+        results = [_score_model(m, suite, done) for m in models]
         check_stop(RESUME_HINT)
         pretraining = {
             label: pretraining_facts(ckpt)
             for ckpt, label in zip(checkpoints, checkpoint_labels(checkpoints), strict=True)
         }
-        report = build_results(results, suite, pretraining)
+        report = {**build_results(results, suite, pretraining), "timing": timing}
         write_json_atomic(out / "results.json", report, "the results")
         write_text_atomic(out / "report.md", format_report(report), "the report")
         with atomic_file(out / "results.png", "the plot") as tmp:
@@ -696,7 +887,23 @@ def format_report(report: dict[str, Any]) -> str:
             "points over seeds",
         ]
         lines.append("per task: " + ", ".join(f"{n} {v * 100:+.2f}" for n, v in gain["per_task"].items()))
-    return "\n".join(lines + _noise_lines(report) + _pretraining_lines(report)) + "\n"
+    return "\n".join(lines + _noise_lines(report) + _pretraining_lines(report) + _timing_lines(report)) + "\n"
+
+
+def _timing_lines(report: dict[str, Any]) -> list[str]:
+    """How long this evaluation took: the cells it fine-tuned (not those read back), with how many jobs."""
+    timing = report.get("timing")
+    if not timing:
+        return []
+    back = timing["cells"] - timing["cells_run"]
+    return [
+        "",
+        f"Time: {timing['wall_seconds'] / 60:.1f} minutes of wall clock for this evaluation, "
+        f"{timing['cells_run']} of {timing['cells']} cells fine-tuned ({timing['jobs']} at a time, "
+        f"{timing['fine_tuning_seconds'] / 60:.1f} minutes summed over them)"
+        + (f"; {back} read back, finished before" if back else "")
+        + ".",
+    ]
 
 
 def _noise_lines(report: dict[str, Any]) -> list[str]:
