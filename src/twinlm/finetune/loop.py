@@ -568,9 +568,8 @@ class Finetuner:
             if acc.is_main_process:
                 self._write_metrics(summary)
             self.hub.check(report, self.output_dir / "best")
-        if cfg.logging.report_to != "none":
-            acc.end_training()
         acc.wait_for_everyone()
+        acc.end_training()  # the trackers finish and the process group is torn down, after the last barrier
         return summary
 
     def _summary(self, engine: Engine, baseline: dict[str, Any] | None, seconds: float) -> dict[str, Any]:
