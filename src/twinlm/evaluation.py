@@ -282,6 +282,26 @@ class EvaluationInterrupted(Interrupted):
     """A fine-tuning run of the evaluation was stopped (SIGINT/SIGTERM): the evaluation stops too."""
 
 
+def finished_cell(fingerprint: str, model_path: str, folder: Path, cache: Path | None = None) -> dict | None:
+    """A cell's result when it was finished with this fingerprint, in `folder` or in the shared `cache` of
+    finished cells (copied into `folder` then); None when it has to run."""
+    from twinlm.fileio import write_json_atomic
+
+    done = folder / CELL_FILE
+    if done.is_file():
+        cell = read_json(done)
+        if cell.get("fingerprint") == fingerprint:
+            return cell
+        print(f"re-running {folder}: the model, its task files or the settings changed since it was run")
+    shared = cache / f"{fingerprint[:32]}.json" if cache is not None else None
+    if shared is not None and read_json(shared).get("fingerprint") == fingerprint:
+        cell = {**read_json(shared), "model": model_path}  # the same cell, run by another evaluation
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(done, cell, f"the result of {folder}")
+        return cell
+    return None
+
+
 def run_cell(
     model_path: str,
     task: str,
@@ -294,25 +314,30 @@ def run_cell(
     """Fine-tune once (or read the finished result when nothing it depends on changed, here or in the
     shared `cache` of finished cells): best dev and its test scores, the baseline if run, and with `noise`
     the test scores on perturbed inputs."""
+    cfg = cell_config(model_path, spec, overrides, folder)
+    fingerprint = _fingerprint(model_path, cfg, noise)
+    cell = finished_cell(fingerprint, model_path, folder, cache)
+    if cell is not None:
+        return cell
+    return fine_tune_cell(model_path, task, cfg, fingerprint, folder, noise, cache)
+
+
+def fine_tune_cell(
+    model_path: str,
+    task: str,
+    cfg: Any,
+    fingerprint: str,
+    folder: Path,
+    noise: Noise | None = None,
+    cache: Path | None = None,
+) -> dict:
+    """Run a cell that is not finished: fine-tune, record the result in `folder` (and the shared `cache`)."""
     import shutil
     import signal
 
     from twinlm.fileio import write_json_atomic
 
-    done = folder / CELL_FILE
-    cfg = cell_config(model_path, spec, overrides, folder)
-    fingerprint = _fingerprint(model_path, cfg, noise)
-    if done.is_file():
-        cell = read_json(done)
-        if cell.get("fingerprint") == fingerprint:
-            return cell
-        print(f"re-running {folder}: the model, its task files or the settings changed since it was run")
     shared = cache / f"{fingerprint[:32]}.json" if cache is not None else None
-    if shared is not None and read_json(shared).get("fingerprint") == fingerprint:
-        cell = {**read_json(shared), "model": model_path}  # the same cell, run by another evaluation
-        folder.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(done, cell, f"the result of {folder}")
-        return cell
     from twinlm.finetune import finetune
 
     summary = finetune(cfg)
@@ -336,7 +361,7 @@ def run_cell(
     if noise is not None:
         cell["noise"] = noisy_scores(folder / "run" / "best", cfg, noise, cell["metric"])
     folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(done, cell, f"the result of {folder}")
+    write_json_atomic(folder / CELL_FILE, cell, f"the result of {folder}")
     if shared is not None:
         shared.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(shared, cell, "a shared finished cell")
@@ -488,31 +513,27 @@ def check_suite(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 @dataclasses.dataclass(frozen=True)
 class PlannedCell:
-    """One fine-tuning run of an evaluation: a model's (task, lr, seed), what `run_cell` takes."""
+    """One fine-tuning run of an evaluation: a model's (task, lr, seed), its config and fingerprint."""
 
     model: str  # the evaluated model's label
     task: str
     lr: float | None
     seed: int
     path: str
-    spec: SuiteTask
-    overrides: dict[str, Any]
+    cfg: Any
+    fingerprint: str
     folder: Path
     noise: Noise | None
     cache: Path | None
 
-    def run(self) -> dict:
-        return run_cell(self.path, self.task, self.spec, self.overrides, self.folder, self.noise, self.cache)
+    def finished(self) -> dict | None:
+        """Its result when it was finished before (here or in the shared cache): read back, not run."""
+        return finished_cell(self.fingerprint, self.path, self.folder, self.cache)
 
-    def done(self) -> bool:
-        """Finished before, here or in the shared cache, with the same fingerprint: it is read back, not run."""
-        fingerprint = _fingerprint(
-            self.path, cell_config(self.path, self.spec, self.overrides, self.folder), self.noise
+    def run(self) -> dict:
+        return fine_tune_cell(
+            self.path, self.task, self.cfg, self.fingerprint, self.folder, self.noise, self.cache
         )
-        if read_json(self.folder / CELL_FILE).get("fingerprint") == fingerprint:
-            return True
-        shared = self.cache / f"{fingerprint[:32]}.json" if self.cache is not None else None
-        return shared is not None and read_json(shared).get("fingerprint") == fingerprint
 
 
 def _plan_cells(
@@ -524,18 +545,14 @@ def _plan_cells(
         for lr in suite.lrs or [None]:
             for seed in suite.seeds:
                 baseline = model.kind == "checkpoint" and seed == suite.seeds[0]
+                path = model.path(seed, out)
+                folder = out / "runs" / _slug(model.label) / name / f"lr{lr}-seed{seed}"
+                overrides = _cell_overrides(suite, name, splits[name], seed, lr, baseline)
+                cfg = cell_config(path, spec, overrides, folder)
+                fingerprint = _fingerprint(path, cfg, suite.noise)
                 cells.append(
                     PlannedCell(
-                        model=model.label,
-                        task=name,
-                        lr=lr,
-                        seed=seed,
-                        path=model.path(seed, out),
-                        spec=spec,
-                        overrides=_cell_overrides(suite, name, splits[name], seed, lr, baseline),
-                        folder=out / "runs" / _slug(model.label) / name / f"lr{lr}-seed{seed}",
-                        noise=suite.noise,
-                        cache=cache,
+                        model.label, name, lr, seed, path, cfg, fingerprint, folder, suite.noise, cache
                     )
                 )
     return cells
@@ -602,30 +619,33 @@ def run_cells(cells: list[PlannedCell], jobs: int = 1) -> tuple[dict[tuple, dict
     stops them all (each stops as a single run does: its cell is not recorded)."""
     from twinlm.stopping import check_stop
 
-    fresh = [_key(c) for c in cells if not c.done()]
     results: dict[tuple, dict] = {}
+    todo: list[PlannedCell] = []
     for cell in cells:  # in order: read back, or (one job) run
-        if jobs > 1 and _key(cell) in fresh:
-            continue
         check_stop(RESUME_HINT)
-        results[_key(cell)] = cell.run()
-        if _key(cell) in fresh:
+        found = cell.finished()
+        if found is not None:
+            results[_key(cell)] = found
+        elif jobs == 1:
+            results[_key(cell)] = cell.run()
+            todo.append(cell)
             _announce(cell, results[_key(cell)], len(results), len(cells))
-    if len(results) < len(cells):
-        todo = [c for c in cells if _key(c) not in results]
+        else:
+            todo.append(cell)
+    if jobs > 1 and todo:
         results.update(_run_in_workers(todo, jobs, len(results), len(cells)))
-    return results, fresh
+    return results, [_key(c) for c in todo]
 
 
 def _run_in_workers(cells: list[PlannedCell], jobs: int, finished: int, total: int) -> dict[tuple, dict]:
     import multiprocessing
     import os
     import queue
-    import signal
+    from unittest import mock
 
     import torch
 
-    from twinlm.stopping import raise_interrupted, stop_requested
+    from twinlm.stopping import stop_requested
 
     context = multiprocessing.get_context("spawn")  # no forked torch thread pools
     todo, done = context.Queue(), context.Queue()
@@ -637,25 +657,19 @@ def _run_in_workers(cells: list[PlannedCell], jobs: int, finished: int, total: i
     ]
     for _ in workers:
         todo.put(None)
-    quiet = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"  # read by tqdm at import: the workers draw no interleaved progress bars
-    try:  # (this process prints a line per finished cell instead)
+    # tqdm reads TQDM_DISABLE at import: the workers draw no interleaved bars (a line per cell is printed here)
+    with mock.patch.dict(os.environ, {"TQDM_DISABLE": "1"}):
         for worker in workers:
             worker.start()
-    finally:
-        if quiet is None:
-            del os.environ["TQDM_DISABLE"]
-        else:
-            os.environ["TQDM_DISABLE"] = quiet
     results: dict[tuple, dict] = {}
     failure: tuple[str, str] | None = None
     forwarded = False
     try:
         while len(results) < len(cells) and failure is None:
             if stop_requested() is not None and not forwarded:  # each worker stops as a single run would
-                for worker in workers:  # SIGTERM: a Ctrl-C at a terminal reached them already, and a second
-                    if worker.is_alive() and worker.pid is not None:  # SIGINT would stop them at once
-                        os.kill(worker.pid, signal.SIGTERM)
+                for worker in workers:  # SIGTERM (terminate): a Ctrl-C at a terminal reached them already,
+                    if worker.is_alive():  # and a second SIGINT would stop them at once
+                        worker.terminate()
                 forwarded = True
             try:
                 index, result, error = done.get(timeout=0.5)
@@ -675,13 +689,19 @@ def _run_in_workers(cells: list[PlannedCell], jobs: int, finished: int, total: i
                 worker.terminate()
             worker.join(timeout=None if failure is None else 30)
     if failure is not None:
-        kind, message = failure
-        if kind == "interrupted" or stop_requested() is not None:  # (a worker signalled before it listened)
-            raise_interrupted(stop_requested() or "SIGTERM", RESUME_HINT)
-        if kind == "error":
-            raise TwinLMError(message)
-        raise RuntimeError(f"a fine-tuning cell failed in its worker process: {message}")
+        _raise_worker_failure(*failure)
     return results
+
+
+def _raise_worker_failure(kind: str, message: str) -> None:
+    """A worker's failure, raised here as the single process would have raised it."""
+    from twinlm.stopping import raise_interrupted, stop_requested
+
+    if kind == "interrupted" or stop_requested() is not None:  # (a worker signalled before it listened)
+        raise_interrupted(stop_requested() or "SIGTERM", RESUME_HINT)
+    if kind == "error":
+        raise TwinLMError(message)
+    raise RuntimeError(f"a fine-tuning cell failed in its worker process: {message}")
 
 
 def _cell_worker(todo: Any, done: Any, threads: int) -> None:
