@@ -350,7 +350,8 @@ def test_a_signal_stops_the_worker_processes_and_records_no_partial_cell(suite_d
     import time
 
     long = yaml.safe_load((suite_dir / "task.yaml").read_text())
-    long["training"].update(max_steps=100_000, eval_every=0, early_stopping_patience=None)  # runs until stopped
+    # it runs until it is stopped
+    long["training"].update(max_steps=100_000, eval_every=0, early_stopping_patience=None)
     (tmp_path / "task.yaml").write_text(yaml.safe_dump(long))
     suite = yaml.safe_load((suite_dir / "suite.yaml").read_text())
     suite["tasks"]["sentiment"]["config"] = str(tmp_path / "task.yaml")
