@@ -370,5 +370,6 @@ def test_a_signal_stops_the_worker_processes_and_records_no_partial_cell(suite_d
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
     assert "interrupted by SIGTERM" in stderr and "run the same command again" in stderr
+    assert "finetune:" not in stderr  # the workers draw no progress bars (the parent prints a line per cell)
     assert "Traceback" not in stderr, stderr[-2000:]
     assert not list(out.glob("runs/**/cell.json"))  # no partial run became a finished cell

@@ -7,6 +7,7 @@ HubPublisher (background pushes, and a clear verdict when they failed).
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -91,7 +92,9 @@ class MetricsLogger:
             initial=state.step,
             desc=self.desc,
             unit="step",
-            disable=not engine.accelerator.is_main_process,
+            # an explicit `disable` overrides tqdm's own TQDM_DISABLE, so it is read here (evaluation's workers set it)
+            disable=not engine.accelerator.is_main_process
+            or os.environ.get("TQDM_DISABLE", "").lower() not in ("", "0", "false"),
             dynamic_ncols=True,
         )
 
