@@ -302,3 +302,33 @@ def test_rtd_deepspeed_zero2(assets: dict[str, Path], tmp_path: Path) -> None:
     config = json.loads((out / "final" / "config.json").read_text())
     assert config["architectures"] == ["TwinLMForPreTraining"]
     assert (out / "generator" / "model.safetensors").is_file()
+
+
+def test_saving_tied_weights_raises_no_alarm_but_other_shared_storage_does(tmp_path: Path, caplog) -> None:
+    """accelerate's save_state drops every alias of a shared tensor and warns "Removed shared tensor ... check
+    by verifying ...". For the models' own ties (the LM head on the embeddings, RTD's shared embeddings) the
+    model is tied again before a resume fills it, so the checkpoint says nothing; storage shared any other way
+    still warns."""
+    from accelerate import Accelerator
+    from conftest import tiny_config
+
+    from twinlm import TwinLMForMaskedLM
+    from twinlm.training.checkpoint import save_checkpoint
+
+    class Aliased(torch.nn.Module):  # two Parameters over one storage: not a tie a rebuilt model restores
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.nn.Parameter(torch.ones(4))
+            self.b = torch.nn.Parameter(self.a.data)
+
+    notices = {}
+    for name, model in [("rtd", _pair()), ("mlm", TwinLMForMaskedLM(tiny_config())), ("aliased", Aliased())]:
+        accelerator = Accelerator(cpu=True)
+        accelerator.prepare(model)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            path = save_checkpoint(accelerator, tmp_path / name, 1, {"step": 1}, keep_last=1)
+        assert (path / "model.safetensors").exists()
+        notices[name] = [r.getMessage() for r in caplog.records if "Removed shared tensor" in r.getMessage()]
+    assert notices["rtd"] == [] and notices["mlm"] == []
+    assert len(notices["aliased"]) == 1 and "'b'" in notices["aliased"][0]

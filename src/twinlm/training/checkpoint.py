@@ -13,8 +13,11 @@ deletes the newest intact checkpoint.
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -342,7 +345,8 @@ def save_checkpoint(
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     try:
-        accelerator.save_state(str(tmp))
+        with _quiet_about_tied_weights(accelerator):
+            accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()  # all ranks' files are written before the manifest and the rename
         if main:
             _write_synced(tmp / STATE_FILE, json.dumps(train_state, indent=2))
@@ -359,6 +363,47 @@ def save_checkpoint(
         rotate_checkpoints(output_dir, keep_last)
     accelerator.wait_for_everyone()
     return final
+
+
+class _TiedWeightsNotice(logging.Filter):
+    """Drops accelerate's "Removed shared tensor {...} while saving. This should be OK, but check ..." when every
+    name it removed is an alias of one of the models' parameters (a tied LM head, RTD's shared embeddings): the
+    model is built tied again before `load_state` fills it, so nothing is lost. Any other shared storage still
+    warns."""
+
+    PATTERN = re.compile(r"Removed shared tensor (\{.*\}) while saving")
+
+    def __init__(self, aliases: set[str]) -> None:
+        super().__init__()
+        self.aliases = aliases
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        found = self.PATTERN.search(record.getMessage())  # after "[RANK n] "
+        if found is None:
+            return True
+        try:
+            removed = ast.literal_eval(found.group(1))
+        except (ValueError, SyntaxError):
+            return True
+        return not (isinstance(removed, set) and removed <= self.aliases)
+
+
+@contextlib.contextmanager
+def _quiet_about_tied_weights(accelerator: Accelerator):
+    """`save_state` with `_TiedWeightsNotice` on accelerate's logger (the aliases: every parameter name that
+    shares its Parameter with another name, in each prepared model)."""
+    aliases: set[str] = set()
+    for model in accelerator._models:
+        names: dict[int, list[str]] = {}
+        for name, parameter in accelerator.unwrap_model(model).named_parameters(remove_duplicate=False):
+            names.setdefault(id(parameter), []).append(name)
+        aliases.update(name for group in names.values() if len(group) > 1 for name in group)
+    notice, logger = _TiedWeightsNotice(aliases), logging.getLogger("accelerate.utils.other")
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
 
 
 def rotate_checkpoints(output_dir: Path, keep_last: int) -> None:
