@@ -657,7 +657,7 @@ def _run_in_workers(cells: list[PlannedCell], jobs: int, finished: int, total: i
     ]
     for _ in workers:
         todo.put(None)
-    # tqdm reads TQDM_DISABLE at import: the workers draw no interleaved bars (a line per cell is printed here)
+    # the workers inherit TQDM_DISABLE (read by tqdm and by the training bar): no interleaved bars, a line per cell here
     with mock.patch.dict(os.environ, {"TQDM_DISABLE": "1"}):
         for worker in workers:
             worker.start()
