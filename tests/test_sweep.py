@@ -72,7 +72,8 @@ def test_a_sweep_runs_its_trials_shares_the_tokenizer_and_resumes(sweep_file: Pa
         task = row["tasks"]["sentiment"]
         assert 0 <= task["mean"] <= 1 and row["gain"] is not None and row["control_average"] is not None
     table = (out / "sweep.md").read_text()
-    assert "| a | run.yaml |" in table and "steps of a" in table and "- **a**: the base" in table
+    assert "| a | run.yaml |" in table and "- **a**: the base" in table
+    assert "| b | run.yaml (training.lr=0.001, training.max_minutes=5; steps of a) |" in table
     (comparison,) = json.loads((out / "sweep.json").read_text())["comparisons"]
     diff = rows[1]["average"]["per_seed"][0] - rows[0]["average"]["per_seed"][0]
     assert (comparison["a"], comparison["b"]) == ("b", "a") and comparison["mean"] == pytest.approx(diff)
@@ -143,3 +144,18 @@ def test_the_shipped_sweep_validates() -> None:
         assert task_text == trial.name.endswith("tapt"), (
             trial.name
         )  # only the labelled variant reads task text
+
+
+def test_the_table_names_a_step_replica_without_stray_separators_and_signs_only_the_gain() -> None:
+    from twinlm.sweep import format_table
+
+    score = {"mean": 0.8, "std": 0.01}
+    row = {
+        "trial": "again", "config": "configs/run.yaml", "overrides": {}, "steps_from": "base",
+        "objective": "masked-lm", "steps": 4960, "tokens_seen": 20.3e6, "train_seconds": 1800.0,
+        "validation": {"val_loss": 3.75}, "tasks": {"t": {**score, "above_baseline": True}},
+        "average": score, "control_average": {"mean": 0.78, "std": 0.02}, "gain": {"mean": 0.02, "std": 0.005},
+    }
+    table = format_table([row])
+    assert "| again | run.yaml (steps of base) | masked-lm | 4,960 | 20.3M | 30.0 | 3.750 |" in table
+    assert "| +2.00 ± 0.50 | 1/1 |" in table and "± +" not in table

@@ -328,7 +328,7 @@ def compare_rows(rows: list[dict[str, Any]], pairs: list[tuple[str, str]]) -> li
 def _pm(value: dict[str, float] | None, scale: float = 1.0, spec: str = ".4f") -> str:
     if not value:
         return ""
-    return f"{value['mean'] * scale:{spec}} ± {value['std'] * scale:{spec}}"
+    return f"{value['mean'] * scale:{spec}} ± {value['std'] * scale:{spec.lstrip('+')}}"
 
 
 def _validation(row: dict[str, Any]) -> str:
@@ -352,8 +352,9 @@ def format_table(rows: list[dict[str, Any]], comparisons: list[dict[str, Any]] =
     ]
     for r in rows:
         overrides = ", ".join(f"{k}={json.dumps(v)}" for k, v in r["overrides"].items())
-        budget = f"; steps of {r['steps_from']}" if r.get("steps_from") else ""
-        config = f"{Path(r['config']).name}" + (f" ({overrides}{budget})" if overrides or budget else "")
+        budget = f"steps of {r['steps_from']}" if r.get("steps_from") else ""
+        described = "; ".join(part for part in (overrides, budget) if part)
+        config = f"{Path(r['config']).name}" + (f" ({described})" if described else "")
         scores = [_pm(r.get("tasks", {}).get(name)) for name in tasks]
         above = (
             r.get("tasks") and f"{sum(t['above_baseline'] for t in r['tasks'].values())}/{len(r['tasks'])}"
