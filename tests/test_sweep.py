@@ -151,10 +151,19 @@ def test_the_table_names_a_step_replica_without_stray_separators_and_signs_only_
 
     score = {"mean": 0.8, "std": 0.01}
     row = {
-        "trial": "again", "config": "configs/run.yaml", "overrides": {}, "steps_from": "base",
-        "objective": "masked-lm", "steps": 4960, "tokens_seen": 20.3e6, "train_seconds": 1800.0,
-        "validation": {"val_loss": 3.75}, "tasks": {"t": {**score, "above_baseline": True}},
-        "average": score, "control_average": {"mean": 0.78, "std": 0.02}, "gain": {"mean": 0.02, "std": 0.005},
+        "trial": "again",
+        "config": "configs/run.yaml",
+        "overrides": {},
+        "steps_from": "base",
+        "objective": "masked-lm",
+        "steps": 4960,
+        "tokens_seen": 20.3e6,
+        "train_seconds": 1800.0,
+        "validation": {"val_loss": 3.75},
+        "tasks": {"t": {**score, "above_baseline": True}},
+        "average": score,
+        "control_average": {"mean": 0.78, "std": 0.02},
+        "gain": {"mean": 0.02, "std": 0.005},
     }
     table = format_table([row])
     assert "| again | run.yaml (steps of base) | masked-lm | 4,960 | 20.3M | 30.0 | 3.750 |" in table
