@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from twinlm.stats import compare, summarize
+from twinlm.stats import compare, compare_summaries, summarize
 
 
 def test_paired_t_test_matches_scipy_and_its_interval():
@@ -21,6 +21,18 @@ def test_welch_t_test_for_unpaired_runs():
     assert result.test == "Welch's t-test" and result.p_value == pytest.approx(0.595024, rel=1e-5)
     assert not result.significant and result.verdict() == "no measurable difference at 0.05"
     assert result.low < 0 < result.high
+
+
+def test_welch_from_means_and_stds_is_the_test_on_the_values():
+    a, b = [0.84, 0.835, 0.85], [0.80, 0.81, 0.795]
+    on_values = compare(a, b)
+    sa, sb = summarize(a), summarize(b)
+    on_summaries = compare_summaries((sa.mean, sa.std, sa.n), (sb.mean, sb.std, sb.n))
+    assert on_summaries.test == on_values.test == "Welch's t-test"
+    for field in ("difference", "low", "high", "p_value"):
+        assert getattr(on_summaries, field) == pytest.approx(getattr(on_values, field), rel=1e-9), field
+    assert compare_summaries((0.8, 0.0, 3), (0.7, 0.0, 3)).test == "untested: no spread on either side"
+    assert compare_summaries((0.8, 0.01, 1), (0.7, 0.01, 3)).p_value is None
 
 
 def test_untested_with_one_seed_or_no_spread():

@@ -168,3 +168,72 @@ def test_the_table_names_a_step_replica_without_stray_separators_and_signs_only_
     table = format_table([row])
     assert "| again | run.yaml (steps of base) | masked-lm | 4,960 | 20.3M | 30.0 | 3.750 |" in table
     assert "| +2.00 ± 0.50 | 1/1 |" in table and "± +" not in table
+
+
+def test_a_recorded_sweep_outlives_its_output_folder(sweep_file: Path, capsys) -> None:
+    """RECORD (a folder kept in git) keeps each finished trial's row and the table: with OUT gone, as on a new
+    checkout, the table is the same, a steps_from trial takes its steps from the record, and a trial whose
+    settings changed since is left out of the table instead of shown with them."""
+    import shutil
+
+    from twinlm.sweep import Sweep, load_sweep
+
+    record = sweep_file.parent / "record"
+    sweep = load_sweep(sweep_file, [f"record={record}"])
+    Sweep(sweep).run(["a"])
+    row_a = json.loads((record / "a.json").read_text())
+    assert row_a["average"]["per_seed"] and row_a["fingerprint"] and (record / "sweep.md").is_file()
+    shutil.rmtree(sweep.out)
+
+    rows = Sweep(sweep).run(["b"])  # b runs a's steps, which only the record still knows
+    assert [r["trial"] for r in rows] == ["a", "b"] and rows[0] == row_a
+    assert rows[1]["steps"] == row_a["steps"] == 3 and json.loads((record / "b.json").read_text()) == rows[1]
+    (comparison,) = json.loads((record / "sweep.json").read_text())["comparisons"]
+    assert comparison["basis"] == "the same seeds" and comparison["per_seed"] is not None
+    assert (record / "sweep.md").read_text() == (sweep.out / "sweep.md").read_text()
+
+    shutil.rmtree(sweep.out)
+    values = yaml.safe_load(sweep_file.read_text())
+    values["trials"][0]["overrides"] = {"training.lr": 5.0e-4}
+    sweep_file.write_text(yaml.safe_dump(values))
+    rows = Sweep(load_sweep(sweep_file, [f"record={record}"])).write_table()
+    assert [r["trial"] for r in rows] == ["b"]
+    assert "recorded with other settings than trial 'a' has now" in capsys.readouterr().out
+
+
+def test_rows_without_per_seed_scores_keep_their_earlier_comparison_or_get_welchs() -> None:
+    from twinlm.stats import compare_summaries
+    from twinlm.sweep import compare_rows, format_table
+
+    def row(name: str, mean: float, per_seed: list[float] | None, fingerprint: str) -> dict:
+        average = {"mean": mean, "std": 0.01, **({"per_seed": per_seed} if per_seed else {})}
+        return {
+            "trial": name,
+            "fingerprint": fingerprint,
+            "config": "configs/run.yaml",
+            "overrides": {},
+            "objective": "masked-lm",
+            "steps": 10,
+            "tokens_seen": 1e6,
+            "train_seconds": 1800.0,
+            "validation": {"val_loss": 3.0},
+            "seeds": [0, 1, 2],
+            "tasks": {"t": {"mean": mean, "std": 0.01, "above_baseline": True}},
+            "average": average,
+            **({} if per_seed else {"transcribed_from": "an earlier table"}),
+        }
+
+    old = row("old", 0.84, None, "f-old")
+    new = row("new", 0.83, [0.82, 0.83, 0.84], "f-new")
+    (welch,) = compare_rows([old, new], [("new", "old")])
+    expected = compare_summaries((0.83, 0.01, 3), (0.84, 0.01, 3))
+    assert welch["test"]["p_value"] == pytest.approx(expected.p_value) and welch["per_seed"] is None
+    assert welch["basis"] == "unpaired, from means and stds: old's per-seed scores were not kept"
+    table = format_table([old, new], [welch])
+    assert "- **new - old** (suite average, unpaired, from means and stds: old's" in table
+    assert "- rows old: an earlier table" in table
+
+    kept = {**welch, "basis": "the same seeds", "fingerprints": ["f-new", "f-old"]}
+    assert compare_rows([old, new], [("new", "old")], [kept]) == [kept]  # the paired test run back then
+    stale = {**kept, "fingerprints": ["f-new", "f-older"]}  # old was re-run since
+    assert compare_rows([old, new], [("new", "old")], [stale])[0]["basis"].startswith("unpaired")

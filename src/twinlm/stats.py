@@ -146,4 +146,28 @@ def compare(a: Sequence[float], b: Sequence[float], paired: bool = False, alpha:
     )
 
 
-__all__ = ["ALPHA", "Comparison", "Summary", "compare", "summarize"]
+def compare_summaries(
+    a: tuple[float, float, int], b: tuple[float, float, int], alpha: float = ALPHA
+) -> Comparison:
+    """Welch's t-test of mean(a) - mean(b) from each side's (mean, sample std, count), for results whose
+    values were not kept (the same test `compare` runs on the values, with Welch-Satterthwaite's degrees of
+    freedom); untested with fewer than 2 values a side or no spread on either."""
+    from scipy import stats as scipy_stats
+
+    (mean_a, std_a, n_a), (mean_b, std_b, n_b) = a, b
+    difference = float(mean_a) - float(mean_b)
+    if min(n_a, n_b) < 2:
+        return Comparison("untested: one seed", difference, None, None, None, n_a, n_b, alpha)
+    var_a, var_b = float(std_a) ** 2 / n_a, float(std_b) ** 2 / n_b
+    if var_a + var_b <= 0.0:
+        return Comparison("untested: no spread on either side", difference, None, None, None, n_a, n_b, alpha)
+    df = (var_a + var_b) ** 2 / (var_a**2 / (n_a - 1) + var_b**2 / (n_b - 1))
+    error = math.sqrt(var_a + var_b)
+    p_value = float(2 * scipy_stats.t.sf(abs(difference) / error, df))
+    half = float(scipy_stats.t.ppf(1 - alpha / 2, df)) * error
+    return Comparison(
+        "Welch's t-test", difference, difference - half, difference + half, p_value, n_a, n_b, alpha
+    )
+
+
+__all__ = ["ALPHA", "Comparison", "Summary", "compare", "compare_summaries", "summarize"]

@@ -8,6 +8,14 @@ finished trials goes to OUT/sweep.md and OUT/sweep.json: config and overrides, o
 training minutes, validation loss, each task's score (mean ± std over seeds), the suite average, the
 control's, the gain over it, and how many tasks beat their baseline by more than one standard deviation.
 
+Results kept in git. OUT holds checkpoints and is not committed, so a sweep that spans sessions (each on a new
+checkout) names `record:`, a folder in the repository: each finished trial's row (per-seed scores included)
+goes to RECORD/NAME.json and the table to RECORD/sweep.md and sweep.json as soon as it is known. A trial whose
+run folder is gone is tabulated from its record (and a `steps_from` trial takes its steps from it); a record
+made with other settings than the trial has now is left out. A comparison [A, B] is a paired t-test where both
+rows keep their per-seed scores; rows without them (transcribed from an earlier table) keep the comparison
+that table made of the same two rows, else get Welch's t-test on their means and stds.
+
 Tokenizers. Trials whose tokenizer settings and sources are the same share one tokenizer: the first such trial
 trains it, the others read it (`tokenizer.path`, OUT/tokenizers/KEY). Tokenizer training is not deterministic in
 the order of its ids, so retrained tokenizers would differ trivially from trial to trial, and each would have
@@ -66,6 +74,11 @@ class SweepConfig(Section):
 
     suite: Path
     out: Path = Path("outputs/sweep")
+    record: Path | None = Field(
+        None,
+        description="a folder kept in git (e.g. docs/recipes/sweep-cpu-30min): each finished trial's row, "
+        "per-seed scores included, and the table, which outlive OUT (checkpoints, not committed)",
+    )
     evaluate_overrides: dict[str, Any] = Field(default_factory=dict, description="e.g. {seeds: [0]}")
     trials: list[Trial] = Field(min_length=1)
     compare: list[tuple[str, str]] = Field(
@@ -127,6 +140,26 @@ class Sweep:
         self.sweep, self.smoke = sweep, smoke
         self.out = Path(f"{sweep.out}-smoke") if smoke else sweep.out
 
+    @property
+    def record(self) -> Path | None:
+        return None if self.smoke else self.sweep.record
+
+    def trial(self, name: str) -> Trial:
+        return next(t for t in self.sweep.trials if t.name == name)
+
+    def recorded(self, trial: Trial) -> dict[str, Any] | None:
+        """The trial's row as RECORD/NAME.json keeps it, when recorded with the trial's present settings."""
+        if self.record is None:
+            return None
+        row = _maybe_json(self.record / f"{trial.name}.json")
+        if row is not None and row.get("fingerprint") != _fingerprint(trial):
+            print(
+                f"{self.record / (trial.name + '.json')}: recorded with other settings than trial "
+                f"{trial.name!r} has now (its config file or overrides changed); left out of the table"
+            )
+            return None
+        return row
+
     def shared_tokenizer(self, trial: Trial) -> Path | None:
         """Where the tokenizer of the trials with this trial's tokenizer settings and sources is kept (None
         when the trial's config names a tokenizer itself): trained once, before the first such trial."""
@@ -169,9 +202,13 @@ class Sweep:
         if trial.steps_from is not None:
             other = _maybe_json(self.out / trial.steps_from / "pretrain" / "summary.json")
             if not other or not other.get("final_model"):
+                other = self.recorded(self.trial(trial.steps_from))  # (its row keeps its steps)
+            if not other:
                 raise TwinLMError(
                     f"trial {trial.name!r} runs the steps of {trial.steps_from!r}, which has not finished "
-                    f"pretraining in {self.out / trial.steps_from}: run it first"
+                    f"pretraining in {self.out / trial.steps_from}"
+                    + (f" nor in the record {self.record}" if self.record is not None else "")
+                    + ": run it first"
                 )
             settings.update({"training.max_minutes": None, "training.max_steps": int(other["steps"])})
         return settings
@@ -242,10 +279,8 @@ class Sweep:
             return None
         row: dict[str, Any] = {
             "trial": trial.name,
-            "note": trial.note,
-            "config": str(trial.config),
-            "overrides": trial.overrides,
-            "steps_from": trial.steps_from,
+            "fingerprint": _fingerprint(trial),
+            **self.row_facts(trial),
             **{
                 k: summary.get(k)
                 for k in ("objective", "parameters", "steps", "tokens_seen", "train_seconds")
@@ -277,30 +312,66 @@ class Sweep:
             )
         return row
 
+    def rows(self) -> list[dict[str, Any]]:
+        """Each finished trial's row: from OUT, or as RECORD keeps it where OUT holds less (a later checkout
+        without OUT, or an evaluation not yet finished there). A row made from OUT is recorded."""
+        from twinlm.fileio import write_json_atomic
+
+        if self.record is not None:
+            self.record.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for trial in self.sweep.trials:
+            fresh, kept = self.row(trial), self.recorded(trial)
+            if fresh is not None and (fresh.get("average") or not (kept and kept.get("average"))):
+                if self.record is not None and fresh != kept:
+                    write_json_atomic(self.record / f"{trial.name}.json", fresh, f"trial {trial.name}'s row")
+                rows.append(fresh)
+            elif kept is not None:  # the trial's present note and settings, the recorded results
+                rows.append({**kept, **self.row_facts(trial)})
+        return rows
+
+    @staticmethod
+    def row_facts(trial: Trial) -> dict[str, Any]:
+        return {
+            "note": trial.note,
+            "config": str(trial.config),
+            "overrides": trial.overrides,
+            "steps_from": trial.steps_from,
+        }
+
     def write_table(self) -> list[dict[str, Any]]:
-        """OUT/sweep.json and OUT/sweep.md: every finished trial, and the comparisons of evaluated ones."""
+        """OUT/sweep.json and OUT/sweep.md (and the same in RECORD): every finished trial, and the
+        comparisons of evaluated ones."""
         from twinlm.fileio import write_json_atomic, write_text_atomic
 
-        rows = [r for r in (self.row(t) for t in self.sweep.trials) if r is not None]
-        comparisons = compare_rows(rows, self.sweep.compare)
-        write_json_atomic(
-            self.out / "sweep.json", {"trials": rows, "comparisons": comparisons}, "the sweep table"
-        )
-        write_text_atomic(self.out / "sweep.md", format_table(rows, comparisons), "the sweep table")
+        rows = self.rows()
+        kept = (_maybe_json(self.record / "sweep.json") or {}) if self.record is not None else {}
+        comparisons = compare_rows(rows, self.sweep.compare, kept.get("comparisons", ()))
+        for folder in [self.out, *([self.record] if self.record is not None else [])]:
+            folder.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(
+                folder / "sweep.json", {"trials": rows, "comparisons": comparisons}, "the sweep table"
+            )
+            write_text_atomic(folder / "sweep.md", format_table(rows, comparisons), "the sweep table")
         return rows
 
 
-def compare_rows(rows: list[dict[str, Any]], pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
+def compare_rows(
+    rows: list[dict[str, Any]], pairs: list[tuple[str, str]], kept: Any = ()
+) -> list[dict[str, Any]]:
     """For each [A, B] whose evaluations both finished on the same seeds: A - B on the suite average, seed by
     seed (a paired t-test, twinlm.stats), and whether their training times were equal
-    (twinlm.evaluation.EQUAL_TIME_TOLERANCE)."""
+    (twinlm.evaluation.EQUAL_TIME_TOLERANCE). Where one side's per-seed scores were not kept (a row
+    transcribed from an earlier table): the comparison `kept` from an earlier table of the same two rows
+    (same fingerprints), else Welch's t-test on the two means and stds (unpaired: wider)."""
     import dataclasses
     import statistics
 
     from twinlm.evaluation import equal_time
-    from twinlm.stats import compare
+    from twinlm.stats import compare, compare_summaries
 
     by_name = {r["trial"]: r for r in rows}
+    earlier = {(c["a"], c["b"]): c for c in kept}
     found = []
     for a, b in pairs:
         first, second = by_name.get(a), by_name.get(b)
@@ -308,18 +379,48 @@ def compare_rows(rows: list[dict[str, Any]], pairs: list[tuple[str, str]]) -> li
             continue
         if first["seeds"] != second["seeds"]:
             continue
-        x, y = first["average"]["per_seed"], second["average"]["per_seed"]
-        diffs = [p - q for p, q in zip(x, y, strict=True)]
+        timing = {
+            "train_minutes": [first["train_seconds"] / 60, second["train_seconds"] / 60],
+            "equal_time": equal_time([first, second]),
+            "fingerprints": [first.get("fingerprint"), second.get("fingerprint")],
+        }
+        x, y = first["average"].get("per_seed"), second["average"].get("per_seed")
+        if x and y:
+            diffs = [p - q for p, q in zip(x, y, strict=True)]
+            test = compare(x, y, paired=True)
+            found.append(
+                {
+                    "a": a,
+                    "b": b,
+                    "per_seed": diffs,
+                    "mean": statistics.fmean(diffs),
+                    "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
+                    "test": dataclasses.asdict(test),
+                    "basis": "the same seeds",
+                    **timing,
+                }
+            )
+            continue
+        old = earlier.get((a, b))
+        if old is not None and old.get("fingerprints") == timing["fingerprints"]:
+            found.append(old)
+            continue
+        n = len(first["seeds"])
+        test = compare_summaries(
+            (first["average"]["mean"], first["average"]["std"], n),
+            (second["average"]["mean"], second["average"]["std"], n),
+        )
+        unkept = " and ".join(r["trial"] for r in (first, second) if not r["average"].get("per_seed"))
         found.append(
             {
                 "a": a,
                 "b": b,
-                "per_seed": diffs,
-                "mean": statistics.fmean(diffs),
-                "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
-                "test": dataclasses.asdict(compare(x, y, paired=True)),
-                "train_minutes": [first["train_seconds"] / 60, second["train_seconds"] / 60],
-                "equal_time": equal_time([first, second]),
+                "per_seed": None,
+                "mean": test.difference,
+                "std": None,
+                "test": dataclasses.asdict(test),
+                "basis": f"unpaired, from means and stds: {unkept}'s per-seed scores were not kept",
+                **timing,
             }
         )
     return found
@@ -375,8 +476,13 @@ def format_table(rows: list[dict[str, Any]], comparisons: list[dict[str, Any]] =
         ]
         lines.append("| " + " | ".join(cells) + " |")
     notes = [f"- **{r['trial']}**: {r['note']}" for r in rows if r.get("note")]
+    sources: dict[str, list[str]] = {}
+    for r in rows:
+        if r.get("transcribed_from"):
+            sources.setdefault(r["transcribed_from"], []).append(r["trial"])
+    notes += [f"- rows {', '.join(names)}: {source}" for source, names in sources.items()]
     compared = [
-        f"- **{c['a']} - {c['b']}** (suite average, the same seeds): "
+        f"- **{c['a']} - {c['b']}** (suite average, {c.get('basis', 'the same seeds')}): "
         f"{StatComparison(**c['test']).describe('points', scale=100, digits=3)}; training "
         f"{c['train_minutes'][0]:.1f} vs {c['train_minutes'][1]:.1f} minutes"
         + (" (equal time)" if c["equal_time"] else " (NOT equal time)" if c["equal_time"] is False else "")
