@@ -170,7 +170,7 @@ def test_the_table_names_a_step_replica_without_stray_separators_and_signs_only_
     assert "| +2.00 ± 0.50 | 1/1 |" in table and "± +" not in table
 
 
-def test_a_recorded_sweep_outlives_its_output_folder(sweep_file: Path, capsys) -> None:
+def test_a_recorded_sweep_outlives_its_output_folder(sweep_file: Path, capsys, monkeypatch) -> None:
     """RECORD (a folder kept in git) keeps each finished trial's row and the table: with OUT gone, as on a new
     checkout, the table is the same, a steps_from trial takes its steps from the record, and a trial whose
     settings changed since is left out of the table instead of shown with them."""
@@ -192,7 +192,14 @@ def test_a_recorded_sweep_outlives_its_output_folder(sweep_file: Path, capsys) -
     assert comparison["basis"] == "the same seeds" and comparison["per_seed"] is not None
     assert (record / "sweep.md").read_text() == (sweep.out / "sweep.md").read_text()
 
-    shutil.rmtree(sweep.out)
+    import twinlm.training
+
+    shutil.rmtree(sweep.out)  # a new checkout: the whole sweep again runs nothing the record holds
+    monkeypatch.setattr(
+        twinlm.training, "pretrain", lambda *a, **k: pytest.fail("pretrained a recorded trial")
+    )
+    assert Sweep(sweep).run() == rows and "finished: its row is in" in capsys.readouterr().out
+    monkeypatch.undo()
     values = yaml.safe_load(sweep_file.read_text())
     values["trials"][0]["overrides"] = {"training.lr": 5.0e-4}
     sweep_file.write_text(yaml.safe_dump(values))

@@ -11,8 +11,8 @@ control's, the gain over it, and how many tasks beat their baseline by more than
 Results kept in git. OUT holds checkpoints and is not committed, so a sweep that spans sessions (each on a new
 checkout) names `record:`, a folder in the repository: each finished trial's row (per-seed scores included)
 goes to RECORD/NAME.json and the table to RECORD/sweep.md and sweep.json as soon as it is known. A trial whose
-run folder is gone is tabulated from its record (and a `steps_from` trial takes its steps from it); a record
-made with other settings than the trial has now is left out. A comparison [A, B] is a paired t-test where both
+run folder is gone is tabulated from its record and not run again (a `steps_from` trial takes its steps from
+it); a record made with other settings than the trial has now is left out, and the trial runs. A comparison [A, B] is a paired t-test where both
 rows keep their per-seed scores; rows without them (transcribed from an earlier table) keep the comparison
 that table made of the same two rows, else get Welch's t-test on their means and stds.
 
@@ -160,6 +160,15 @@ class Sweep:
             return None
         return row
 
+    def finished_in_record(self, trial: Trial) -> bool:
+        """Whether the record holds the trial's finished row (evaluated, unless the trial is not) and OUT
+        does not hold its pretraining: a trial a later checkout need not run again."""
+        summary = _maybe_json(self.out / trial.name / "pretrain" / "summary.json")
+        if summary and summary.get("final_model"):
+            return False  # OUT has it: run_trial goes on from there (an evaluation to finish, or nothing)
+        kept = self.recorded(trial)
+        return kept is not None and (bool(kept.get("average")) or not trial.evaluate)
+
     def shared_tokenizer(self, trial: Trial) -> Path | None:
         """Where the tokenizer of the trials with this trial's tokenizer settings and sources is kept (None
         when the trial's config names a tokenizer itself): trained once, before the first such trial."""
@@ -232,6 +241,12 @@ class Sweep:
                 check_stop(RESUME_HINT)
                 overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in _pairs(trial.overrides))
                 print(f"\n=== sweep trial {trial.name}: {trial.config} {overrides}".rstrip())
+                if self.finished_in_record(trial):
+                    print(
+                        f"finished: its row is in {self.record / (trial.name + '.json')} (delete that file, "
+                        "and its folder in OUT if any, to run it again)"
+                    )
+                    continue
                 self.run_trial(trial)
                 self.write_table()
             return self.write_table()
