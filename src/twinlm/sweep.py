@@ -12,9 +12,10 @@ Results kept in git. OUT holds checkpoints and is not committed, so a sweep that
 checkout) names `record:`, a folder in the repository: each finished trial's row (per-seed scores included)
 goes to RECORD/NAME.json and the table to RECORD/sweep.md and sweep.json as soon as it is known. A trial whose
 run folder is gone is tabulated from its record and not run again (a `steps_from` trial takes its steps from
-it); a record made with other settings than the trial has now is left out, and the trial runs. A comparison [A, B] is a paired t-test where both
-rows keep their per-seed scores; rows without them (transcribed from an earlier table) keep the comparison
-that table made of the same two rows, else get Welch's t-test on their means and stds.
+it); a record made with other settings than the trial has now is left out, and the trial runs. A comparison
+[A, B] is a paired t-test where both rows keep their per-seed scores; rows without them (transcribed from an
+earlier table) keep the comparison that table made of the same two rows, else get Welch's t-test on their
+means and stds.
 
 Tokenizers. Trials whose tokenizer settings and sources are the same share one tokenizer: the first such trial
 trains it, the others read it (`tokenizer.path`, OUT/tokenizers/KEY). Tokenizer training is not deterministic in
@@ -36,6 +37,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -160,11 +162,15 @@ class Sweep:
             return None
         return row
 
+    def pretrained(self, name: str) -> dict[str, Any] | None:
+        """The summary of trial `name`'s pretraining in OUT when it finished (None otherwise)."""
+        summary = _maybe_json(self.out / name / "pretrain" / "summary.json")
+        return summary if summary and summary.get("final_model") else None
+
     def finished_in_record(self, trial: Trial) -> bool:
         """Whether the record holds the trial's finished row (evaluated, unless the trial is not) and OUT
         does not hold its pretraining: a trial a later checkout need not run again."""
-        summary = _maybe_json(self.out / trial.name / "pretrain" / "summary.json")
-        if summary and summary.get("final_model"):
+        if self.pretrained(trial.name):
             return False  # OUT has it: run_trial goes on from there (an evaluation to finish, or nothing)
         kept = self.recorded(trial)
         return kept is not None and (bool(kept.get("average")) or not trial.evaluate)
@@ -209,10 +215,8 @@ class Sweep:
         if self.smoke:
             return {**settings, **SMOKE}
         if trial.steps_from is not None:
-            other = _maybe_json(self.out / trial.steps_from / "pretrain" / "summary.json")
-            if not other or not other.get("final_model"):
-                other = self.recorded(self.trial(trial.steps_from))  # (its row keeps its steps)
-            if not other:
+            other = self.pretrained(trial.steps_from) or self.recorded(self.trial(trial.steps_from))
+            if not other:  # (a recorded row keeps the steps)
                 raise TwinLMError(
                     f"trial {trial.name!r} runs the steps of {trial.steps_from!r}, which has not finished "
                     f"pretraining in {self.out / trial.steps_from}"
@@ -269,8 +273,8 @@ class Sweep:
             )
         folder.mkdir(parents=True, exist_ok=True)
         write_json_atomic(folder / TRIAL_FILE, {"fingerprint": fingerprint, **trial.model_dump(mode="json")})
-        summary = _maybe_json(folder / "pretrain" / "summary.json")
-        if not (summary and summary.get("final_model") and Path(summary["final_model"]).is_dir()):
+        summary = self.pretrained(trial.name)
+        if not (summary and Path(summary["final_model"]).is_dir()):
             self.prepare_tokenizer(trial)
             summary = pretrain(trial.config, list(self.pretrain_overrides(trial).items()))
             if summary.get("interrupted_by"):
@@ -289,8 +293,8 @@ class Sweep:
     def row(self, trial: Trial) -> dict[str, Any] | None:
         """The table's row of a trial whose pretraining finished (scores once its evaluation did)."""
         folder = self.out / trial.name
-        summary = _maybe_json(folder / "pretrain" / "summary.json")
-        if not summary or not summary.get("final_model"):
+        summary = self.pretrained(trial.name)
+        if summary is None:
             return None
         row: dict[str, Any] = {
             "trial": trial.name,
@@ -332,8 +336,6 @@ class Sweep:
         without OUT, or an evaluation not yet finished there). A row made from OUT is recorded."""
         from twinlm.fileio import write_json_atomic
 
-        if self.record is not None:
-            self.record.mkdir(parents=True, exist_ok=True)
         rows = []
         for trial in self.sweep.trials:
             fresh, kept = self.row(trial), self.recorded(trial)
@@ -359,11 +361,13 @@ class Sweep:
         comparisons of evaluated ones."""
         from twinlm.fileio import write_json_atomic, write_text_atomic
 
+        folders = [self.out, *([self.record] if self.record is not None else [])]
+        for folder in folders:
+            folder.mkdir(parents=True, exist_ok=True)
         rows = self.rows()
         kept = (_maybe_json(self.record / "sweep.json") or {}) if self.record is not None else {}
         comparisons = compare_rows(rows, self.sweep.compare, kept.get("comparisons", ()))
-        for folder in [self.out, *([self.record] if self.record is not None else [])]:
-            folder.mkdir(parents=True, exist_ok=True)
+        for folder in folders:
             write_json_atomic(
                 folder / "sweep.json", {"trials": rows, "comparisons": comparisons}, "the sweep table"
             )
@@ -372,7 +376,7 @@ class Sweep:
 
 
 def compare_rows(
-    rows: list[dict[str, Any]], pairs: list[tuple[str, str]], kept: Any = ()
+    rows: list[dict[str, Any]], pairs: list[tuple[str, str]], kept: Iterable[dict[str, Any]] = ()
 ) -> list[dict[str, Any]]:
     """For each [A, B] whose evaluations both finished on the same seeds: A - B on the suite average, seed by
     seed (a paired t-test, twinlm.stats), and whether their training times were equal
@@ -399,42 +403,33 @@ def compare_rows(
             "equal_time": equal_time([first, second]),
             "fingerprints": [first.get("fingerprint"), second.get("fingerprint")],
         }
+        old = earlier.get((a, b))
         x, y = first["average"].get("per_seed"), second["average"].get("per_seed")
         if x and y:
             diffs = [p - q for p, q in zip(x, y, strict=True)]
-            test = compare(x, y, paired=True)
-            found.append(
-                {
-                    "a": a,
-                    "b": b,
-                    "per_seed": diffs,
-                    "mean": statistics.fmean(diffs),
-                    "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
-                    "test": dataclasses.asdict(test),
-                    "basis": "the same seeds",
-                    **timing,
-                }
+            test, basis = compare(x, y, paired=True), "the same seeds"
+            spread = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+        elif old is not None and old.get("fingerprints") == timing["fingerprints"]:
+            found.append(old)  # the paired test of an earlier table, whose per-seed scores are gone
+            continue
+        else:
+            n = len(first["seeds"])
+            test = compare_summaries(
+                (first["average"]["mean"], first["average"]["std"], n),
+                (second["average"]["mean"], second["average"]["std"], n),
             )
-            continue
-        old = earlier.get((a, b))
-        if old is not None and old.get("fingerprints") == timing["fingerprints"]:
-            found.append(old)
-            continue
-        n = len(first["seeds"])
-        test = compare_summaries(
-            (first["average"]["mean"], first["average"]["std"], n),
-            (second["average"]["mean"], second["average"]["std"], n),
-        )
-        unkept = " and ".join(r["trial"] for r in (first, second) if not r["average"].get("per_seed"))
+            unkept = " and ".join(r["trial"] for r in (first, second) if not r["average"].get("per_seed"))
+            diffs, spread = None, None
+            basis = f"unpaired, from means and stds: {unkept}'s per-seed scores were not kept"
         found.append(
             {
                 "a": a,
                 "b": b,
-                "per_seed": None,
-                "mean": test.difference,
-                "std": None,
+                "per_seed": diffs,
+                "mean": statistics.fmean(diffs) if diffs else test.difference,
+                "std": spread,
                 "test": dataclasses.asdict(test),
-                "basis": f"unpaired, from means and stds: {unkept}'s per-seed scores were not kept",
+                "basis": basis,
                 **timing,
             }
         )
