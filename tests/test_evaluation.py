@@ -373,3 +373,50 @@ def test_a_signal_stops_the_worker_processes_and_records_no_partial_cell(suite_d
     assert "finetune:" not in stderr  # the workers draw no progress bars (the parent prints a line per cell)
     assert "Traceback" not in stderr, stderr[-2000:]
     assert not list(out.glob("runs/**/cell.json"))  # no partial run became a finished cell
+
+
+class _LargeResultCell:
+    """A cell whose result is larger than a pipe holds: the worker's queue thread is still writing it (holding
+    the queue's shared write lock) after the worker's loop has ended. It says when it returns by a file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def run(self) -> dict:
+        self.marker.write_text("returning")
+        return {"blob": "x" * (8 << 20)}
+
+
+def test_a_signal_does_not_kill_a_worker_while_its_last_message_is_being_written(tmp_path):
+    """The evaluation's hang on SIGTERM (seen in CI): a worker killed half-way through writing its last message
+    left the result queue's lock held, and the other worker and the parent waited on it forever. A worker now
+    keeps its stop handlers until its messages are flushed: the signal only sets its flag, the parent reads
+    the whole message, and the worker exits by itself."""
+    import multiprocessing
+    import time
+
+    from twinlm.evaluation import _cell_worker
+
+    context = multiprocessing.get_context("spawn")
+    todo, done = context.Queue(), context.Queue()
+    todo.put((0, _LargeResultCell(tmp_path / "marker")))
+    todo.put(None)
+    worker = context.Process(target=_cell_worker, args=(todo, done, 1))
+    worker.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "marker").exists():
+            assert worker.is_alive() and time.monotonic() < deadline
+            time.sleep(0.1)
+        time.sleep(1.0)  # the result is being written; the loop has ended (the next item was None)
+        worker.terminate()  # SIGTERM
+        time.sleep(1.0)
+        assert worker.is_alive(), f"the worker was killed while writing (exit code {worker.exitcode})"
+        index, result, error = done.get(timeout=60)
+        assert (index, error) == (0, None) and len(result["blob"]) == 8 << 20
+        worker.join(timeout=60)
+        assert worker.exitcode == 0
+    finally:
+        if worker.is_alive():
+            worker.kill()
+        worker.join()

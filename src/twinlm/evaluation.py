@@ -38,6 +38,7 @@ from twinlm.stats import Comparison as StatComparison
 CELL_FILE = "cell.json"
 CONTROL_FILE = "control.json"
 RESUME_HINT = "the finished cells are kept: run the same command again to go on"
+WORKER_STOP_GRACE_SECONDS = 60.0  # a stopping worker finishes its step and saves its run; then it is killed
 EQUAL_TIME_TOLERANCE = 0.05  # training times within 5% of each other count as an equal-time comparison
 
 
@@ -649,6 +650,7 @@ def _run_in_workers(cells: list[PlannedCell], jobs: int, finished: int, total: i
 
     context = multiprocessing.get_context("spawn")  # no forked torch thread pools
     todo, done = context.Queue(), context.Queue()
+    todo.cancel_join_thread()  # cells no worker took are dropped at exit, not waited on (a stop leaves some)
     for index, cell in enumerate(cells):
         todo.put((index, cell))
     workers = [
@@ -664,13 +666,19 @@ def _run_in_workers(cells: list[PlannedCell], jobs: int, finished: int, total: i
     results: dict[tuple, dict] = {}
     failure: tuple[str, str] | None = None
     forwarded = False
+
+    def forward_stop() -> None:  # each worker stops as a single run would (SIGTERM only sets its stop flag)
+        nonlocal forwarded
+        if not forwarded:
+            forwarded = True
+            for worker in workers:  # a Ctrl-C at a terminal reached them already; a second would stop them at once
+                if worker.is_alive():
+                    worker.terminate()
+
     try:
         while len(results) < len(cells) and failure is None:
-            if stop_requested() is not None and not forwarded:  # each worker stops as a single run would
-                for worker in workers:  # SIGTERM (terminate): a Ctrl-C at a terminal reached them already,
-                    if worker.is_alive():  # and a second SIGINT would stop them at once
-                        worker.terminate()
-                forwarded = True
+            if stop_requested() is not None:
+                forward_stop()
             try:
                 index, result, error = done.get(timeout=0.5)
             except queue.Empty:
@@ -684,13 +692,32 @@ def _run_in_workers(cells: list[PlannedCell], jobs: int, finished: int, total: i
             results[_key(cells[index])] = result
             _announce(cells[index], result, finished + len(results), total)
     finally:
-        for worker in workers:
-            if worker.is_alive() and failure is not None:
-                worker.terminate()
-            worker.join(timeout=None if failure is None else 30)
+        if failure is not None:  # the others stop too, each at its next step, and say so
+            forward_stop()
+        _wait_for_workers(workers, done, grace=WORKER_STOP_GRACE_SECONDS)
+        todo.close()
     if failure is not None:
         _raise_worker_failure(*failure)
     return results
+
+
+
+def _wait_for_workers(workers: list, done: Any, grace: float) -> None:
+    """Every worker ended: `done` is drained meanwhile (a worker flushes its last message before it exits), and
+    one still alive after `grace` seconds is killed, so that nothing is left for the interpreter's exit to join."""
+    import queue
+    import time
+
+    deadline = time.monotonic() + grace
+    while any(w.is_alive() for w in workers) and time.monotonic() < deadline:
+        try:
+            done.get(timeout=0.2)
+        except queue.Empty:
+            pass
+    for worker in workers:
+        if worker.is_alive():
+            worker.kill()
+        worker.join()
 
 
 def _raise_worker_failure(kind: str, message: str) -> None:
@@ -705,28 +732,39 @@ def _raise_worker_failure(kind: str, message: str) -> None:
 
 
 def _cell_worker(todo: Any, done: Any, threads: int) -> None:
-    """A worker process: run cells from `todo` until None, put (index, result, error) on `done`."""
+    """A worker process: run cells from `todo` until None (or a stop), put (index, result, error) on `done`.
+
+    The signal handlers stay installed until the last message is flushed to the parent: a SIGTERM in that
+    window would otherwise kill the process while its queue thread holds the queue's shared write lock, and
+    the other workers would wait on that lock forever (and the parent on them)."""
     import traceback
 
     import torch
 
-    from twinlm.stopping import stop_on_signal
+    from twinlm.stopping import stop_on_signal, stop_requested
 
     torch.set_num_threads(threads)
     with stop_on_signal():
-        while (item := todo.get()) is not None:
-            index, cell = item
-            try:
-                done.put((index, cell.run(), None))
-            except (Interrupted, KeyboardInterrupt):
-                done.put((index, None, ("interrupted", "")))
-                return
-            except TwinLMError as err:
-                done.put((index, None, ("error", str(err))))
-                return
-            except BaseException:  # noqa: BLE001 - reported by the parent, with its traceback
-                done.put((index, None, ("crash", traceback.format_exc())))
-                return
+        try:
+            while (item := todo.get()) is not None:
+                index, cell = item
+                if stop_requested() is not None:  # stopped between two cells: the next one is not begun
+                    done.put((index, None, ("interrupted", "")))
+                    return
+                try:
+                    done.put((index, cell.run(), None))
+                except (Interrupted, KeyboardInterrupt):
+                    done.put((index, None, ("interrupted", "")))
+                    return
+                except TwinLMError as err:
+                    done.put((index, None, ("error", str(err))))
+                    return
+                except BaseException:  # noqa: BLE001 - reported by the parent, with its traceback
+                    done.put((index, None, ("crash", traceback.format_exc())))
+                    return
+        finally:
+            done.close()
+            done.join_thread()  # every message written, the queue's lock released, before a signal can kill
 
 
 def _slug(label: str) -> str:
