@@ -671,7 +671,9 @@ def _run_in_workers(cells: list[PlannedCell], jobs: int, finished: int, total: i
         nonlocal forwarded
         if not forwarded:
             forwarded = True
-            for worker in workers:  # a Ctrl-C at a terminal reached them already; a second would stop them at once
+            for (
+                worker
+            ) in workers:  # a Ctrl-C at a terminal reached them already; a second would stop them at once
                 if worker.is_alive():
                     worker.terminate()
 
@@ -699,7 +701,6 @@ def _run_in_workers(cells: list[PlannedCell], jobs: int, finished: int, total: i
     if failure is not None:
         _raise_worker_failure(*failure)
     return results
-
 
 
 def _wait_for_workers(workers: list, done: Any, grace: float) -> None:
