@@ -694,7 +694,7 @@ def _run_in_workers(cells: list[PlannedCell], jobs: int, finished: int, total: i
             results[_key(cells[index])] = result
             _announce(cells[index], result, finished + len(results), total)
     finally:
-        if failure is not None:  # the others stop too, each at its next step, and say so
+        if len(results) < len(cells):  # a failure, or an exception here: the others stop at their next step
             forward_stop()
         _wait_for_workers(workers, done, grace=WORKER_STOP_GRACE_SECONDS)
         todo.close()
