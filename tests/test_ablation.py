@@ -630,3 +630,49 @@ def test_claims_of_no_difference_and_of_closeness(tmp_path, base_run):
         path.write_text(yaml.safe_dump({**question, "compare": [{"better": "a", "worse": "far", **claim}]}))
         with pytest.raises(TwinLMError, match=re.escape(message)):
             load_ablation(path)
+
+
+def test_the_unigram_reference_follows_the_data_files_with_a_given_tokenizer(tmp_path):
+    """The learning gate's reference (the unigram cross-entropy of the validation tokens) is cached per
+    tokenizer and data: with a given tokenizer (`tokenizer.path`, whose key hashes only its own files), a data
+    file rewritten with other text gives a new reference, not the cached one of the old text."""
+    import random
+
+    from twinlm.ablation.runs import PlannedRun, TokenizerGroup, unigram_entropy
+    from twinlm.tokenization import train_tokenizer
+    from twinlm.training.config import load_run_config
+
+    words = [f"w{i}" for i in range(300)]
+    data = tmp_path / "data.txt"
+
+    def write(skew: float, seed: int) -> None:  # Zipf-like text; skew sets how peaked the unigram is
+        rng = random.Random(seed)
+        weights = [1.0 / (rank + 1) ** skew for rank in range(len(words))]
+        data.write_text("\n\n".join(" ".join(rng.choices(words, weights, k=12)) for _ in range(600)) + "\n")
+
+    write(skew=0.3, seed=0)
+    train_tokenizer("wordpiece", files=[data], vocab_size=400, out_dir=tmp_path / "tok", model_max_length=64)
+    model = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
+    settings = {
+        "model": {"preset": "tiny-bert-base", "overrides": {**model, "max_position_embeddings": 64}},
+        "tokenizer": {"path": str(tmp_path / "tok")},
+        "data": {
+            "sources": [str(data)],
+            "seq_len": 32,
+            "validation_size": 30,
+            "cache_dir": str(tmp_path / "cache"),
+        },
+        "training": {"max_steps": 2},
+        "output_dir": str(tmp_path / "unused"),
+    }
+
+    def entropy() -> float:
+        cfg = load_run_config(settings)
+        group = TokenizerGroup("given", tmp_path / "tok", cfg, False, given=True)
+        return unigram_entropy(PlannedRun("v", 0, cfg, tmp_path / "runs" / "v", "fp", group))
+
+    flat = entropy()
+    assert entropy() == flat  # read back from its cache
+    write(skew=1.5, seed=1)  # the same file, other text: a far more peaked unigram
+    peaked = entropy()
+    assert peaked < flat - 0.5, (flat, peaked)

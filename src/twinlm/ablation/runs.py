@@ -202,17 +202,22 @@ def prepare_tokenizers(planned: list[PlannedRun]) -> None:
 
 def unigram_entropy(run: PlannedRun) -> float | None:
     """Nats per token of the validation targets under the training tokens' unigram counts (add-one), from
-    the packed blocks this run trains on (cached with the tokenizer, per data split)."""
+    the packed blocks this run trains on (cached with the tokenizer, per data settings and file contents)."""
     import numpy as np
 
     from twinlm.data import build_pretraining_datasets
     from twinlm.fileio import write_json_atomic
-    from twinlm.fingerprint import fingerprint
+    from twinlm.fingerprint import files_digest, fingerprint
     from twinlm.tokenization import load_tokenizer
 
     data = run.cfg.data
-    split = fingerprint(
-        data.model_dump(mode="json", exclude={"mlm_probability", "whole_word_masking", "num_proc"})
+    split = fingerprint(  # the data settings and the files' contents (a given tokenizer's key holds neither)
+        {
+            "data": data.model_dump(
+                mode="json", exclude={"mlm_probability", "whole_word_masking", "num_proc"}
+            ),
+            "files": files_digest(_local_files(run.cfg)),
+        }
     )
     cache = run.run_dir.parent / "tokenizers" / f"{run.group.key}-{split[:12]}-{UNIGRAM_FILE}"
     cache.parent.mkdir(parents=True, exist_ok=True)
