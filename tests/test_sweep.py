@@ -244,3 +244,80 @@ def test_rows_without_per_seed_scores_keep_their_earlier_comparison_or_get_welch
     assert compare_rows([old, new], [("new", "old")], [kept]) == [kept]  # the paired test run back then
     stale = {**kept, "fingerprints": ["f-new", "f-older"]}  # old was re-run since
     assert compare_rows([old, new], [("new", "old")], [stale])[0]["basis"].startswith("unpaired")
+
+
+def test_results_made_with_other_settings_are_neither_tabulated_nor_recorded(tmp_path: Path, capsys) -> None:
+    """What OUT and RECORD hold counts only for the settings it was made with: a trial whose config or
+    overrides changed is not tabulated from its old run (nor recorded under its new settings, which would make
+    a later checkout skip it for good); a changed suite leaves every score out (the pretraining facts stay)
+    until the trial is evaluated again, and a recorded score is not overwritten by a row without one."""
+    from twinlm.sweep import EVALUATED_FILE, TRIAL_FILE, Sweep, _fingerprint, load_sweep
+
+    (tmp_path / "run.yaml").write_text("model: {preset: tiny}\n")
+    (tmp_path / "task.yaml").write_text(yaml.safe_dump({"task": {"type": "sequence_classification"}}))
+    suite = {"seeds": [0], "tasks": {"t": {"config": str(tmp_path / "task.yaml")}}}
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite))
+
+    def sweep_with(lr_a: float) -> Sweep:
+        values = {
+            "suite": str(tmp_path / "suite.yaml"),
+            "out": str(tmp_path / "out"),
+            "record": str(tmp_path / "record"),
+            "evaluate_overrides": {"jobs": 2},
+            "trials": [
+                {"name": "a", "config": str(tmp_path / "run.yaml"), "overrides": {"training.lr": lr_a}},
+                {"name": "b", "config": str(tmp_path / "run.yaml")},
+            ],
+        }
+        (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(values))
+        return Sweep(load_sweep(tmp_path / "sweep.yaml"))
+
+    def finished(
+        sweep: Sweep, name: str, score: float
+    ) -> None:  # a trial pretrained and evaluated, as run_trial
+        trial, folder = sweep.trial(name), sweep.out / name
+        (folder / "pretrain" / "final").mkdir(parents=True)
+        (folder / "evaluate").mkdir()
+        (folder / TRIAL_FILE).write_text(json.dumps({"fingerprint": _fingerprint(trial)}))
+        summary = {"final_model": str(folder / "pretrain" / "final"), "steps": 10, "tokens_seen": 40960}
+        summary.update(objective="mlm", train_seconds=60.0)
+        (folder / "pretrain" / "summary.json").write_text(json.dumps(summary))
+        model = {"kind": "checkpoint", "tasks": {"t": {"mean": score, "std": 0.0}}}
+        model["average"] = {"mean": score, "std": 0.0, "per_seed": [score]}
+        results = {"seeds": [0], "models": [model], "baselines": {}, "gains": {}}
+        (folder / "evaluate" / "results.json").write_text(json.dumps(results))
+        (folder / "evaluate" / EVALUATED_FILE).write_text(json.dumps({"evaluation": sweep.evaluation}))
+
+    sweep = sweep_with(1e-3)
+    finished(sweep, "a", 0.5)
+    finished(sweep, "b", 0.6)
+    rows = sweep.write_table()
+    assert [(r["trial"], r["average"]["mean"]) for r in rows] == [("a", 0.5), ("b", 0.6)]
+    recorded_a = json.loads((sweep.record / "a.json").read_text())
+    assert recorded_a["evaluation"] == sweep.evaluation
+
+    sweep = sweep_with(5e-3)  # trial a changed: its run in OUT and its record are of the old settings
+    assert [r["trial"] for r in sweep.write_table()] == ["b"]
+    assert (
+        json.loads((sweep.record / "a.json").read_text()) == recorded_a
+    )  # not stamped with the new settings
+    assert not sweep.finished_in_record(sweep.trial("a"))  # so a later checkout runs it
+
+    sweep = sweep_with(1e-3)  # back as it was
+    assert sweep.write_table() == rows
+
+    suite["seeds"] = [0, 1, 2]  # the suite changed: no score of the old one is shown or kept as current
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite))
+    sweep = sweep_with(1e-3)
+    stale = sweep.write_table()
+    assert [r["trial"] for r in stale] == ["a", "b"] and not any("average" in r for r in stale)
+    assert stale[0]["steps"] == 10  # the pretraining facts stay
+    assert "evaluated with other settings than the sweep has now" in capsys.readouterr().out
+    assert json.loads((sweep.record / "a.json").read_text()) == recorded_a  # recorded scores not overwritten
+    assert not sweep.finished_in_record(sweep.trial("a"))
+    (sweep.out / "a" / "evaluate" / EVALUATED_FILE).write_text(json.dumps({"evaluation": sweep.evaluation}))
+    assert [r["trial"] for r in sweep.write_table() if "average" in r] == ["a"]  # a evaluated again
+
+    suite["jobs"] = 4  # the number of worker processes does not change a score
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite))
+    assert sweep_with(1e-3).evaluation == sweep.evaluation

@@ -12,7 +12,10 @@ Results kept in git. OUT holds checkpoints and is not committed, so a sweep that
 checkout) names `record:`, a folder in the repository: each finished trial's row (per-seed scores included)
 goes to RECORD/NAME.json and the table to RECORD/sweep.md and sweep.json as soon as it is known. A trial whose
 run folder is gone is tabulated from its record and not run again (a `steps_from` trial takes its steps from
-it); a record made with other settings than the trial has now is left out, and the trial runs. A comparison
+it); a record made with other settings than the trial has now is left out, and the trial runs, and a record
+evaluated with other suite settings than the sweep has now (suite, task configs, evaluate_overrides) keeps its
+pretraining facts without its scores, and the trial is evaluated again. Results in OUT count only when they were
+made with the present settings too (OUT/NAME/trial.json, OUT/NAME/evaluate/evaluated.json). A comparison
 [A, B] is a paired t-test where both rows keep their per-seed scores; rows without them (transcribed from an
 earlier table) keep the comparison that table made of the same two rows, else get Welch's t-test on their
 means and stds.
@@ -35,6 +38,7 @@ another seed, a re-run under contention, or the same model with a different data
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 from collections.abc import Iterable
@@ -49,6 +53,17 @@ from twinlm.fileio import read_json
 from twinlm.stats import Comparison as StatComparison
 
 TRIAL_FILE = "trial.json"
+EVALUATED_FILE = (
+    "evaluated.json"  # OUT/NAME/evaluate/: the evaluation settings its results.json was made with
+)
+SCORES = (
+    "seeds",
+    "tasks",
+    "average",
+    "control_average",
+    "gain",
+    "evaluation",
+)  # what a row's evaluation gave
 RESUME_HINT = "finished trials are kept: run the same command again to go on"
 SMOKE = {
     "training.max_minutes": None,
@@ -131,6 +146,29 @@ def _fingerprint(trial: Trial) -> str:
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _evaluation_fingerprint(sweep: SweepConfig) -> str:
+    """What a trial's scores depend on besides its checkpoint: the suite file's settings (as YAML data: not its
+    comments), the sweep's evaluate_overrides, and each task's fine-tuning config (as YAML data). Not `jobs`
+    (the scores do not depend on it), not the data files' contents (each evaluate cell's fingerprint holds
+    those, and reruns the cell when they change)."""
+    import yaml
+
+    from twinlm.evaluation import load_suite
+
+    overrides = {k: v for k, v in sweep.evaluate_overrides.items() if k != "jobs"}
+    suite = load_suite(sweep.suite, [f"{k}={json.dumps(v)}" for k, v in _pairs(sweep.evaluate_overrides)])
+    settings = yaml.safe_load(sweep.suite.read_text(encoding="utf-8")) or {}
+    facts = {
+        "suite": {k: v for k, v in settings.items() if k != "jobs"},
+        "overrides": overrides,
+        "tasks": {
+            name: yaml.safe_load(task.config.read_text(encoding="utf-8"))
+            for name, task in suite.tasks.items()
+        },
+    }
+    return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def _maybe_json(path: Path) -> dict[str, Any] | None:
     return read_json(path) or None
 
@@ -146,24 +184,41 @@ class Sweep:
     def record(self) -> Path | None:
         return None if self.smoke else self.sweep.record
 
+    @functools.cached_property
+    def evaluation(self) -> str:
+        """The fingerprint of the sweep's evaluation settings (suite, task configs, evaluate_overrides)."""
+        return _evaluation_fingerprint(self.sweep)
+
     def trial(self, name: str) -> Trial:
         return next(t for t in self.sweep.trials if t.name == name)
 
     def recorded(self, trial: Trial) -> dict[str, Any] | None:
-        """The trial's row as RECORD/NAME.json keeps it, when recorded with the trial's present settings."""
+        """The trial's row as RECORD/NAME.json keeps it, when recorded with the trial's present settings; its
+        scores only when evaluated with the sweep's present evaluation settings."""
         if self.record is None:
             return None
-        row = _maybe_json(self.record / f"{trial.name}.json")
+        path = self.record / f"{trial.name}.json"
+        row = _maybe_json(path)
         if row is not None and row.get("fingerprint") != _fingerprint(trial):
             print(
-                f"{self.record / (trial.name + '.json')}: recorded with other settings than trial "
-                f"{trial.name!r} has now (its config file or overrides changed); left out of the table"
+                f"{path}: recorded with other settings than trial {trial.name!r} has now (its config file or "
+                "overrides changed); left out of the table"
             )
             return None
+        if row is not None and row.get("average") and row.get("evaluation") != self.evaluation:
+            print(
+                f"{path}: evaluated with other settings than the sweep has now (its suite, the task configs or "
+                "evaluate_overrides changed); its scores are left out, and the trial is evaluated again"
+            )
+            return {k: v for k, v in row.items() if k not in SCORES}
         return row
 
     def pretrained(self, name: str) -> dict[str, Any] | None:
-        """The summary of trial `name`'s pretraining in OUT when it finished (None otherwise)."""
+        """The summary of trial `name`'s pretraining in OUT when it finished with the trial's present settings
+        (None otherwise: not finished, or run with other settings, which run_trial refuses to go on from)."""
+        made = _maybe_json(self.out / name / TRIAL_FILE)
+        if made is None or made.get("fingerprint") != _fingerprint(self.trial(name)):
+            return None
         summary = _maybe_json(self.out / name / "pretrain" / "summary.json")
         return summary if summary and summary.get("final_model") else None
 
@@ -289,6 +344,8 @@ class Sweep:
                 [f"{k}={json.dumps(v)}" for k, v in _pairs(self.sweep.evaluate_overrides)],
                 cells_cache=self.out / "cells",
             )
+            # results.json is now this evaluation's (an interrupted or failed one left the last one's there)
+            write_json_atomic(folder / "evaluate" / EVALUATED_FILE, {"evaluation": self.evaluation})
 
     def row(self, trial: Trial) -> dict[str, Any] | None:
         """The table's row of a trial whose pretraining finished (scores once its evaluation did)."""
@@ -308,7 +365,8 @@ class Sweep:
             "data_sources": summary.get("data_sources"),
         }
         report = _maybe_json(folder / "evaluate" / "results.json")
-        if report is not None:
+        evaluated = _maybe_json(folder / "evaluate" / EVALUATED_FILE) or {}
+        if report is not None and evaluated.get("evaluation") == self.evaluation:
             checkpoint = next(m for m in report["models"] if m["kind"] == "checkpoint")
             control = next((m for m in report["models"] if m["kind"] == "control"), None)
             tasks = {}
@@ -327,6 +385,7 @@ class Sweep:
                     "average": checkpoint["average"],
                     "control_average": control["average"] if control else None,
                     "gain": next(iter(report["gains"].values()), None),
+                    "evaluation": self.evaluation,
                 }
             )
         return row
@@ -340,12 +399,19 @@ class Sweep:
         for trial in self.sweep.trials:
             fresh, kept = self.row(trial), self.recorded(trial)
             if fresh is not None and (fresh.get("average") or not (kept and kept.get("average"))):
-                if self.record is not None and fresh != kept:
+                if self.record is not None and fresh != kept and not self.holds_scores(trial, fresh):
                     write_json_atomic(self.record / f"{trial.name}.json", fresh, f"trial {trial.name}'s row")
                 rows.append(fresh)
             elif kept is not None:  # the trial's present note and settings, the recorded results
                 rows.append({**kept, **self.row_facts(trial)})
         return rows
+
+    def holds_scores(self, trial: Trial, row: dict[str, Any]) -> bool:
+        """Whether RECORD/NAME.json holds scores that `row`, which has none, would overwrite (scores of other
+        settings stay recorded until the trial's new evaluation replaces them)."""
+        if row.get("average") or self.record is None:
+            return False
+        return bool((_maybe_json(self.record / f"{trial.name}.json") or {}).get("average"))
 
     @staticmethod
     def row_facts(trial: Trial) -> dict[str, Any]:
