@@ -160,6 +160,8 @@ def test_changed_settings_rerun_a_cell_and_labels_stay_distinct(suite_dir, tmp_p
 
     assert checkpoint_labels(["/a/x/final", "/b/x/final", "/c/y"]) == ["a/x", "b/x", "y"]
     assert checkpoint_labels(["/a/x/final", "/a/x/best"]) == ["a/x", "a/x-2"]
+    # two labels that one folder name would serve (each model's runs and controls have their own folders)
+    assert checkpoint_labels(["/p/a/x", "/p/b/x", "/p/a_x"]) == ["a/x", "b/x", "a_x-2"]
     spec = load_suite(suite_dir / "suite.yaml").tasks["sentiment"]
     split = _split(suite_dir, tmp_path)
     calls = []

@@ -407,8 +407,8 @@ def check_tokenizer(checkpoint: str) -> None:
 
 
 def checkpoint_labels(checkpoints: list[str]) -> list[str]:
-    """Short, distinct names: the folder (its parent for .../final or .../best), with more of the path, then a
-    number, where two would collide."""
+    """Short, distinct names (distinct as folder names too): the folder (its parent for .../final or .../best),
+    with more of the path, then a number, where two would collide."""
     parts = [[p for p in Path(c).resolve().parts if p not in ("final", "best", "/")] for c in checkpoints]
     depth = [1] * len(checkpoints)
     labels = ["/".join(p[-1:]) for p in parts]
@@ -419,9 +419,10 @@ def checkpoint_labels(checkpoints: list[str]) -> list[str]:
         labels = ["/".join(p[-d:]) for p, d in zip(parts, depth, strict=True)]
     seen: dict[str, int] = {}
     unique = []
-    for label in labels:
-        seen[label] = seen.get(label, 0) + 1
-        unique.append(label if seen[label] == 1 else f"{label}-{seen[label]}")
+    for label in labels:  # distinct as folder names too (a/x and a_x would share runs/a_x, controls/a_x-seed0)
+        seen[_slug(label)] = seen.get(_slug(label), 0) + 1
+        count = seen[_slug(label)]
+        unique.append(label if count == 1 else f"{label}-{count}")
     return unique
 
 
