@@ -419,7 +419,9 @@ def checkpoint_labels(checkpoints: list[str]) -> list[str]:
         labels = ["/".join(p[-d:]) for p, d in zip(parts, depth, strict=True)]
     seen: dict[str, int] = {}
     unique = []
-    for label in labels:  # distinct as folder names too (a/x and a_x would share runs/a_x, controls/a_x-seed0)
+    for (
+        label
+    ) in labels:  # distinct as folder names too (a/x and a_x would share runs/a_x, controls/a_x-seed0)
         seen[_slug(label)] = seen.get(_slug(label), 0) + 1
         count = seen[_slug(label)]
         unique.append(label if count == 1 else f"{label}-{count}")
