@@ -676,3 +676,27 @@ def test_the_unigram_reference_follows_the_data_files_with_a_given_tokenizer(tmp
     write(skew=1.5, seed=1)  # the same file, other text: a far more peaked unigram
     peaked = entropy()
     assert peaked < flat - 0.5, (flat, peaked)
+
+
+def test_a_shared_tokenizer_follows_files_a_recursive_glob_reaches(tmp_path):
+    """The key of a shared tokenizer (ablate, sweep) and an ablation run's data fingerprint hash the files the
+    loader reads: `dir/**/*.txt` reaches files at any depth, as the loader does (the key hashed none of them
+    and kept a tokenizer trained on the old text)."""
+    from twinlm.ablation.runs import _local_files
+    from twinlm.training.config import load_run_config
+    from twinlm.training.loop import shared_tokenizer_key
+
+    deep = tmp_path / "corpus" / "a" / "b" / "deep.txt"
+    deep.parent.mkdir(parents=True)
+    deep.write_text("alpha beta gamma\n")
+    settings = {
+        "model": {"preset": "tiny-bert-base"},
+        "tokenizer": {"train": {"type": "wordpiece", "vocab_size": 300}},
+        "data": {"sources": [str(tmp_path / "corpus" / "**" / "*.txt")]},
+        "output_dir": str(tmp_path / "unused"),
+    }
+    cfg = load_run_config(settings)
+    assert _local_files(cfg) == [str(deep)]
+    before = shared_tokenizer_key(cfg, causal=False)
+    deep.write_text("delta epsilon zeta, another text\n")
+    assert shared_tokenizer_key(cfg, causal=False) != before

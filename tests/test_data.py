@@ -641,3 +641,36 @@ def test_collated_blocks_feed_the_model(tmp_path, paragraphs_file, wordpiece, bp
     model = model_cls(tiny_config(vocab_size=len(tok), is_causal=causal, pad_token_id=tok.pad_token_id))
     loss = model(**batch).loss
     assert torch.isfinite(loss) and loss.item() > 0
+
+
+def test_a_file_rewritten_with_its_old_modification_time_is_read_again(tmp_path, wordpiece):
+    """`datasets` keys its cache of a local file by path and modification time; twinlm keys its own by the
+    bytes. A file rewritten and given its old time back (cp -p, rsync -a, tar) must give the new text's
+    blocks, not the old Arrow table stored under the new text's key."""
+    import os
+
+    from twinlm.data.sources import load_texts
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"alpha number {i} says hello to the world again." for i in range(60)))
+    stat = corpus.stat()
+    cfg = _cfg(tmp_path, [str(corpus)], seq_len=16, validation_size=0)
+    first, _ = _blocks(cfg, wordpiece, causal=False)
+    corpus.write_text("\n\n".join(f"gamma number {i} says hello to the world again." for i in range(60)))
+    os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert corpus.stat().st_mtime_ns == stat.st_mtime_ns
+    assert load_texts(cfg)[0]["text"].startswith("gamma")  # what tokenizer training reads, too
+    second, _ = _blocks(cfg, wordpiece, causal=False)
+    assert "gamma" in wordpiece.decode(second[0]["input_ids"]) and second[:] != first[:]
+
+
+def test_the_default_corpus_cut_to_its_first_documents_has_its_own_cache_key(tmp_path):
+    """`{default: true, max_documents: N}` reads N documents: its cache key must not be the whole corpus's
+    (a warm cache of the whole corpus was reused for it)."""
+    from twinlm.data.sources import source_identity
+
+    cfg = _cfg(tmp_path, [{"default": True}])
+    whole = source_identity(SourceConfig(default=True), cfg, "data.sources[0]")
+    first = source_identity(SourceConfig(default=True, max_documents=5), cfg, "data.sources[0]")
+    assert whole != first
+    assert first == source_identity(SourceConfig(default=True, max_documents=5), cfg, "data.sources[0]")

@@ -46,6 +46,19 @@ def file_digest(path: str | os.PathLike) -> str:
     return _DIGESTS[key]
 
 
+def source_files(sources: list[Any]) -> list[str]:
+    """The local paths of data sources as the loader reads them, for `files_digest`: a glob expanded as the
+    loader expands it (recursively: `dir/**/*.txt`), `~` expanded, a file or folder as named."""
+    import glob
+
+    files: list[str] = []
+    for source in sources:
+        if source.path:
+            path = os.path.expanduser(source.path)
+            files += sorted(glob.glob(path, recursive=True)) if glob.has_magic(path) else [path]
+    return files
+
+
 def model_folder_digest(folder: str | os.PathLike) -> dict[str, str]:
     """{file: digest} of what a saved model is: the files save_pretrained writes at the folder's top level
     (config, weights, tokenizer), not its card or code, and nothing in sub-folders (an evaluation's own

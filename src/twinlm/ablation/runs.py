@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import dataclasses
-import glob
 from pathlib import Path
 from typing import Any
 
@@ -81,11 +80,9 @@ def run_config(config: AblationConfig, name: str, seed: int, extra: list[tuple[s
 
 
 def _local_files(cfg: Any) -> list[str]:
-    files: list[str] = []
-    for source in cfg.data.sources:
-        if source.path:
-            files += sorted(glob.glob(source.path)) if glob.has_magic(source.path) else [source.path]
-    return files
+    from twinlm.fingerprint import source_files
+
+    return source_files(cfg.data.sources)
 
 
 def _model_identity(model_config: Any) -> dict[str, Any]:

@@ -118,6 +118,11 @@ def _load_local(source: SourceConfig, cfg: DataConfig, where: str) -> list[TextD
             kwargs["sample_by"] = _SAMPLE_BY[cfg.text_document_split]
         elif kind == "tsv":
             builder, kwargs["delimiter"] = "csv", "\t"
+        if not cfg.streaming:
+            # `datasets` tells a local file's cached Arrow table from its modification time alone: a file
+            # rewritten with its old time (cp -p, rsync -a, tar) would load its OLD text. twinlm keys its own
+            # caches by the files' contents and calls this only on a miss, so the table is built again.
+            kwargs["download_mode"] = "force_redownload"
         try:
             ds = datasets.load_dataset(
                 builder,
@@ -276,4 +281,4 @@ def source_identity(source: SourceConfig, cfg: DataConfig, where: str) -> str:
     if source.hub:
         loaded = _load_hub(source, cfg, where)
         return Hasher.hash(["hub", source.hub, source.config, source.split, loaded._fingerprint, settings])
-    return Hasher.hash(["default", _load_default(cfg)._fingerprint])
+    return Hasher.hash(["default", _load_default(cfg)._fingerprint, settings])

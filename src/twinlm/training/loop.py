@@ -90,18 +90,11 @@ def shared_tokenizer_key(cfg: RunConfig, causal: bool) -> str:
     sources and how documents are cut, the contents of local files): runs with the same key may share one
     tokenizer (ablate and sweep train it once; two trainings of WordPiece may number tied tokens
     differently, which would make runs differ where they should not and defeat the data cache)."""
-    import glob
-
-    from twinlm.fingerprint import files_digest, fingerprint
+    from twinlm.fingerprint import files_digest, fingerprint, source_files
 
     settings = cfg.tokenizer.train
     assert settings is not None
-    files = [
-        f
-        for s in cfg.data.sources
-        if s.path
-        for f in (sorted(glob.glob(s.path)) if glob.has_magic(s.path) else [s.path])
-    ]
+    files = source_files(cfg.data.sources)
     facts = {
         "train": settings.model_dump(mode="json"),
         "kind": settings.type or ("bpe" if causal else "wordpiece"),
