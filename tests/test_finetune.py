@@ -675,3 +675,110 @@ def test_two_processes_under_accelerate_launch(mlm_ckpt, tmp_path, launch):
     assert {
         k: v.shape for k, v in best.state_dict().items()
     } == shapes  # whole tensors, not one process' shards
+
+
+def test_a_hub_split_without_gold_labels_is_refused_not_read_as_the_last_class(tmp_path):
+    """GLUE-style test splits store label -1 (no gold label) in a ClassLabel column: read as an index it
+    named the LAST class, and the test scores were computed against made-up labels."""
+    import datasets
+
+    from twinlm.finetune.config import load_finetune_config
+    from twinlm.finetune.data import load_task
+
+    features = datasets.Features(
+        {"sentence": datasets.Value("string"), "label": datasets.ClassLabel(names=["negative", "positive"])}
+    )
+    for split, labels in (("train", [0, 1] * 6), ("validation", [0, 1] * 2), ("test", [-1] * 4)):
+        rows = {"sentence": [f"sentence {i}" for i in range(len(labels))], "label": labels}
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / f"{split}.parquet"))
+
+    def task(test_split):
+        hub = {"name": str(tmp_path), "test_split": test_split}
+        cfg = {"model": {"path": "unused"}, "task": {"type": "sequence_classification", "hub": hub}}
+        return load_finetune_config(cfg).task
+
+    splits, labels = load_task(task(None))
+    assert labels == ["negative", "positive"] and splits["dev"].labels == ["negative", "positive"] * 2
+    with pytest.raises(TwinLMError, match=r"test split has label id -1 .*set task.hub.test_split to null"):
+        load_task(task("test"))
+
+
+def test_a_run_on_a_used_output_dir_leaves_nothing_of_the_earlier_run_beside_its_own(
+    mlm_ckpt, sentiment, tmp_path, monkeypatch, capsys
+):
+    """A second fine-tuning run into an output_dir replaces the first's best/ and metrics.json as it starts:
+    one that fails before its first evaluation leaves neither (not the first run's model as if it were its
+    best), and one stopped before it has no best model, and says so."""
+    from twinlm.finetune import finetune
+
+    out = tmp_path / "run"
+    config = seq_config(mlm_ckpt, sentiment, out, max_steps=2, eval_every=2, baseline=False)
+    assert finetune(config)["best"]["step"] == 2 and (out / "best").is_dir()
+
+    inject_nan_at(monkeypatch, 1)  # the second run fails at its first step, before any evaluation
+    with pytest.raises(TwinLMError, match="non-finite loss"):
+        finetune(config, ["training.lr=0.01"])
+    assert "replacing an earlier run's best and metrics.json" in capsys.readouterr().out
+    assert not (out / "best").exists() and not (out / "metrics.json").exists()
+
+    monkeypatch.undo()
+    import signal
+
+    from twinlm.training.engine import Engine
+
+    original = Engine.forward_backward_step
+
+    def interrupted(self, *args):
+        if self.state.step == 0:
+            os.kill(
+                os.getpid(), signal.SIGINT
+            )  # a Ctrl-C during step 1, before the first evaluation (step 2)
+        return original(self, *args)
+
+    monkeypatch.setattr(Engine, "forward_backward_step", interrupted)
+    summary = finetune(config)
+    assert summary["interrupted_by"] == "SIGINT" and summary["steps"] == 1
+    assert summary["best"] is None and summary["best_model"] is None
+    assert json.loads((out / "metrics.json").read_text())["best_model"] is None
+    assert "best model  none" in capsys.readouterr().out and not (out / "best").exists()
+
+
+def test_a_word_without_sub_tokens_does_not_shift_the_tags_after_it(mlm_ckpt):
+    """Token classification scores each word by its first sub-token's prediction. A word the tokenizer's
+    normaliser drops whole (a soft hyphen, a zero-width space) has none: the predictions after it went to
+    the word before their own, and even a perfect tagger scored below 1."""
+    from types import SimpleNamespace
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    from twinlm.finetune.data import Split, encode_split, make_collator
+    from twinlm.finetune.loop import evaluate
+    from twinlm.tokenization import auto_tokenizer
+
+    tokenizer = auto_tokenizer(mlm_ckpt)
+    words = [["paris", "\xad", "john", "smith"], ["john", "\u200b", "\xad", "paris"]]
+    tags = [["B-LOC", "O", "B-PER", "I-PER"], ["B-PER", "O", "O", "B-LOC"]]
+    split = Split("test", "memory", words=words, tags=tags)
+    id2label = dict(enumerate(["B-LOC", "B-PER", "I-PER", "O"]))
+    label2id = {v: k for k, v in id2label.items()}
+    encoded = encode_split(split, tokenizer, label2id, 32, "token_classification")
+    assert encoded.word_index == [[0, 2, 3], [0, 3]]  # the dropped words have no labelled position
+
+    gold = {}  # a perfect tagger: each word's first token id -> its tag
+    for sentence, sentence_tags in zip(words, tags, strict=True):
+        for word, tag in zip(sentence, sentence_tags, strict=True):
+            ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+            if ids:
+                gold[ids[0]] = label2id[tag]
+
+    class Perfect(torch.nn.Module):
+        def forward(self, input_ids, **_):
+            labels = [[gold.get(t, label2id["O"]) for t in row] for row in input_ids.tolist()]
+            return SimpleNamespace(
+                logits=torch.nn.functional.one_hot(torch.tensor(labels), len(id2label)).float()
+            )
+
+    loader = DataLoader(encoded, batch_size=2, collate_fn=make_collator(tokenizer, "token_classification"))
+    scores = evaluate(Perfect(), loader, split, None, id2label, "token_classification", encoded.word_index)
+    assert scores["f1"] == 1.0, scores

@@ -161,12 +161,22 @@ def _split_from_rows(
 
     def labels_of(column: str, what: str) -> list[Any]:
         values = _column(rows, column, source, what)
-        if column in names:  # a Hub ClassLabel: ints -> names
-            return [
-                [names[column][v] for v in value] if isinstance(value, list) else names[column][value]
-                for value in values
-            ]
-        return values
+        if column not in names:
+            return values
+        classes = names[column]  # a Hub ClassLabel: ints -> names
+
+        def name_of(v: int) -> str:
+            if not 0 <= v < len(classes):  # -1: no gold label (GLUE's test splits), not the last class
+                hint = f" (set task.hub.{name}_split to null)" if name in ("dev", "test") else ""
+                raise TwinLMError(
+                    f"{source}: the {name} split has label id {v} in {column!r}, outside its {len(classes)} "
+                    f"classes {classes}: it has no gold labels to train or score on{hint}"
+                )
+            return classes[v]
+
+        return [
+            [name_of(v) for v in value] if isinstance(value, list) else name_of(value) for value in values
+        ]
 
     if task.type == "sequence_classification":
         texts = [str(t) for t in _column(rows, task.text_column, source, "text_column")]
@@ -332,10 +342,15 @@ def _truncate(split: Split, n: int) -> None:
 # Model inputs
 # ------------------------------------------------------------------------------------------------
 class EncodedDataset(torch.utils.data.Dataset):
-    """A list of tokenised examples (dicts of int lists), padded per batch by the collator."""
+    """A list of tokenised examples (dicts of int lists), padded per batch by the collator. Token
+    classification: `word_index[i]` is, for each labelled position of example i in order, the index of its
+    word (a word that gives no sub-token, or that truncation cut, has none)."""
 
-    def __init__(self, features: list[dict[str, list[int]]]) -> None:
+    def __init__(
+        self, features: list[dict[str, list[int]]], word_index: list[list[int]] | None = None
+    ) -> None:
         self.features = features
+        self.word_index = word_index
 
     def __len__(self) -> int:
         return len(self.features)
@@ -357,15 +372,19 @@ def encode_split(
         ]
         return EncodedDataset(feats)
     enc = tokenizer(split.words, is_split_into_words=True, truncation=True, max_length=max_length)
-    feats = []
+    feats, word_index = [], []
     for i, tags in enumerate(split.tags):
         previous = None
-        labels = []
+        labels, words = [], []
         for word in enc.word_ids(i):
-            labels.append(-100 if word is None or word == previous else label2id[tags[word]])
+            first = word is not None and word != previous
+            labels.append(label2id[tags[word]] if first else -100)
+            if first:
+                words.append(word)
             previous = word
         feats.append({k: enc[k][i] for k in enc.keys()} | {"labels": labels})
-    return EncodedDataset(feats)
+        word_index.append(words)
+    return EncodedDataset(feats, word_index)
 
 
 def make_collator(tokenizer: Any, task_type: str) -> Any:

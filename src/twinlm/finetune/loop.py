@@ -21,6 +21,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -250,9 +251,11 @@ def evaluate(
     accelerator: Any | None,
     id2label: dict[int, str],
     task_type: str,
+    word_index: list[list[int]] | None = None,
 ) -> dict[str, float]:
     """Scores on a whole split, gathered over processes (`accelerator`; None: one process, no gathering);
-    tagging is scored per word (first sub-token)."""
+    tagging is scored per word (first sub-token), each prediction placed at its word (`word_index`, from
+    `encode_split`; without it, in order from the first word)."""
     was_training = model.training
     model.eval()
     predicted: list[Any] = []
@@ -276,9 +279,16 @@ def evaluate(
         )
     if task_type == "sequence_classification":
         return classification_scores(split.labels, predicted)
-    # Words cut off by max_length get no prediction: count them as "O" against the full gold sentence.
-    padded = [p + ["O"] * (len(g) - len(p)) for p, g in zip(predicted, split.tags, strict=True)]
-    return tagging_scores(split.tags, padded)
+    # Each prediction goes to its word; a word with none (cut off by max_length, or giving no sub-token, such
+    # as a soft hyphen the normaliser drops) counts as "O" against the full gold sentence.
+    placed = []
+    for i, (pred, gold) in enumerate(zip(predicted, split.tags, strict=True)):
+        words = word_index[i] if word_index is not None else range(len(pred))
+        sentence = ["O"] * len(gold)
+        for word, tag in zip(words, pred, strict=True):
+            sentence[word] = tag
+        placed.append(sentence)
+    return tagging_scores(split.tags, placed)
 
 
 def score_saved_model(folder: Path, cfg: FinetuneConfig, split: Split) -> dict[str, float]:
@@ -301,7 +311,7 @@ def score_saved_model(folder: Path, cfg: FinetuneConfig, split: Split) -> dict[s
     loader = DataLoader(
         encoded, batch_size=cfg.training.eval_batch_size, collate_fn=make_collator(tokenizer, cfg.task.type)
     )
-    return evaluate(model, loader, split, None, id2label, cfg.task.type)
+    return evaluate(model, loader, split, None, id2label, cfg.task.type, encoded.word_index)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -440,6 +450,7 @@ class Finetuner:
             for name, ds in encoded.items()
             if name != "train"
         }
+        self.word_index = {name: ds.word_index for name, ds in encoded.items()}
         # Each process sees ceil(batches / processes) batches per epoch once Accelerate shards the loader.
         batches_per_process = math.ceil(len(train_loader) / acc.num_processes)
         self.steps_per_epoch = max(1, math.ceil(batches_per_process / train.grad_accum))
@@ -484,6 +495,7 @@ class Finetuner:
         baseline = None
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            self._clear_earlier_run()
             dump_finetune_config(cfg, self.output_dir / "run_config.yaml")
             sizes = ", ".join(f"{name} {len(split):,}" for name, split in self.splits.items())
             print(
@@ -494,6 +506,19 @@ class Finetuner:
                 baseline = run_baseline(cfg.task.type, self.splits, cfg.training.seed)
         init_tracking(acc, cfg.logging, cfg.model_dump(mode="json"), self.output_dir)
         return baseline
+
+    def _clear_earlier_run(self) -> None:
+        """An earlier run's best/ and metrics.json in this output_dir go (said in one line): this run's results
+        replace them, and a run that fails or stops before its first evaluation must not leave the earlier
+        run's model beside its own files, as if it were this run's best."""
+        earlier = [p for p in (self.output_dir / "best", self.output_dir / METRICS_FILE) if p.exists()]
+        if earlier:
+            print(f"{self.output_dir}: replacing an earlier run's {' and '.join(p.name for p in earlier)}")
+        for path in earlier:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
 
     def _engine(self) -> Engine:
         cfg, train, acc = self.cfg, self.cfg.training, self.accelerator
@@ -513,8 +538,14 @@ class Finetuner:
     def _evaluate(self) -> dict[str, dict[str, float]]:
         return {
             name: evaluate(
-                self.model, loader, self.splits[name], self.accelerator, self.id2label, self.cfg.task.type
-            )
+                self.model,
+                loader,
+                self.splits[name],
+                self.accelerator,
+                self.id2label,
+                self.cfg.task.type,
+                self.word_index[name],
+            )  # fmt: skip
             for name, loader in self.eval_loaders.items()
         }
 
@@ -592,7 +623,7 @@ class Finetuner:
             "best": record["best"],
             "baseline": baseline,
             "evaluations": record["evaluations"],
-            "best_model": str(self.output_dir / "best"),
+            "best_model": str(self.output_dir / "best") if record["best"] is not None else None,
         }
         if self.accelerator.is_main_process:
             self._write_metrics(summary)
@@ -636,6 +667,9 @@ def format_report(summary: dict[str, Any], output_dir: Path) -> str:
         lines.append(
             f"{name:<{width}}" + "".join(f"{'n/a' if v is None else format(v, '.4f'):>16}" for v in values)
         )
-    lines.append(f"  best model  {summary['best_model']}  (from_pretrained(..., trust_remote_code=True))")
+    if summary["best_model"] is not None:
+        lines.append(f"  best model  {summary['best_model']}  (from_pretrained(..., trust_remote_code=True))")
+    else:
+        lines.append("  best model  none (no evaluation ran before the run ended)")
     lines.append(f"  metrics     {output_dir / METRICS_FILE}")
     return "\n".join(lines)
