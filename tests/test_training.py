@@ -998,3 +998,54 @@ def test_the_gpu_recipes_build_their_models(name: str) -> None:
     assert {"small": 25 < millions < 40, "base": 100 < millions < 140}[name.rsplit("-", 1)[1]], millions
     if cfg.objective == "rtd":  # the generator's own weights (its embeddings are the discriminator's)
         assert 0 < sizes["generator_parameters"] < sizes["parameters"] / 4
+
+
+def test_a_resume_with_another_lr_and_weight_decay_trains_with_them(
+    assets: dict[str, Path], tmp_path: Path, capsys
+) -> None:
+    """Loading the optimizer and scheduler state restores the checkpoint's lr, weight decay, betas and eps;
+    the run said "the learning rate follows the new schedule" and went on at the old one. It now does."""
+    out = tmp_path / "out"
+    pretrain(
+        run_config(assets, out, max_steps=2, save_every=2, schedule="constant", lr=1e-3, weight_decay=0.0)
+    )
+    pretrain(
+        run_config(
+            assets, out, max_steps=4, save_every=0, schedule="constant", lr=1e-2, weight_decay=0.1,
+            resume_from_checkpoint="latest",
+        )
+    )  # fmt: skip
+    said = capsys.readouterr().out
+    assert "training.lr 0.001 -> 0.01" in said and "training.weight_decay 0.0 -> 0.1" in said
+    rates = {m["step"]: m["lr"] for m in read_metrics(out / "metrics.jsonl") if m.get("lr") is not None}
+    assert (
+        rates[2] == pytest.approx(1e-3)
+        and rates[3] == pytest.approx(1e-2)
+        and rates[4] == pytest.approx(1e-2)
+    )
+
+
+def test_a_resume_with_another_batch_size_keeps_the_data_position(
+    assets: dict[str, Path], tmp_path: Path
+) -> None:
+    """batch_in_epoch counts micro-batches of the checkpoint's batch size: resumed with twice the batch, the
+    run skips the blocks read so far (not twice as many), as it does for another number of processes."""
+    import twinlm.training.loop as loop
+
+    out = tmp_path / "out"
+    pretrain(run_config(assets, out, max_steps=2, save_every=2, batch_size=4))
+    skipped = []
+    original = loop._SkipSampler.__init__
+
+    def spy(self, sampler, skip):
+        skipped.append(skip)
+        original(self, sampler, skip)
+
+    loop._SkipSampler.__init__ = spy
+    try:
+        pretrain(
+            run_config(assets, out, max_steps=3, save_every=0, batch_size=8, resume_from_checkpoint="latest")
+        )
+    finally:
+        loop._SkipSampler.__init__ = original
+    assert skipped == [8]  # two batches of 4 blocks were read: 8 blocks, one batch of 8

@@ -480,18 +480,33 @@ class PretrainingRun:
         model = acc.unwrap_model(self.model)
         path = find_resume_checkpoint(acc, self.output_dir, train.resume_from_checkpoint, model)
         schedule = {
-            k: getattr(train, k) for k in ("max_steps", "max_minutes", "warmup_steps", "schedule", "lr")
+            k: getattr(train, k)
+            for k in (
+                "max_steps",
+                "max_minutes",
+                "warmup_steps",
+                "schedule",
+                "lr",
+                "weight_decay",
+                "betas",
+                "eps",
+            )
         }
+        schedule["betas"] = list(schedule["betas"])  # as the checkpoint's JSON gives it back
         position = {"processes": acc.num_processes, "batch_size": train.batch_size}
         if path is not None:
             saved = saved_processes(path)
             self._check_world(path, saved)
+            settings = [  # this run's, which loading the optimizer and scheduler state replaces with the checkpoint's
+                {k: group[k] for k in ("initial_lr", "weight_decay", "betas", "eps") if k in group}
+                for group in self.base_optimizer.param_groups
+            ]
             state.load_state_dict(load_checkpoint(acc, path))
-            if saved != acc.num_processes:
+            before = state.extra.get("data_position")
+            if saved != acc.num_processes or (before and before["batch_size"] != train.batch_size):
                 self._move_data_position(state, saved, position)
             _say_schedule_changes(state.extra.get("schedule"), schedule, state.step, acc.is_main_process)
-            for group, lr in zip(self.base_optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
-                group["lr"] = lr
+            self._keep_optimizer_settings(settings)
             if not model_is_finite(model):
                 raise TwinLMError(
                     f"{path}: the model holds NaN/inf values; resume from an earlier checkpoint"
@@ -509,6 +524,23 @@ class PretrainingRun:
         state.extra["data_position"] = position  # what batch_in_epoch counts: a resume on other processes
         self.resumed = path is not None
         return state
+
+    def _keep_optimizer_settings(self, settings: list[dict[str, Any]]) -> None:
+        """After a resume: the optimizer's groups take this run's lr, weight decay, betas and eps again (torch's
+        load_state_dict restores the checkpoint's), the schedule this run's base lr, and the learning rate of
+        the resumed step is recomputed from them (the same as the checkpoint's when nothing changed)."""
+        groups, scheduler = self.base_optimizer.param_groups, self.scheduler
+        for group, values in zip(groups, settings, strict=True):
+            group.update(values)
+        if hasattr(scheduler, "lr_lambdas"):  # LambdaLR: every schedule twinlm builds
+            scheduler.base_lrs = [group["initial_lr"] for group in groups]
+            lrs = [
+                base * f(scheduler.last_epoch)
+                for base, f in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
+            ]
+            scheduler._last_lr = lrs
+        for group, lr in zip(groups, scheduler.get_last_lr(), strict=True):
+            group["lr"] = lr
 
     def _check_world(self, path: Path, saved: int) -> None:
         """TwinLMError before loading when a checkpoint of `saved` processes cannot go on with this many."""
@@ -530,8 +562,8 @@ class PretrainingRun:
             )
 
     def _move_data_position(self, state: TrainState, saved: int, position: dict[str, int]) -> None:
-        """A checkpoint of another number of processes: every process draws from one shuffled order of the
-        epoch's blocks, dealt round-robin, so `batch_in_epoch` micro-batches of B blocks on W processes read its
+        """A checkpoint of another number of processes or batch size: every process draws from one shuffled
+        order of the epoch's blocks, dealt round-robin, so `batch_in_epoch` micro-batches of B blocks on W processes read its
         first B * W * batch_in_epoch blocks. The same blocks with this run's processes and batch size is a
         whole number of micro-batches, or the data position cannot be kept (TwinLMError). Exact up to the end
         of the epoch it resumes in: what an epoch leaves out (less than one batch of every process) depends on
@@ -768,7 +800,7 @@ def _say_schedule_changes(
         listed = ", ".join(f"training.{k} {old} -> {new}" for k, (old, new) in changed.items())
         print(
             f"note: {listed} since the checkpoint: from step {step} the learning rate follows the new schedule "
-            "(it may jump); keep the run's settings for an exact continuation"
+            "(it may jump) and the optimizer the new settings; keep the run's settings for an exact continuation"
         )
 
 
