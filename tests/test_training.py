@@ -1049,3 +1049,41 @@ def test_a_resume_with_another_batch_size_keeps_the_data_position(
     finally:
         loop._SkipSampler.__init__ = original
     assert skipped == [8]  # two batches of 4 blocks were read: 8 blocks, one batch of 8
+
+
+def test_a_resume_on_other_data_or_another_seed_says_so(
+    assets: dict[str, Path], tmp_path: Path, capsys
+) -> None:
+    """The data position (epoch, batch) means the same blocks only with the same data and seed: a resume with
+    another training.seed or other sources is not a continuation, and the run says so (it said nothing)."""
+    out = tmp_path / "out"
+    pretrain(run_config(assets, out, max_steps=2, save_every=2))
+    capsys.readouterr()
+    pretrain(run_config(assets, out, max_steps=3, save_every=3, resume_from_checkpoint="latest"))
+    assert "the training data" not in capsys.readouterr().out  # the same data and seed: nothing to say
+    pretrain(run_config(assets, out, max_steps=4, save_every=4, resume_from_checkpoint="latest", seed=2))
+    assert "note: the training data (its sources" in capsys.readouterr().out
+    other = run_config(assets, out, max_steps=5, save_every=0, resume_from_checkpoint="latest", seed=2)
+    other["data"]["sources"] = [str(assets["excerpt"])] * 2  # the excerpt twice: other blocks
+    pretrain(other)
+    assert "goes on from step 4 and the same place in an epoch of other blocks" in capsys.readouterr().out
+
+
+def test_a_new_run_in_a_used_folder_writes_its_own_checkpoints(
+    assets: dict[str, Path], tmp_path: Path
+) -> None:
+    """A checkpoint of the same step left by an earlier run in output_dir was kept as if it were this run's
+    (the summary and a later resume pointed at the other run's weights); only this run's own state is kept."""
+    from twinlm.fingerprint import file_digest
+
+    out = tmp_path / "out"
+    pretrain(run_config(assets, out, max_steps=2, save_every=2, seed=1))
+    weights = out / "checkpoints" / "checkpoint-2" / "model.safetensors"
+    first = file_digest(weights)
+    summary = pretrain(run_config(assets, out, max_steps=2, save_every=2, seed=2, lr=1e-2))  # a new run
+    assert file_digest(weights) != first and Path(summary["checkpoint"]) == weights.parent
+    again = file_digest(weights)
+    pretrain(
+        run_config(assets, out, max_steps=2, save_every=2, seed=2, lr=1e-2, resume_from_checkpoint="latest")
+    )
+    assert file_digest(weights) == again  # resumed at its last step: that very state, kept as it is

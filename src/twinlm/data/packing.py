@@ -265,6 +265,7 @@ class PretrainingData:
     train: Dataset | IterableDataset
     validation: Dataset | None
     sources: list[SourceBlocks]
+    identity: str | None = None  # what the train blocks are (contents, tokenizer, split, seq_len, weights)
 
     def source_sizes(self) -> list[int]:
         """Training blocks per source, in order (source i's blocks follow source i-1's)."""
@@ -290,15 +291,14 @@ def build_pretraining_datasets(cfg: DataConfig, tokenizer: Any, *, causal: bool)
     ]
     sizes = [len(ds) for _, _, ds, _ in parts]
     train_idx, val_idx = _split_indices(sum(sizes), cfg)
-    trains, validations, blocks = [], [], []
+    trains, validations, blocks, train_keys = [], [], [], []
     offset = 0
     for i, (where, source, tokenized, key) in enumerate(parts):
         local_train = train_idx[(train_idx >= offset) & (train_idx < offset + sizes[i])] - offset
         local_val = val_idx[(val_idx >= offset) & (val_idx < offset + sizes[i])] - offset
         offset += sizes[i]
-        train = _pack(
-            tokenized.select(local_train), tokenizer, cfg, (root, _pack_key(key, "train", local_train, cfg))
-        )
+        train_keys.append(_pack_key(key, "train", local_train, cfg))
+        train = _pack(tokenized.select(local_train), tokenizer, cfg, (root, train_keys[-1]))
         trains.append(train)
         validation = None
         if len(local_val):
@@ -340,7 +340,7 @@ def build_pretraining_datasets(cfg: DataConfig, tokenizer: Any, *, causal: bool)
         cfg.seq_len,
         len(train_idx),
     )
-    return PretrainingData(train_ds, validation_ds, blocks)
+    return PretrainingData(train_ds, validation_ds, blocks, Hasher.hash([train_keys, weights]))
 
 
 def _build_streaming(cfg: DataConfig, tokenizer: Any, causal: bool) -> PretrainingData:

@@ -321,6 +321,17 @@ def _to_universal(source: Path, target: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 # Save
 # ------------------------------------------------------------------------------------------------
+def holds_state(checkpoint: Path, train_state: dict[str, Any]) -> bool:
+    """Whether `checkpoint` was saved from this very training state (step, counters, clock, RNG, settings):
+    not a checkpoint of the same step left by another run in the folder, or by this run's own future, before
+    a resume from an earlier checkpoint (both are replaced, not kept as this run's)."""
+    try:
+        saved = json.loads((checkpoint / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return saved == json.loads(json.dumps(train_state))
+
+
 def save_checkpoint(
     accelerator: Accelerator,
     output_dir: Path,
@@ -337,8 +348,8 @@ def save_checkpoint(
     root = checkpoints_root(output_dir)
     final, tmp = root / f"checkpoint-{step}", root / f"checkpoint-{step}.tmp"
     main = accelerator.is_main_process
-    if final.exists() and verify_checkpoint(final, accelerator.process_index) is None:
-        return final  # already saved at this step (e.g. save_every and the end coincide)
+    if holds_state(final, train_state) and verify_checkpoint(final, accelerator.process_index) is None:
+        return final  # this very state is there (the checkpoint resumed from, at the end of a run that did no step)
     if main:
         root.mkdir(parents=True, exist_ok=True)
         for stale in (tmp, final):  # a damaged checkpoint-N is replaced by this exact recomputation

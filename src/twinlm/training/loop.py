@@ -36,6 +36,7 @@ from twinlm.training.checkpoint import (
     checkpoint_launch,
     checkpoints_root,
     find_resume_checkpoint,
+    holds_state,
     launch_kind,
     load_checkpoint,
     save_checkpoint,
@@ -417,6 +418,8 @@ class PretrainingRun:
         with acc.main_process_first():
             data = build_pretraining_datasets(cfg.data, self.tokenizer, causal=self.causal)
         self.sources = data.sources
+        # what the order of training blocks follows: a resume with another one is not a continuation
+        self.data_identity = None if data.identity is None else f"{data.identity}-seed{train.seed}"
         collator = self.objective.collator(self.tokenizer, cfg)
         self.batches = TrainBatches(
             data.train, collator, train.batch_size, train.seed, acc.process_index, acc.num_processes,
@@ -506,6 +509,14 @@ class PretrainingRun:
             if saved != acc.num_processes or (before and before["batch_size"] != train.batch_size):
                 self._move_data_position(state, saved, position)
             _say_schedule_changes(state.extra.get("schedule"), schedule, state.step, acc.is_main_process)
+            saved_data = state.extra.get("data_identity")
+            if saved_data and self.data_identity and saved_data != self.data_identity and acc.is_main_process:
+                print(
+                    "note: the training data (its sources, their contents or weights, data.seq_len, the "
+                    "tokenizer or the held-out split) or training.seed changed since the checkpoint: the run "
+                    f"goes on from step {state.step} and the same place in an epoch of other blocks; keep them "
+                    "for an exact continuation"
+                )
             self._keep_optimizer_settings(settings)
             if not model_is_finite(model):
                 raise TwinLMError(
@@ -522,6 +533,7 @@ class PretrainingRun:
             )
         state.extra["schedule"] = schedule  # saved with every checkpoint: a resume can tell what changed
         state.extra["data_position"] = position  # what batch_in_epoch counts: a resume on other processes
+        state.extra["data_identity"] = self.data_identity
         self.resumed = path is not None
         return state
 
@@ -656,7 +668,9 @@ class PretrainingRun:
         acc, step = self.accelerator, engine.state.step
         if not model_is_finite(self.model):
             raise NonFiniteError(f"the model holds NaN/inf values at step {step}: not checkpointed")
-        existed = (checkpoints_root(self.output_dir) / f"checkpoint-{step}").is_dir()
+        existed = holds_state(
+            checkpoints_root(self.output_dir) / f"checkpoint-{step}", engine.state.state_dict()
+        )
         estimate = 12 * self.n_params  # float32 weights and two AdamW moments
         path = save_checkpoint(
             acc, self.output_dir, step, engine.state.state_dict(), self.cfg.training.keep_last, estimate
