@@ -1087,3 +1087,34 @@ def test_a_new_run_in_a_used_folder_writes_its_own_checkpoints(
         run_config(assets, out, max_steps=2, save_every=2, seed=2, lr=1e-2, resume_from_checkpoint="latest")
     )
     assert file_digest(weights) == again  # resumed at its last step: that very state, kept as it is
+
+
+def test_a_new_run_trains_its_tokenizer_again_when_its_settings_changed(
+    assets: dict[str, Path], tmp_path: Path, capsys
+) -> None:
+    """OUTPUT_DIR/tokenizer was loaded whatever tokenizer.train said: a new run with another vocabulary size
+    trained with the old tokenizer. It is trained again for a new run, kept for a resumed one (its
+    checkpoints were trained with it) and for the same settings."""
+    out = tmp_path / "out"
+
+    def run(vocab: int, **training: object) -> dict:
+        config = run_config(assets, out, causal=False, **{"max_steps": 2, "save_every": 2, **training})
+        config["tokenizer"] = {"train": {"type": "wordpiece", "vocab_size": vocab}}
+        return pretrain(config)
+
+    def vocab() -> int:
+        return json.loads((out / "final" / "config.json").read_text())["vocab_size"]
+
+    run(300)
+    assert vocab() == 300
+    run(300)
+    assert "training it again" not in capsys.readouterr().out and vocab() == 300
+    run(400)  # a new run with another vocabulary
+    assert (
+        "was trained with other tokenizer.train settings or data: training it again"
+        in capsys.readouterr().out
+    )
+    assert vocab() == 400
+    run(300, max_steps=3, resume_from_checkpoint="latest")  # resumed: the checkpoints' tokenizer stays
+    assert "the resumed run keeps the tokenizer its checkpoints were trained with" in capsys.readouterr().out
+    assert vocab() == 400

@@ -29,7 +29,7 @@ from accelerate.utils import (
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Sampler
 
 from twinlm.errors import TwinLMError, is_out_of_memory
-from twinlm.fileio import write_json_atomic
+from twinlm.fileio import read_json, write_json_atomic
 from twinlm.session import run_folder
 from twinlm.stopping import check_stop
 from twinlm.training.checkpoint import (
@@ -65,12 +65,18 @@ from twinlm.training.tracking import (
     read_metrics,
 )
 
-
 # ------------------------------------------------------------------------------------------------
 # Setup
 # ------------------------------------------------------------------------------------------------
+TOKENIZER_KEY_FILE = (
+    "trained_for.json"  # beside a run's trained tokenizer: the shared_tokenizer_key it was trained for
+)
+
+
 def build_tokenizer(cfg: RunConfig, accelerator: Accelerator, causal: bool) -> Any:
-    """Load the configured tokenizer, or train one on the run's data (main process first, then reuse)."""
+    """Load the configured tokenizer, or train one on the run's data (main process first, then reuse: the
+    tokenizer in OUTPUT_DIR/tokenizer while its tokenizer.train settings and data are the run's, or the run
+    resumes; trained again for a new run with other ones)."""
     from twinlm.tokenization import load_tokenizer
 
     if cfg.tokenizer.path is not None:
@@ -80,10 +86,26 @@ def build_tokenizer(cfg: RunConfig, accelerator: Accelerator, causal: bool) -> A
 
         return pretrained_tokenizer(cfg.model)
     out = Path(cfg.output_dir) / "tokenizer"
+    key = shared_tokenizer_key(cfg, causal)
     with accelerator.main_process_first():
         if (out / "tokenizer.json").is_file():
-            return load_tokenizer(out)
-        return train_run_tokenizer(cfg, out, causal, show_progress=accelerator.is_main_process)
+            trained_for = read_json(out / TOKENIZER_KEY_FILE).get("key")
+            resuming = cfg.training.resume_from_checkpoint is not None and any(
+                checkpoints_root(cfg.output_dir).glob("checkpoint-*")
+            )
+            if trained_for in (None, key) or resuming:  # (None: trained before the key was kept)
+                if trained_for not in (None, key) and accelerator.is_main_process:
+                    print(
+                        f"note: tokenizer.train or the data it is trained on changed since {out} was trained; "
+                        "the resumed run keeps the tokenizer its checkpoints were trained with"
+                    )
+                return load_tokenizer(out)
+            if accelerator.is_main_process:
+                print(f"{out} was trained with other tokenizer.train settings or data: training it again")
+        tokenizer = train_run_tokenizer(cfg, out, causal, show_progress=accelerator.is_main_process)
+        if accelerator.is_main_process:
+            write_json_atomic(out / TOKENIZER_KEY_FILE, {"key": key}, "the tokenizer's key")
+        return tokenizer
 
 
 def shared_tokenizer_key(cfg: RunConfig, causal: bool) -> str:
