@@ -782,3 +782,40 @@ def test_a_word_without_sub_tokens_does_not_shift_the_tags_after_it(mlm_ckpt):
     loader = DataLoader(encoded, batch_size=2, collate_fn=make_collator(tokenizer, "token_classification"))
     scores = evaluate(Perfect(), loader, split, None, id2label, "token_classification", encoded.word_index)
     assert scores["f1"] == 1.0, scores
+
+
+def test_a_hub_task_can_be_pinned_to_a_revision_and_evaluate_says_when_it_is_not(monkeypatch, capsys):
+    """task.hub.revision reaches datasets.load_dataset (and so the evaluate cells' fingerprints, which hold the
+    resolved config); an evaluation of an unpinned Hub task says its finished cells would outlive an upstream
+    change of the dataset."""
+    from types import SimpleNamespace
+
+    import datasets
+
+    from twinlm.evaluation import _say_unpinned_hub_tasks
+    from twinlm.finetune.config import load_finetune_config
+    from twinlm.finetune.data import load_task
+
+    asked = []
+
+    def load_dataset(name, config=None, split=None, revision=None):
+        asked.append((name, split, revision))
+        raise FileNotFoundError("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    hub = {"name": "nyu-mll/glue", "config": "sst2", "revision": "bcdcba79d07bc864c1c254ccfcedcce55bcc9a8c"}
+    cfg = load_finetune_config(
+        {"model": {"path": "unused"}, "task": {"type": "sequence_classification", "hub": hub}}
+    )
+    with pytest.raises(TwinLMError, match=r"nyu-mll/glue/sst2 \[train\] @ bcdcba79"):
+        load_task(cfg.task)
+    assert asked == [("nyu-mll/glue", "train", hub["revision"])]
+
+    pinned = SimpleNamespace(task="sst2", cfg=cfg)
+    unpinned = SimpleNamespace(task="glue", cfg=load_finetune_config(cfg, ["task.hub.revision=null"]))
+    _say_unpinned_hub_tasks([pinned, unpinned, unpinned])
+    said = capsys.readouterr().out
+    assert (
+        said.count("note: task") == 1
+        and "task 'glue' reads the Hub dataset nyu-mll/glue at no pinned" in said
+    )

@@ -834,6 +834,7 @@ def evaluate_checkpoints(
         cache = Path(cells_cache) if cells_cache is not None else None
         models = _models(checkpoints, suite)
         planned = [cell for m in models for cell in _plan_cells(m, suite, out, splits, cache)]
+        _say_unpinned_hub_tasks(planned)
         done, fresh = run_cells(planned, suite.jobs)
         timing = {
             "jobs": suite.jobs,
@@ -857,6 +858,20 @@ def evaluate_checkpoints(
     print(format_report(report))
     print(f"\nreport: {out / 'report.md'}  results: {out / 'results.json'}  plot: {out / 'results.png'}")
     return report
+
+
+def _say_unpinned_hub_tasks(cells: list[PlannedCell]) -> None:
+    """A finished cell is found again by its inputs' fingerprint; a Hub dataset without `task.hub.revision`
+    enters it by name only, so its cells would be read back after the dataset changed upstream: say so."""
+    unpinned = sorted(
+        {c.task for c in cells if c.cfg.task.hub is not None and c.cfg.task.hub.revision is None}
+    )
+    for task in unpinned:
+        hub = next(c.cfg.task.hub for c in cells if c.task == task)
+        print(
+            f"note: task {task!r} reads the Hub dataset {hub.name} at no pinned revision: its finished cells are "
+            "read back even if the dataset changed since; set task.hub.revision (a commit sha) to pin it"
+        )
 
 
 def difference(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:

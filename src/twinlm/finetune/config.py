@@ -46,6 +46,10 @@ class HubDatasetSection(_Section):
 
     name: str
     config: str | None = None
+    revision: str | None = Field(
+        None,
+        description="a branch, tag or commit sha: pinned, a result stays the same dataset's (evaluate caches it)",
+    )
     train_split: str = "train"
     dev_split: str | None = "validation"
     test_split: str | None = None

@@ -232,8 +232,9 @@ def _read_hub_splits(task: TaskSection) -> dict[str, Split]:
         if split is None:
             continue
         source = f"{hub.name}" + (f"/{hub.config}" if hub.config else "") + f" [{split}]"
+        source += f" @ {hub.revision}" if hub.revision else ""
         try:
-            ds = datasets.load_dataset(hub.name, hub.config, split=split)
+            ds = datasets.load_dataset(hub.name, hub.config, split=split, revision=hub.revision)
         except Exception as err:  # noqa: BLE001 - any loading failure is the user's input
             raise TwinLMError(f"cannot load Hub dataset {source}: {err.__class__.__name__}: {err}") from None
         class_names = {}
