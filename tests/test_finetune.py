@@ -819,3 +819,19 @@ def test_a_hub_task_can_be_pinned_to_a_revision_and_evaluate_says_when_it_is_not
         said.count("note: task") == 1
         and "task 'glue' reads the Hub dataset nyu-mll/glue at no pinned" in said
     )
+
+
+def test_bpe_token_classification_sees_the_words_as_running_text(tmp_path):
+    """A byte-level BPE tokenizer given words (is_split_into_words) joins them with no space: ["the", "cat"]
+    became "thecat", text a causal checkpoint never saw in pretraining. Each word after the first now has its
+    space: the ids are those of the running text, and every word keeps its own first token."""
+    from twinlm.finetune.data import Split, encode_split
+    from twinlm.tokenization import auto_tokenizer
+
+    tokenizer = auto_tokenizer(build_checkpoint(tmp_path / "clm", kind="bpe"))
+    words = ["the", "film", "was", "shot", "in", "Paris"]
+    split = Split("dev", "memory", words=[words], tags=[["O"] * 5 + ["B-LOC"]])
+    encoded = encode_split(split, tokenizer, {"O": 0, "B-LOC": 1}, 64, "token_classification")
+    running = tokenizer(" ".join(words), add_special_tokens=False)["input_ids"]
+    ids = [i for i in encoded[0]["input_ids"] if i not in tokenizer.all_special_ids]
+    assert ids == running and encoded.word_index == [list(range(6))]

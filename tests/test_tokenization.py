@@ -462,3 +462,22 @@ def test_real_corpus_wordpiece_vs_bpe(tmp_path) -> None:
     assert 1.0 < wp["tokens_per_word"] < 2.0 and 1.0 < bpe["tokens_per_word"] < 2.5
     assert 0.0 < wp["unk_rate"] < 0.05 and bpe["unk_rate"] == 0.0  # characters Shakespeare never used
     assert 0.3 < wp["vocab_use"] <= 1.0 and 0.3 < bpe["vocab_use"] <= 1.0
+
+
+def test_truncation_or_padding_left_by_a_call_neither_skews_stats_nor_is_saved(train_texts, tmp_path) -> None:
+    """transformers leaves a call's truncation and padding set on the backend tokenizer: `tokenizer_stats`
+    counted cut and padded texts, and save_pretrained wrote them into tokenizer.json (a raw `tokenizers` user
+    of the saved file cut every text). Both now see the tokenizer as it is."""
+    from tokenizers import Tokenizer
+
+    from twinlm.tokenization import save_tokenizer, tokenizer_stats
+
+    tok = train_tokenizer("bpe", train_texts, vocab_size=VOCAB, show_progress=False)
+    held_out = default_corpus()[120:140]
+    fresh = tokenizer_stats(tok, held_out)
+    tok(held_out[:2], padding="max_length", truncation=True, max_length=4)  # a training-time call
+    assert tokenizer_stats(tok, held_out) == fresh
+    saved = json.loads((save_tokenizer(tok, tmp_path / "tok") / "tokenizer.json").read_text())
+    assert saved["truncation"] is None and saved["padding"] is None
+    raw = Tokenizer.from_file(str(tmp_path / "tok" / "tokenizer.json"))
+    assert len(raw.encode(held_out[0], add_special_tokens=False).ids) > 4

@@ -361,7 +361,26 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out_dir: str | os.PathLik
         config = json.loads(config_path.read_text(encoding="utf-8"))
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
         config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        save_plain_backend(tokenizer, tmp)
     return out
+
+
+def save_plain_backend(tokenizer: Any, folder: Path) -> None:
+    """Rewrite FOLDER/tokenizer.json (after save_pretrained) without truncation and padding: a call with them
+    leaves them set on the backend, save_pretrained writes them, and a raw `tokenizers.Tokenizer.from_file`
+    user (or `twinlm tokenizer stats`) would then cut or pad every text."""
+    if getattr(tokenizer, "backend_tokenizer", None) is not None and (folder / "tokenizer.json").is_file():
+        plain_backend(tokenizer).save(str(folder / "tokenizer.json"))
+
+
+def plain_backend(tokenizer: PreTrainedTokenizerFast) -> Any:
+    """A copy of the tokenizer's `tokenizers.Tokenizer` with no truncation and no padding set."""
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.no_truncation()
+    backend.no_padding()
+    return backend
 
 
 def train_tokenizer(
@@ -538,7 +557,7 @@ def tokenizer_stats(
     that are the model's unknown token; 0 for byte-level BPE, which has none) and vocabulary use
     (fraction of the vocabulary seen), plus the raw counts. Special tokens are not added.
     """
-    backend = tokenizer.backend_tokenizer
+    backend = plain_backend(tokenizer)  # no truncation or padding left on it by an earlier call
     unk = getattr(backend.model, "unk_token", None)
     unk_id = backend.token_to_id(unk) if unk else None
     n_texts = n_words = n_bytes = n_tokens = n_unk = 0

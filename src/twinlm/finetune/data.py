@@ -372,7 +372,11 @@ def encode_split(
             for i in range(len(split))
         ]
         return EncodedDataset(feats)
-    enc = tokenizer(split.words, is_split_into_words=True, truncation=True, max_length=max_length)
+    # Each word after the first with the space running text has before it: a byte-level BPE tokenizer (no
+    # add_prefix_space) would otherwise encode ["the", "cat"] as "thecat", text it never saw in pretraining
+    # (its running-text ids are "the", "Ġcat"); WordPiece splits on the space and gives the same ids.
+    words = [[w if j == 0 else " " + w for j, w in enumerate(sentence)] for sentence in split.words]
+    enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
     feats, word_index = [], []
     for i, tags in enumerate(split.tags):
         previous = None

@@ -155,9 +155,12 @@ def save_model_folder(
 ) -> Path:
     """save_pretrained (safetensors, config, model code) and the tokenizer, plus `extra` files {name: text},
     into `target` atomically (twinlm.fileio): a failure leaves no half-written folder and says what ran out."""
+    from twinlm.tokenization import save_plain_backend
+
     with atomic_folder(target, what) as tmp:
         model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        save_plain_backend(tokenizer, Path(tmp))  # no truncation/padding a training call left on it
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
     return target
