@@ -346,6 +346,9 @@ MIXES = [
     dict(attention_scoring="linear", position_embedding_type="learned"),
     dict(sliding_window=3, conv_kernel_size=4, num_key_value_heads=2),
     dict(attention_scoring="linear", conv_kernel_size=3, use_residual=False, norm_position="pre"),
+    dict(
+        sliding_window=1, num_hidden_layers=2
+    ),  # transformers' window layer keeps every key for a window of 1
 ]
 
 

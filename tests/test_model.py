@@ -346,6 +346,37 @@ def test_sequence_classification_heads(causal, pooling):
     torch.testing.assert_close(again, out.logits, atol=1e-5, rtol=1e-4)
 
 
+def test_a_causal_classifier_without_a_mask_pools_the_last_token_that_is_not_padding():
+    """No attention_mask: padding is told by pad_token_id (as transformers' GPT-2 classifier does), so last-token
+    pooling of right-padded rows is that of the unpadded rows (it pooled the last pad)."""
+    torch.manual_seed(0)
+    config = tiny_config(is_causal=True, classifier_pooling="last", num_labels=2, pad_token_id=0)
+    model = TwinLMForSequenceClassification(config).eval()
+    ids = torch.randint(5, 97, (2, 7))
+    padded = torch.cat([ids, torch.zeros(2, 3, dtype=torch.long)], 1)
+    torch.testing.assert_close(model(padded).logits, model(ids).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_generate_in_train_mode_uses_its_cache():
+    """generate() mid-training (model.train(), dropout 0) passes a cache; the model dropped it in train mode
+    and predicted each new token from the last one alone, at position 0. A cache passed in is kept and filled."""
+    from transformers import DynamicCache
+
+    model = seeded_model(
+        True, position_embedding_type="rope", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    )
+    model.train()
+    ids = torch.randint(5, 97, (2, 6), generator=torch.Generator().manual_seed(1))
+    cache = DynamicCache(config=model.config)
+    out = model(ids[:, :5], cache=cache, use_cache=True)
+    assert out.cache is cache and cache.get_seq_length() == 5
+    step = model(ids[:, 5:], cache=cache, use_cache=True).logits[:, -1]
+    torch.testing.assert_close(step, model(ids, use_cache=False).logits[:, -1], atol=1e-5, rtol=1e-4)
+    assert model(ids, use_cache=True).cache is None  # no cache made in train mode when none is passed
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(ids, **kwargs), model.eval().generate(ids, **kwargs))
+
+
 def test_token_classification_head():
     torch.manual_seed(0)
     model = TwinLMForTokenClassification(tiny_config(num_labels=5))

@@ -373,8 +373,17 @@ class TwinLMModel(TwinLMPreTrainedModel):
         newest (the first such layer's cache tells); linear layers keep no keys."""
         if cache is None or layer_type == "linear_attention":
             return MaskGeometry(q_len, past, q_len, 0, exact=True, batch=batch, real_index=real_index)
-        kv_len, kv_offset = cache.get_mask_sizes(q_len, self.config.layer_types.index(layer_type))
+        index = self.config.layer_types.index(layer_type)
+        kv_len, kv_offset = cache.get_mask_sizes(q_len, index)
         exact = not cache.is_compileable
+        if exact and layer_type == "sliding_attention" and self.config.sliding_window == 1:
+            # transformers' dynamic window layer keeps the last w - 1 keys by slicing [-(w - 1):], which for a
+            # window of 1 is [0:], every key, while its mask sizes count none: the sizes of what it holds
+            layer = cache.layers[index]
+            keys = getattr(layer, "keys", None)
+            stored = keys.shape[-2] if getattr(layer, "is_initialized", False) and keys is not None else 0
+            if not getattr(layer, "record_past", False):
+                kv_len, kv_offset = stored + q_len, int(past) - stored
         return MaskGeometry(q_len, past, kv_len, kv_offset, exact, batch=batch, real_index=real_index)
 
     def _blocks(
@@ -427,8 +436,9 @@ class TwinLMModel(TwinLMPreTrainedModel):
         )
 
     def _cache(self, cache: Cache | None, use_cache: bool) -> Cache | None:
-        """The KV cache to fill: only causal models in eval mode keep one (an encoder attends both ways)."""
-        if not (self.config.is_causal and not self.training and use_cache):
+        """The KV cache to fill: only causal models keep one (an encoder attends both ways); in train mode only
+        a cache the caller passed (generate() mid-training, as transformers' own models), none is made."""
+        if not (self.config.is_causal and use_cache) or (cache is None and self.training):
             return None
         # With the config, each layer's cache follows its layer type (as in transformers' own models): a
         # sliding-window layer keeps only the window, a linear-attention layer a constant-size state.
@@ -1142,7 +1152,11 @@ class TwinLMClassifier(TwinLMPreTrainedModel):
             return_dict=True,
             **kwargs,
         )
-        logits = self.classifier(self.dropout(self.features(outputs.last_hidden_state, attention_mask)))
+        pool_mask = attention_mask
+        if pool_mask is None and input_ids is not None and self.config.pad_token_id is not None:
+            # no mask: padding told by its id, as transformers' causal classifiers find the last non-pad token
+            pool_mask = (input_ids != self.config.pad_token_id).long()
+        logits = self.classifier(self.dropout(self.features(outputs.last_hidden_state, pool_mask)))
         return self.output_class(
             loss=self.compute_loss(logits, labels, **kwargs) if labels is not None else None,
             logits=logits,
