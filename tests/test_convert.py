@@ -313,6 +313,28 @@ def test_cli_converts_bert_checkpoint(tmp_path, capsys):
     assert max_logit_difference(hf_model, loaded, seed=8) < TOLERANCE
 
 
+def test_a_hub_style_bert_folder_keeps_its_special_tokens(tmp_path):
+    """The Hub's bert-base-uncased ships vocab.txt and a tokenizer_config.json naming no tokenizer class:
+    transformers picks BertTokenizer from the model's config. Copied beside a twinlm config that fallback is
+    gone, and AutoTokenizer gave a tokenizer without [CLS], [SEP], [MASK] or [PAD]; conversion names them."""
+    from twinlm.convert import convert_checkpoint
+
+    source, output = tmp_path / "bert", tmp_path / "twin"
+    seeded(BertForMaskedLM, tiny_bert_config()).save_pretrained(source)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    (source / "vocab.txt").write_text("\n".join(specials + [f"w{i}" for i in range(VOCAB - 5)]) + "\n")
+    (source / "tokenizer_config.json").write_text(
+        json.dumps({"do_lower_case": True, "model_max_length": 512})
+    )
+    expected = AutoTokenizer.from_pretrained(source)
+    assert expected.mask_token == "[MASK]"  # what transformers makes of the source folder
+    convert_checkpoint(source, output)
+    tokenizer = AutoTokenizer.from_pretrained(output)
+    for name in ("cls_token", "sep_token", "mask_token", "pad_token", "unk_token"):
+        assert getattr(tokenizer, name) == getattr(expected, name), name
+    assert tokenizer("w3 w5")["input_ids"] == expected("w3 w5")["input_ids"]
+
+
 def test_cli_bad_inputs(tmp_path, capsys):
     def error(*args: str) -> str:
         assert main(["convert", *args]) == 2

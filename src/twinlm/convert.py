@@ -529,6 +529,27 @@ def _load_hf(loader: Any, source: Path) -> nn.Module:
     return model
 
 
+def _name_the_tokenizer(source: Path, out: Path) -> None:
+    """A tokenizer_config.json without `tokenizer_class` (the Hub's bert-base-uncased, gpt2) is loaded by the
+    class its model_type names; beside a twinlm config that fallback is gone and AutoTokenizer gave a bare
+    tokenizer without [CLS]/[MASK]/[PAD] (or GPT-2's <|endoftext|>). Name the class and its special tokens."""
+    config_path = out / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    if config.get("tokenizer_class"):
+        return
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except Exception:  # noqa: BLE001 - the files stay as they were copied; the weights are what was converted
+        return
+    config["tokenizer_class"] = type(tokenizer).__name__
+    for key, value in tokenizer.special_tokens_map.items():
+        if isinstance(value, str):
+            config.setdefault(key, value)
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def convert_checkpoint(source: str | Path, output: str | Path, seed: int = 0) -> ConversionSummary:
     """Load a saved BERT / GPT-2 checkpoint, convert it, save the twinlm model (with its code, so that
     it loads with trust_remote_code=True) and the tokenizer files, and measure the logit difference."""
@@ -557,6 +578,8 @@ def convert_checkpoint(source: str | Path, output: str | Path, seed: int = 0) ->
                 if (source / name).is_file():
                     shutil.copy2(source / name, tmp / name)
                     copied.append(name)
+            if copied:
+                _name_the_tokenizer(source, tmp)
         steps.update()
     return ConversionSummary(
         source=source,
