@@ -419,9 +419,8 @@ def checkpoint_labels(checkpoints: list[str]) -> list[str]:
         labels = ["/".join(p[-d:]) for p, d in zip(parts, depth, strict=True)]
     seen: dict[str, int] = {}
     unique = []
-    for (
-        label
-    ) in labels:  # distinct as folder names too (a/x and a_x would share runs/a_x, controls/a_x-seed0)
+    # distinct as folder names too (a/x and a_x would share runs/a_x, controls/a_x-seed0)
+    for label in labels:
         seen[_slug(label)] = seen.get(_slug(label), 0) + 1
         count = seen[_slug(label)]
         unique.append(label if count == 1 else f"{label}-{count}")
@@ -674,9 +673,8 @@ def _run_in_workers(cells: list[PlannedCell], jobs: int, finished: int, total: i
         nonlocal forwarded
         if not forwarded:
             forwarded = True
-            for (
-                worker
-            ) in workers:  # a Ctrl-C at a terminal reached them already; a second would stop them at once
+            # a Ctrl-C at a terminal reached them already; a second would stop them at once
+            for worker in workers:
                 if worker.is_alive():
                     worker.terminate()
 

@@ -53,9 +53,8 @@ from twinlm.fileio import read_json
 from twinlm.stats import Comparison as StatComparison
 
 TRIAL_FILE = "trial.json"
-EVALUATED_FILE = (
-    "evaluated.json"  # OUT/NAME/evaluate/: the evaluation settings its results.json was made with
-)
+# OUT/NAME/evaluate/EVALUATED_FILE: the evaluation settings its results.json was made with
+EVALUATED_FILE = "evaluated.json"
 SCORES = (
     "seeds",
     "tasks",

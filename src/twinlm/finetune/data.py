@@ -380,15 +380,15 @@ def encode_split(
     feats, word_index = [], []
     for i, tags in enumerate(split.tags):
         previous = None
-        labels, words = [], []
+        labels, labelled = [], []
         for word in enc.word_ids(i):
             first = word is not None and word != previous
             labels.append(label2id[tags[word]] if first else -100)
             if first:
-                words.append(word)
+                labelled.append(word)
             previous = word
         feats.append({k: enc[k][i] for k in enc.keys()} | {"labels": labels})
-        word_index.append(words)
+        word_index.append(labelled)
     return EncodedDataset(feats, word_index)
 
 

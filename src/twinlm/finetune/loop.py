@@ -545,7 +545,7 @@ class Finetuner:
                 self.id2label,
                 self.cfg.task.type,
                 self.word_index[name],
-            )  # fmt: skip
+            )
             for name, loader in self.eval_loaders.items()
         }
 

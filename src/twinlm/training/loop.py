@@ -68,9 +68,10 @@ from twinlm.training.tracking import (
 # ------------------------------------------------------------------------------------------------
 # Setup
 # ------------------------------------------------------------------------------------------------
-TOKENIZER_KEY_FILE = (
-    "trained_for.json"  # beside a run's trained tokenizer: the shared_tokenizer_key it was trained for
-)
+# Beside a run's trained tokenizer: the shared_tokenizer_key it was trained for.
+TOKENIZER_KEY_FILE = "trained_for.json"
+# The settings a resume compares with its checkpoint's (and says which changed).
+SCHEDULE_KEYS = ("max_steps", "max_minutes", "warmup_steps", "schedule", "lr", "weight_decay", "betas", "eps")
 
 
 def build_tokenizer(cfg: RunConfig, accelerator: Accelerator, causal: bool) -> Any:
@@ -504,25 +505,14 @@ class PretrainingRun:
         acc, train, state = self.accelerator, self.cfg.training, self.state
         model = acc.unwrap_model(self.model)
         path = find_resume_checkpoint(acc, self.output_dir, train.resume_from_checkpoint, model)
-        schedule = {
-            k: getattr(train, k)
-            for k in (
-                "max_steps",
-                "max_minutes",
-                "warmup_steps",
-                "schedule",
-                "lr",
-                "weight_decay",
-                "betas",
-                "eps",
-            )
-        }
+        schedule = {k: getattr(train, k) for k in SCHEDULE_KEYS}
         schedule["betas"] = list(schedule["betas"])  # as the checkpoint's JSON gives it back
         position = {"processes": acc.num_processes, "batch_size": train.batch_size}
         if path is not None:
             saved = saved_processes(path)
             self._check_world(path, saved)
-            settings = [  # this run's, which loading the optimizer and scheduler state replaces with the checkpoint's
+            # this run's optimizer settings, which loading the checkpoint's state replaces with its own
+            settings = [
                 {k: group[k] for k in ("initial_lr", "weight_decay", "betas", "eps") if k in group}
                 for group in self.base_optimizer.param_groups
             ]
@@ -597,11 +587,11 @@ class PretrainingRun:
 
     def _move_data_position(self, state: TrainState, saved: int, position: dict[str, int]) -> None:
         """A checkpoint of another number of processes or batch size: every process draws from one shuffled
-        order of the epoch's blocks, dealt round-robin, so `batch_in_epoch` micro-batches of B blocks on W processes read its
-        first B * W * batch_in_epoch blocks. The same blocks with this run's processes and batch size is a
-        whole number of micro-batches, or the data position cannot be kept (TwinLMError). Exact up to the end
-        of the epoch it resumes in: what an epoch leaves out (less than one batch of every process) depends on
-        the number of processes and the batch size."""
+        order of the epoch's blocks, dealt round-robin, so `batch_in_epoch` micro-batches of B blocks on W
+        processes read its first B * W * batch_in_epoch blocks. The same blocks with this run's processes and
+        batch size is a whole number of micro-batches, or the data position cannot be kept (TwinLMError). Exact
+        up to the end of the epoch it resumes in: what an epoch leaves out (less than one batch of every
+        process) depends on the number of processes and the batch size."""
         before = state.extra.get("data_position")
         if before is None:
             raise TwinLMError(
@@ -690,13 +680,10 @@ class PretrainingRun:
         acc, step = self.accelerator, engine.state.step
         if not model_is_finite(self.model):
             raise NonFiniteError(f"the model holds NaN/inf values at step {step}: not checkpointed")
-        existed = holds_state(
-            checkpoints_root(self.output_dir) / f"checkpoint-{step}", engine.state.state_dict()
-        )
+        train_state = engine.state.state_dict()
+        existed = holds_state(checkpoints_root(self.output_dir) / f"checkpoint-{step}", train_state)
         estimate = 12 * self.n_params  # float32 weights and two AdamW moments
-        path = save_checkpoint(
-            acc, self.output_dir, step, engine.state.state_dict(), self.cfg.training.keep_last, estimate
-        )
+        path = save_checkpoint(acc, self.output_dir, step, train_state, self.cfg.training.keep_last, estimate)
         if self.hub is not None and self.cfg.hub.push_checkpoints and not existed:
             # The Hub gets a loadable model (not the optimizer state) for each checkpoint, in the background:
             # exported once, into the pusher's own space, and removed there once pushed.
